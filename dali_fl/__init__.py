@@ -1,0 +1,1 @@
+"""dali-fl: federated learning fed by DALI."""

@@ -1,0 +1,63 @@
+"""The `dali-fl` command line: a click group whose commands live in sibling modules."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from dali_fl.errors import DaliFlError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Click group that turns DaliFlError into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DaliFlError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing half-written was kept", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """dali-fl: federated learning on a ViT, fed from a pre-resized uint8 store.
+
+    Typical flow: `dali-fl prep` once, `dali-fl verify`, then `dali-fl train`.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    """Attach the commands; each lives in its own module so the parts stay small."""
+    import importlib
+
+    for name in ("prep", "partition", "train"):
+        try:
+            module = importlib.import_module(f"dali_fl.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"dali_fl.cli.{name}":
+                raise
+            continue
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dali-fl")
+
+
+if __name__ == "__main__":
+    main()

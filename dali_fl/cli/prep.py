@@ -1,0 +1,114 @@
+"""`dali-fl prep` and `dali-fl verify`: build the resized store once, then prove it right."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from dali_fl.errors import DaliFlError
+from dali_fl.resize import METHODS
+from dali_fl.sources import SOURCES, load_source
+from dali_fl.store import DTYPES, open_store, verify_store, write_store
+
+
+def _source_options(f):
+    """Options shared by prep and verify for locating the raw source."""
+    f = click.option("--seed", default=0, show_default=True, help="Seed of the synthetic source.")(f)
+    f = click.option("--num-test", default=1000, show_default=True, help="Synthetic source: test images.")(f)
+    f = click.option("--num-train", default=5000, show_default=True, help="Synthetic source: train images.")(f)
+    return f
+
+
+@click.command()
+@click.option("--source", "source_name", type=click.Choice(SOURCES), default="synthetic", show_default=True,
+              help="Raw dataset: cifar10/cifar100 (python-version layout), imagefolder, npz, or synthetic.")
+@click.option("--source-path", type=click.Path(path_type=Path),
+              help="cifar-10-batches-py/ directory or .tar.gz; ROOT of train/CLASS/*.png; or the .npz file.")
+@click.option("--download", is_flag=True, help="Fetch CIFAR through torchvision (needs internet).")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Side of the stored square images.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="uint8", show_default=True,
+              help="uint8 (4x smaller); float32 in [0, 1] only reproduces the old pipeline for benchmarks.")
+@click.option("--interpolation", type=click.Choice(METHODS), default="bilinear", show_default=True,
+              help="Resize method (torch, antialiased, like torchvision's Resize).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="Directory that holds stores; the store goes to OUT/<source>-<size>[-f32].")
+@click.option("--force", is_flag=True, help="Rebuild even if a valid store exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_source_options
+def prep(source_name, source_path, download, image_size, dtype, interpolation, out_dir, force, quiet,
+         num_train, num_test, seed):
+    """Resize a dataset once and store it as uint8 arrays for training.
+
+    \b
+    Example:
+      dali-fl prep --source cifar10 --source-path cifar-10-python.tar.gz --image-size 224
+    The last line printed is the store's path.
+    """
+    source = load_source(source_name, source_path, download=download, download_root=out_dir / "downloads",
+                         num_train=num_train, num_test=num_test, seed=seed)
+    start = time.perf_counter()
+    path, written = write_store(source, out_dir, image_size, dtype=dtype, interpolation=interpolation,
+                                force=force, progress=not quiet)
+    if written:
+        n = sum(s.count for s in source.splits.values())
+        secs = time.perf_counter() - start
+        click.echo(f"wrote {n} images in {secs:.1f} s ({n / max(secs, 1e-9):.0f} img/s)", err=True)
+    else:
+        click.echo(f"a valid store already exists at {path}; nothing to do (--force rebuilds)", err=True)
+    click.echo(str(path))
+
+
+@click.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--source-path", type=click.Path(path_type=Path),
+              help="The raw source, to compare re-resized samples with the stored ones.")
+@click.option("--check-samples", default=16, show_default=True, help="Samples to re-resize and compare.")
+@_source_options
+def verify(store, source_path, check_samples, num_train, num_test, seed):
+    """Check a store: manifest, shapes, sha256, labels, class counts, values, samples.
+
+    \b
+    Example:
+      dali-fl verify data/cifar10-224 --source-path cifar-10-batches-py
+    Exits 0 only when every check passes. The synthetic source is regenerated
+    from the manifest's settings, so it needs no --source-path.
+    """
+    if not store.is_dir():
+        open_store(store)  # raises the one-line "does not exist; create it with prep" error
+    source = _source_for(store, source_path, num_train, num_test, seed)
+    checks, counts, classes = verify_store(store, source, check_samples)
+    for c in checks:
+        click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
+    if counts:
+        click.echo(_class_table(counts, classes))
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise DaliFlError(f"{len(failed)} check(s) failed ({', '.join(failed)}); rebuild with `dali-fl prep --force`")
+    click.echo(f"all {len(checks)} checks passed: {store}")
+
+
+def _source_for(store: Path, source_path, num_train, num_test, seed):
+    """The raw source matching a store, when it can be had; None skips the sample check."""
+    try:
+        manifest = open_store(store).manifest
+    except DaliFlError:
+        return None  # verify_store reports the damage itself
+    name = manifest["source"]
+    if name == "synthetic":
+        params = {"num_train": num_train, "num_test": num_test, "seed": seed, **manifest.get("source_params", {})}
+        return load_source(name, **params)
+    return load_source(name, source_path) if source_path is not None else None
+
+
+def _class_table(counts: dict, classes: list[str]) -> str:
+    """Class counts per split as a fixed-width table."""
+    splits = list(counts)
+    width = max([len(c) for c in classes] + [5])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{s:>8}" for s in splits)]
+    for i, name in enumerate(classes):
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{int(counts[s][i]):>8}" for s in splits))
+    return "\n".join(lines)
+
+
+COMMANDS = [prep, verify]

@@ -1,0 +1,33 @@
+"""Batch resizing with torch, the one place prep and verify turn source pixels into stored ones."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dali_fl.errors import DaliFlError
+
+METHODS = ("bilinear", "bicubic")
+
+
+def resize_batch(images: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    """Resize uint8 NHWC images to (size, size) the way torchvision's Resize((size, size)) does."""
+    if method not in METHODS:
+        raise DaliFlError(f"unknown interpolation {method!r}; choose one of {', '.join(METHODS)}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise DaliFlError(f"expected uint8 images shaped (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images)
+    # NCHW view of an NHWC buffer is channels_last, which lets torch take its fast uint8 path.
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    out = F.interpolate(x, size=(size, size), mode=method, align_corners=False, antialias=True)
+    if out.dtype != torch.uint8:  # older torch or a method without a uint8 kernel
+        out = out.round().clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(out.permute(0, 2, 3, 1).numpy())
+
+
+def to_stored_dtype(images: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert resized uint8 pixels to the store's dtype (float32 means the seed's [0, 1] values)."""
+    if dtype == "uint8":
+        return images
+    return images.astype(np.float32) / np.float32(255.0)

@@ -1,0 +1,286 @@
+"""The resized store: `{split}_images.npy` + `{split}_labels.npy` + `manifest.json`, written atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from dali_fl.errors import DaliFlError
+from dali_fl.resize import resize_batch, to_stored_dtype
+from dali_fl.sources import Source, SourceSplit
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("uint8", "float32")
+MAX_IMAGE_SIZE = 4096
+CHUNK_BYTES = 64 << 20  # resized bytes per chunk: bounds memory whatever the dataset size
+
+
+def store_name(source: str, image_size: int, dtype: str = "uint8") -> str:
+    """Directory name of a store: `<source>-<N>` or `<source>-<N>-f32`."""
+    return f"{source}-{image_size}" + ("-f32" if dtype == "float32" else "")
+
+
+@dataclass(frozen=True)
+class Store:
+    """An opened, checked store; arrays are memory-mapped, never loaded whole."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.manifest["splits"])
+
+    def images(self, split: str) -> np.ndarray:
+        """The split's images as a read-only memmap shaped (N, H, W, 3)."""
+        return np.load(self.path / self._entry(split)["images"]["file"], mmap_mode="r")
+
+    def labels(self, split: str) -> np.ndarray:
+        """The split's labels as int64."""
+        return np.load(self.path / self._entry(split)["labels"]["file"], allow_pickle=False)
+
+    def _entry(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise DaliFlError(f"store {self.path} has no split {split!r} (it has {', '.join(self.splits)})")
+        return self.manifest["splits"][split]
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def _write_split(tmp: Path, split: str, data: SourceSplit, size: int, dtype: str,
+                 method: str, progress: bool) -> dict:
+    """Resize one split in bounded chunks straight into its .npy memmap."""
+    n = data.count
+    img_file, lbl_file = f"{split}_images.npy", f"{split}_labels.npy"
+    out = open_memmap(tmp / img_file, mode="w+", dtype=np.dtype(dtype), shape=(n, size, size, 3))
+    chunk = max(1, CHUNK_BYTES // (size * size * 3 * out.dtype.itemsize))
+    with tqdm(total=n, desc=f"prep {split}", unit="img", disable=not progress, leave=False) as bar:
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            out[a:b] = to_stored_dtype(resize_rows(data.read(a, b), size, method), dtype)
+            bar.update(b - a)
+    out.flush()
+    del out
+    np.save(tmp / lbl_file, data.labels.astype(np.int64), allow_pickle=False)
+    return {"count": n,
+            "images": {"file": img_file, "shape": [n, size, size, 3], "dtype": dtype,
+                       "sha256": sha256_file(tmp / img_file)},
+            "labels": {"file": lbl_file, "shape": [n], "dtype": "int64",
+                       "sha256": sha256_file(tmp / lbl_file)}}
+
+
+def resize_rows(rows, size: int, method: str) -> np.ndarray:
+    """Resize a batch read from a source; a list (mixed sizes) is resized image by image."""
+    if isinstance(rows, list):
+        return np.concatenate([resize_batch(r[None], size, method) for r in rows])
+    return resize_batch(rows, size, method)
+
+
+def _check_prep_args(image_size: int, dtype: str) -> None:
+    if not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise DaliFlError(f"--image-size {image_size} is out of range; use 1..{MAX_IMAGE_SIZE} (224 for ViT-B/16)")
+    if dtype not in DTYPES:
+        raise DaliFlError(f"--dtype {dtype} is not supported; use uint8 (or float32 for benchmarks)")
+
+
+def _make_tmp(final: Path) -> Path:
+    """Create the temporary sibling directory, clearing leftovers of interrupted runs."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise DaliFlError(f"cannot write to {final.parent} ({err.strerror}); choose another --out") from None
+    return tmp
+
+
+def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = "uint8",
+                interpolation: str = "bilinear", force: bool = False, progress: bool = True) -> tuple[Path, bool]:
+    """Write (or find) the store for `source`; returns (path, whether it was written now)."""
+    _check_prep_args(image_size, dtype)
+    final = Path(out_dir) / store_name(source.name, image_size, dtype)
+    if final.exists() and not force:
+        existing = open_store(final).manifest  # raises with a clear message when damaged
+        if existing.get("source_params", {}) != source.params or existing["interpolation"] != interpolation:
+            raise DaliFlError(f"{final} was made with other settings ({existing.get('source_params')}, "
+                              f"{existing['interpolation']}); pass --force to rebuild or choose another --out")
+        return final, False
+    tmp = _make_tmp(final)
+    try:
+        splits = {s: _write_split(tmp, s, d, image_size, dtype, interpolation, progress)
+                  for s, d in source.splits.items()}
+        manifest = {"format_version": FORMAT_VERSION, "source": source.name,
+                    "classes": list(source.classes), "image_size": image_size, "dtype": dtype,
+                    "interpolation": interpolation, "source_params": source.params, "splits": splits}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, True
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished store into place; an old store is removed only after that succeeds."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- opening and verifying ---------------------------------------------------------------
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise DaliFlError(f"store {path} does not exist; create it with `dali-fl prep` "
+                          "(e.g. dali-fl prep --source cifar10 --source-path DIR --image-size 224)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        version = int(manifest["format_version"])
+        for key in ("source", "classes", "image_size", "dtype", "splits"):
+            manifest[key]
+    except FileNotFoundError:
+        raise DaliFlError(f"{path} is not a store (no {MANIFEST}); re-run `dali-fl prep --force`") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise DaliFlError(f"{path}/{MANIFEST} is unreadable or incomplete ({err!r}); "
+                          "re-run `dali-fl prep --force`") from None
+    if version > FORMAT_VERSION:
+        raise DaliFlError(f"store {path} has format version {version}, newer than this dali-fl "
+                          f"understands ({FORMAT_VERSION}); upgrade dali-fl or re-run prep")
+    return manifest
+
+
+def _check_npy(path: Path, spec: dict) -> None:
+    """Check an .npy file's header and length against the manifest without reading its data."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            major, _ = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise DaliFlError(f"store file {path} is missing; re-run `dali-fl prep --force`") from None
+    except (ValueError, OSError) as err:
+        raise DaliFlError(f"store file {path} is corrupt ({err}); re-run `dali-fl prep --force`") from None
+    if list(shape) != list(spec["shape"]) or str(dtype) != spec["dtype"] or fortran:
+        raise DaliFlError(f"store file {path} holds {dtype} {shape}, but the manifest says "
+                          f"{spec['dtype']} {tuple(spec['shape'])}; re-run `dali-fl prep --force`")
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise DaliFlError(f"store file {path} is truncated or padded ({path.stat().st_size} bytes, "
+                          f"expected {expected}); re-run `dali-fl prep --force`")
+
+
+def open_store(path: Path | str) -> Store:
+    """Open a store after checking its manifest, file headers and file lengths (not hashes)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for entry in manifest["splits"].values():
+        for key in ("images", "labels"):
+            _check_npy(path / entry[key]["file"], entry[key])
+    return Store(path, manifest)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of a verify report."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _value_range(name: str, images: np.ndarray, dtype: str) -> Check:
+    lo, hi = np.inf, -np.inf
+    step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
+    for a in range(0, len(images), step):
+        block = images[a:a + step]
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    limit = 1.0 if dtype == "float32" else 255.0
+    ok = 0.0 <= lo <= hi <= limit and hi > lo and np.isfinite(hi)
+    return Check(name, ok, f"[{lo:g}, {hi:g}] within [0, {limit:g}]" + ("" if hi > lo else ": constant images"))
+
+
+def verify_store(path: Path | str, source: Optional[Source] = None, check_samples: int = 16,
+                 seed: int = 0) -> tuple[list[Check], dict[str, np.ndarray], list[str]]:
+    """Run every check; returns (checks, class counts per split, class names)."""
+    path = Path(path)
+    try:
+        store = open_store(path)
+    except DaliFlError as err:
+        return [Check("manifest and files", False, str(err))], {}, []
+    m = store.manifest
+    checks = [Check("manifest and files", True, f"format {m['format_version']}, {m['source']}, "
+                    f"{m['image_size']}px {m['dtype']}, shapes and lengths match")]
+    counts = {}
+    for split, entry in m["splits"].items():
+        for key in ("images", "labels"):
+            digest = sha256_file(path / entry[key]["file"])
+            checks.append(Check(f"sha256 {entry[key]['file']}", digest == entry[key]["sha256"],
+                                digest[:16] if digest == entry[key]["sha256"] else "differs from manifest"))
+        labels = store.labels(split)
+        bad = int(((labels < 0) | (labels >= store.num_classes)).sum())
+        checks.append(Check(f"labels {split}", bad == 0, f"{bad} outside [0, {store.num_classes})"))
+        counts[split] = np.bincount(labels[(labels >= 0) & (labels < store.num_classes)],
+                                    minlength=store.num_classes)
+        checks.append(_value_range(f"value range {split}", store.images(split), store.dtype))
+        if source is not None:
+            checks.append(_check_samples(store, source, split, check_samples, seed))
+    return checks, counts, list(m["classes"])
+
+
+def _check_samples(store: Store, source: Source, split: str, k: int, seed: int) -> Check:
+    """Re-resize k random samples from the source and compare them exactly."""
+    data = source.splits.get(split)
+    images = store.images(split)
+    if data is None or data.count != len(images):
+        return Check(f"samples {split}", False, f"source has {0 if data is None else data.count} "
+                     f"images, store has {len(images)}")
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(images), size=min(k, len(images)), replace=False))
+    bad = [int(i) for i in picks
+           if not np.array_equal(to_stored_dtype(resize_rows(data.read(i, i + 1), store.image_size,
+                                                             store.manifest["interpolation"]), store.dtype)[0],
+                                 images[i]) or int(data.labels[i]) != int(store.labels(split)[i])]
+    return Check(f"samples {split}", not bad, f"{len(picks) - len(bad)}/{len(picks)} re-resized samples equal"
+                 + (f"; differ at {bad[:5]}" if bad else ""))
