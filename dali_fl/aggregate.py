@@ -1,0 +1,80 @@
+"""Aggregation: a running weighted sum on the device and pure functions that turn it into a global state."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from dali_fl.model import LoraPair
+
+State = dict[str, torch.Tensor]
+LORA_AGGREGATORS = ("fedit", "ffa", "fedex")
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Reference FedAvg: sum_i w_i x_i / sum_i w_i, per tensor (Flower's `aggregate`)."""
+    total = float(sum(weights))
+    return {k: sum(w * s[k].double() for s, w in zip(states, weights)) / total for k in states[0]}
+
+
+class RunningSum:
+    """n-weighted sum of client states, kept on the device; adds sum of n * B @ A for FedEx-LoRA."""
+
+    def __init__(self, pairs: Sequence[LoraPair] = ()):
+        self.pairs = tuple(pairs)
+        self.sums: State = {}
+        self.products: State = {}
+        self.total = 0.0
+
+    @torch.no_grad()
+    def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        """Add one client's trainable tensors, weighted by its sample count."""
+        for name, value in state.items():
+            if name in self.sums:
+                self.sums[name].add_(value.float(), alpha=float(num_samples))
+            else:
+                self.sums[name] = value.float() * float(num_samples)
+        for p in self.pairs:
+            ba = state[p.b].float() @ state[p.a].float()
+            if p.base in self.products:
+                self.products[p.base].add_(ba, alpha=float(num_samples))
+            else:
+                self.products[p.base] = ba * float(num_samples)
+        self.total += float(num_samples)
+
+    def flat(self) -> torch.Tensor:
+        """Everything as one flat tensor, total last, for a single all_reduce across processes."""
+        parts = [t.reshape(-1) for t in (*self.sums.values(), *self.products.values())]
+        total = torch.tensor([self.total], device=parts[0].device if parts else "cpu")
+        return torch.cat([*parts, total])
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        """Inverse of flat(): overwrite the sums from a reduced flat tensor."""
+        offset = 0
+        for table in (self.sums, self.products):
+            for name, t in table.items():
+                table[name] = flat[offset:offset + t.numel()].view_as(t).clone()
+                offset += t.numel()
+        self.total = float(flat[offset])
+
+
+def mean_of(running: RunningSum) -> State:
+    """The weighted mean of every exchanged tensor (FedAvg, FedIT and FFA-LoRA all end here)."""
+    if running.total <= 0:
+        raise ValueError("no samples were aggregated this round")
+    return {k: v / running.total for k, v in running.sums.items()}
+
+
+def fedex_base_deltas(mean: Mapping[str, torch.Tensor], mean_products: Mapping[str, torch.Tensor],
+                      pairs: Sequence[LoraPair]) -> State:
+    """FedEx-LoRA residual per layer: scale * (sum_i p_i B_i A_i - mean(B) mean(A))."""
+    return {p.base: p.scale * (mean_products[p.base] - mean[p.b] @ mean[p.a]) for p in pairs}
+
+
+def aggregate(running: RunningSum, method: str) -> tuple[State, State]:
+    """Turn a round's running sum into (new global trainable state, deltas to add to base weights)."""
+    mean = mean_of(running)
+    if method != "fedex":
+        return mean, {}
+    products = {k: v / running.total for k, v in running.products.items()}
+    return mean, fedex_base_deltas(mean, products, running.pairs)

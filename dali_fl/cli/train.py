@@ -1,0 +1,185 @@
+"""`dali-fl train`: run a FedAvg or FedLoRA federation (the seed's flag spellings work too)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from dali_fl.aggregate import LORA_AGGREGATORS
+from dali_fl.config import (ALGORITHMS, AMP_MODES, OPTIMIZERS, PRESETS, DataConfig, FederationConfig,
+                            LocalConfig, TrainConfig, load_config, preset)
+from dali_fl.device import resolve_device
+from dali_fl.errors import DaliFlError
+from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
+from dali_fl.partition import METHODS
+from dali_fl.store import open_store, store_name
+
+DATASET_ALIASES = {"cifar": "cifar10"}
+RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose"}
+O = click.option
+
+
+def _options(f):
+    """All train options; the seed's underscore spellings are aliases of the dashed ones."""
+    opts = [
+        O("--store", type=click.Path(path_type=Path), help="Store made by `dali-fl prep` (or use --dataset)."),
+        O("--dataset", help="Seed style: find the store prep made for this source (cifar = cifar10) in --data-dir."),
+        O("--image-size", "--image_size", type=int, help="With --dataset: which store; with --store: a check."),
+        O("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+          help="Where --dataset looks for stores."),
+        O("--use-offline-data", "--use_offline_data", is_flag=True, help="Accepted for the seed's scripts; no effect."),
+        O("--alg", type=click.Choice(ALGORITHMS), default="fedavg", show_default=True,
+          help="fedavg: all weights trained and averaged; fedlora: LoRA adapters + head only."),
+        O("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<alg>-<time>)."),
+        O("--rounds", "--epochs", type=int, default=10, show_default=True, help="Federated rounds (seed: --epochs)."),
+        O("--num-users", "--num_users", type=int, default=100, show_default=True, help="Simulated clients."),
+        O("--frac", type=float, default=0.1, show_default=True, help="Fraction of clients per round (at least 1)."),
+        O("--partition", type=click.Choice(METHODS), default="dirichlet", show_default=True,
+          help="How the train split is divided among clients."),
+        O("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (smaller = more skew)."),
+        O("--min-size", type=int, default=10, show_default=True, help="Dirichlet: fewest samples per client."),
+        O("--seed", type=int, default=0, show_default=True, help="Seeds partition, sampling, init and order."),
+        O("--local-ep", "--local_ep", type=int, default=1, show_default=True, help="Local epochs per client."),
+        O("--local-bs", "--local_bs", type=int, default=32, show_default=True, help="Local batch size."),
+        O("--lr", type=float, default=3e-4, show_default=True, help="Local learning rate."),
+        O("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+          help="Fresh per client each round."),
+        O("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum."),
+        O("--weight-decay", "--weight_decay", type=float, default=0.0, show_default=True, help="Weight decay."),
+        O("--model", default="vit_base_patch16_224", show_default=True,
+          help="timm model name; `vit` means ViT-B/16 (vit_base_patch16_224)."),
+        O("--model-variant", "--model_variant", type=click.Choice(["pretrained", "scratch"]),
+          help="Seed style: pretrained = --pretrained, scratch = --no-pretrained."),
+        O("--model-kwargs", default="", help="Extra timm.create_model kwargs, e.g. patch_size=4,depth=4."),
+        O("--pretrained/--no-pretrained", default=True, show_default=True,
+          help="Start from pretrained weights (hub, HF cache, or --weights)."),
+        O("--weights", type=click.Path(path_type=Path), help="Local .safetensors/.pth/.npz checkpoint."),
+        O("--lora-r", type=int, default=8, show_default=True, help="LoRA rank."),
+        O("--lora-alpha", type=int, default=16, show_default=True, help="LoRA alpha (scale = alpha / r)."),
+        O("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), show_default=True,
+          help="Comma-separated module names or regexes to adapt."),
+        O("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default="fedit", show_default=True,
+          help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual."),
+        O("--loader", type=click.Choice(["dali", "memmap", "memmap-seed"]), default="dali", show_default=True,
+          help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
+        O("--data-on-gpu", is_flag=True, help="Copy the whole split to GPU memory once (dali, GPU only)."),
+        O("--augment/--no-augment", default=True, show_default=True, help="Random flip + 4-px padded crop."),
+        O("--gpu", type=int, help="Train on cuda:N."),
+        O("--device", help="cpu, cuda or cuda:N (default: cuda:0 if present, else cpu)."),
+        O("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
+          help="Mixed precision; auto = bf16 on GPU, off on CPU."),
+        O("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers (memmap kinds)."),
+        O("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N rounds (and at the end)."),
+        O("--eval-bs", type=int, default=256, show_default=True, help="Evaluation batch size."),
+        O("--preset", type=click.Choice(sorted(PRESETS)), help="Named configuration; explicit flags override it."),
+        O("--resume", type=click.Path(path_type=Path), help="Continue RUN_DIR from its last finished round."),
+        O("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _explicit(ctx: click.Context) -> set[str]:
+    return {k for k in ctx.params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+
+
+def _with_preset(ctx: click.Context, p: dict) -> dict:
+    """Fill in a preset's values wherever the user did not give the flag."""
+    explicit = _explicit(ctx)
+    return {**p, **{k: v for k, v in preset(p["preset"]).items() if k not in explicit}}
+
+
+def _resolve_store(p: dict) -> str:
+    """--store, or the store prep made for --dataset at --image-size in --data-dir."""
+    if p["store"] is None and p["dataset"] is None:
+        raise DaliFlError("give --store STORE (made by `dali-fl prep`) or --dataset NAME --image-size N")
+    if p["store"] is None:
+        source = DATASET_ALIASES.get(p["dataset"], p["dataset"])
+        size = p["image_size"] or 224
+        path = p["data_dir"] / store_name(source, size)
+        if not path.exists():
+            raise DaliFlError(f"no {source} store at {size}px in {p['data_dir']}; make it with `dali-fl prep "
+                              f"--source {source} --source-path PATH --image-size {size} --out {p['data_dir']}`")
+        return str(path)
+    store = open_store(p["store"])
+    if p["image_size"] is not None and p["image_size"] != store.image_size:
+        raise DaliFlError(f"--image-size {p['image_size']} but {p['store']} holds {store.image_size}px images; "
+                          f"run `dali-fl prep --image-size {p['image_size']}` or drop --image-size")
+    return str(p["store"])
+
+
+def _config(p: dict, device: str) -> TrainConfig:
+    """The resolved TrainConfig of a new run."""
+    pretrained = p["pretrained"] if p["model_variant"] is None else p["model_variant"] == "pretrained"
+    alg = p["alg"]
+    model = ModelSpec(name=MODEL_ALIASES.get(p["model"], p["model"]), kwargs=parse_model_kwargs(p["model_kwargs"]),
+                      pretrained=pretrained, weights=str(p["weights"]) if p["weights"] else None,
+                      lora=alg == "fedlora", lora_r=p["lora_r"], lora_alpha=p["lora_alpha"],
+                      lora_targets=tuple(t.strip() for t in p["lora_targets"].split(",") if t.strip()),
+                      freeze_lora_a=alg == "fedlora" and p["lora_agg"] == "ffa")
+    if "img_size" in model.kwargs:
+        raise DaliFlError("--model-kwargs img_size is taken from the store; prep the store at the size you want")
+    fed = FederationConfig(alg=alg, rounds=p["rounds"], num_users=p["num_users"], frac=p["frac"],
+                           partition=p["partition"], alpha=p["alpha"], min_size=p["min_size"], seed=p["seed"],
+                           lora_agg=p["lora_agg"])
+    local = LocalConfig(local_ep=p["local_ep"], local_bs=p["local_bs"], lr=p["lr"], optimizer=p["optimizer"],
+                        momentum=p["momentum"], weight_decay=p["weight_decay"])
+    data = DataConfig(store=_resolve_store(p), loader=p["loader"], data_on_gpu=p["data_on_gpu"],
+                      augment=p["augment"], device=device, amp=p["amp"], eval_bs=p["eval_bs"],
+                      eval_every=p["eval_every"], num_workers=p["num_workers"])
+    return TrainConfig(fed, local, model, data)
+
+
+def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:
+    """The saved config of --resume RUN_DIR, with only rounds and device allowed to change."""
+    fixed = sorted(_explicit(ctx) - RESUMABLE)
+    if fixed:
+        raise DaliFlError(f"--resume keeps the run's settings; drop --{fixed[0].replace('_', '-')} "
+                          "(only --rounds, --gpu/--device and --quiet may change)")
+    cfg = load_config(p["resume"])
+    changes: dict = {}
+    if "rounds" in _explicit(ctx):
+        changes["fed"] = {"rounds": p["rounds"]}
+    if p["gpu"] is not None or p["device"] is not None:
+        changes["data"] = {"device": str(resolve_device(p["gpu"], p["device"]))}
+    return cfg.replace(**changes)
+
+
+@click.command()
+@_options
+@click.pass_context
+def train(ctx: click.Context, **p) -> None:
+    """Run a federated FedAvg or FedLoRA simulation on a timm ViT.
+
+    \b
+    Examples:
+      dali-fl train --store data/cifar10-224 --alg fedlora --gpu 0 --out runs/lora
+      dali-fl train --preset fedlora-vit-b16 --store data/cifar10-224 --gpu 2
+      dali-fl train --resume runs/lora --rounds 200
+    The seed's command works with its first words changed:
+      dali-fl train --alg fedlora --model vit --model_variant pretrained --dataset cifar
+        --image_size 224 --use_offline_data --epochs 150 --num_users 100 --frac 0.1
+        --local_ep 5 --local_bs 32 --lr 0.0003 --gpu 2
+    """
+    from dali_fl.federation import train as run_federation
+
+    if p["resume"] is not None:
+        cfg, run_dir, resume = _resumed_config(ctx, p), p["resume"], True
+    else:
+        p = _with_preset(ctx, p)
+        device = str(resolve_device(p["gpu"], p["device"]))  # fail fast, before any heavy work
+        cfg, resume = _config(p, device), False
+        run_dir = p["out"] or Path("runs") / f"{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"])
+    except KeyboardInterrupt:
+        raise DaliFlError(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
+    acc = summary.get("final_test_acc")
+    click.echo(f"{summary.get('rounds')} rounds, final test accuracy "
+               f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_dir}")
+
+
+COMMANDS = [train]

@@ -1,0 +1,78 @@
+"""One client's local training on the shared persistent model, and evaluation."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dali_fl.config import LocalConfig, derive_seed
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """What a client reports besides its weights: sample count, loss and where the time went."""
+
+    num_samples: int
+    loss: float
+    data_wait_s: float
+    compute_s: float
+
+
+def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer per client (the seed's LocalUpdate did the same)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig, seed: int,
+                amp: Optional[torch.dtype], device: torch.device) -> ClientResult:
+    """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings."""
+    model.train()
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    loss_sum = torch.zeros((), device=device)
+    seen, wait, start = 0, 0.0, time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout and friends: same stream on every run and resume
+        for epoch in range(cfg.local_ep):
+            batches = loader.epoch(indices, derive_seed(seed, epoch))
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                wait += time.perf_counter() - t0
+                if batch is None:
+                    break
+                images, labels = batch
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = F.cross_entropy(model(images), labels)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach().float() * labels.shape[0]
+                seen += labels.shape[0]
+    mean_loss = float(loss_sum) / max(seen, 1)  # one device sync per client
+    elapsed = time.perf_counter() - start
+    return ClientResult(len(indices), mean_loss, wait, elapsed - wait)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_samples: int, amp: Optional[torch.dtype],
+             device: torch.device) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean loss) over the first `num_samples` of the loader's split, in order."""
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device)
+    for images, labels in loader.epoch(np.arange(num_samples), 0, shuffle=False):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    return int(correct) / num_samples, float(loss_sum) / num_samples

@@ -1,0 +1,200 @@
+"""The timm ViT, its pretrained weights (hub or local file), peft LoRA, and the trainable state."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dali_fl.errors import DaliFlError
+
+log = logging.getLogger(__name__)
+
+MODEL_ALIASES = {"vit": "vit_base_patch16_224", "vit-b16": "vit_base_patch16_224"}
+DEFAULT_LORA_TARGETS = (r".*\.attn\.qkv", r".*\.attn\.proj")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a timm model name, its kwargs, where weights come from, and LoRA settings."""
+
+    name: str = "vit_base_patch16_224"
+    kwargs: dict = field(default_factory=dict)
+    pretrained: bool = True
+    weights: Optional[str] = None
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    freeze_lora_a: bool = False  # FFA-LoRA: A stays at its shared random init
+
+    def __post_init__(self) -> None:
+        if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0):
+            raise DaliFlError(f"--lora-r must be >= 1 and --lora-alpha > 0 (got {self.lora_r}, {self.lora_alpha})")
+        if self.weights is not None and not str(self.weights).endswith(WEIGHT_SUFFIXES):
+            raise DaliFlError(f"--weights {self.weights}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
+
+
+def parse_model_kwargs(text: str) -> dict:
+    """Parse `k=v,k=v` into a dict, turning numbers and booleans into Python values."""
+    out: dict = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        if "=" not in item:
+            raise DaliFlError(f"--model-kwargs item {item!r} is not key=value (e.g. patch_size=4,depth=4)")
+        key, value = (s.strip() for s in item.split("=", 1))
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    return out
+
+
+def expected_image_size(spec: ModelSpec) -> Optional[int]:
+    """The input size pretrained weights expect, or None when any size works (random init)."""
+    import timm
+
+    if not spec.pretrained:
+        return None
+    cfg = timm.models.get_pretrained_cfg(spec.name)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+
+
+def _create(spec: ModelSpec, num_classes: int, img_size: int) -> nn.Module:
+    import timm
+
+    kwargs = {**spec.kwargs, "num_classes": num_classes, "img_size": img_size}
+    if not spec.pretrained:
+        return timm.create_model(spec.name, pretrained=False, **kwargs)
+    if spec.weights is not None:
+        if not Path(spec.weights).is_file():
+            raise DaliFlError(f"--weights {spec.weights} does not exist")
+        # timm drops the mismatched classifier and resamples position embeddings for us.
+        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)},
+                                 **kwargs)
+    return _create_from_hub(spec.name, kwargs)
+
+
+def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
+    """timm's hub download with short timeouts; offline and uncached is one clear error."""
+    import timm
+
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
+            raise
+        raise DaliFlError(f"cannot load pretrained weights for {name} ({type(err).__name__}); offline, pass "
+                          "--weights PATH (a local .safetensors/.pth/.npz) or fill the Hugging Face cache "
+                          "(HF_HOME), or use --no-pretrained") from None
+    except Exception as err:  # huggingface_hub's own error types, without importing them
+        if type(err).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")):
+            raise DaliFlError(f"cannot download pretrained weights for {name} ({type(err).__name__}); offline, "
+                              "pass --weights PATH or fill the Hugging Face cache (HF_HOME), "
+                              "or use --no-pretrained") from None
+        raise
+
+
+def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> nn.Module:
+    """Build the model (and LoRA adapters) with a seeded init, so every run and resume agrees."""
+    import timm
+
+    if spec.name not in timm.list_models() and spec.name not in timm.list_models(pretrained=True):
+        raise DaliFlError(f"unknown timm model {spec.name!r} (try vit_base_patch16_224 or vit_tiny_patch16_224)")
+    want = expected_image_size(spec)
+    if want is not None and want != img_size:
+        raise DaliFlError(f"the store holds {img_size}px images but pretrained {spec.name} expects {want}px; "
+                          f"run `dali-fl prep --image-size {want}` (or train with --no-pretrained)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = _create(spec, num_classes, img_size)
+        except TypeError as err:
+            raise DaliFlError(f"--model-kwargs do not fit {spec.name}: {err}") from None
+        except AssertionError as err:  # timm asserts e.g. that img_size is divisible by patch_size
+            raise DaliFlError(f"{spec.name} cannot take {img_size}px input with these kwargs ({err})") from None
+        if spec.lora:
+            model = apply_lora(model, spec)
+    return model
+
+
+def _head_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("classifier", "head") if isinstance(cfg, dict) else "head"
+
+
+def apply_lora(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """Wrap the model with peft LoRA on the target modules; the classifier head stays trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for target in spec.lora_targets:
+        if not any(re.fullmatch(target, n) or n == target or n.endswith("." + target) for n in names):
+            raise DaliFlError(f"--lora-targets {target!r} matches no Linear/Conv2d module; some that exist: "
+                              + ", ".join(names[:6]))
+    pattern = "|".join(f"(?:{t})" if _is_regex(t) else f"(?:.*\\.)?{re.escape(t)}" for t in spec.lora_targets)
+    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=pattern,
+                        modules_to_save=[_head_name(model)], lora_dropout=0.0)
+    model = get_peft_model(model, config)
+    if spec.freeze_lora_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def _is_regex(target: str) -> bool:
+    return any(c in target for c in "*()[]|\\+?")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the tensors clients train and exchange (all for FedAvg; LoRA and head for FedLoRA)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached views of the trainable tensors (no copy)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the model's parameters in place (no new modules, no deep copy)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise DaliFlError(f"checkpoint tensors do not fit this model (e.g. {missing[0]}); same --model and --alg?")
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One LoRA-adapted layer: the names of its base weight, A and B, and its scale."""
+
+    base: str
+    a: str
+    b: str
+    scale: float
+
+
+def lora_pairs(model: nn.Module) -> list[LoraPair]:
+    """The LoRA layers of a peft model, for aggregators that need B @ A (FedEx-LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            pairs.append(LoraPair(f"{name}.base_layer.weight", f"{name}.lora_A.default.weight",
+                                  f"{name}.lora_B.default.weight", float(module.scaling["default"])))
+    return pairs

@@ -1,0 +1,110 @@
+"""The run directory: config, partition, metrics.jsonl, TensorBoard, atomic checkpoint, summary."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dali_fl.errors import DaliFlError
+
+BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def start_run_dir(run_dir: Path) -> None:
+    """Create a fresh run directory; refuse to overwrite an existing run."""
+    if (run_dir / "config.json").exists():
+        raise DaliFlError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DaliFlError(f"cannot create run directory {run_dir} ({err.strerror})") from None
+
+
+def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
+                    base: dict[str, torch.Tensor], seed: int) -> None:
+    """Write checkpoint/ atomically: trainable state (+ changed base weights) and the round."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / ".checkpoint.tmp", run_dir / ".checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors.update({BASE_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in base.items()})
+    save_file(tensors, str(tmp / "state.safetensors"))
+    # Every random stream is derived from (seed, round, client, epoch), so these two numbers are the RNG state.
+    atomic_write_text(tmp / "meta.json", json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1}}))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
+    """(round, trainable state, base weights) of the last finished round, or None before round 1."""
+    final, old = run_dir / "checkpoint", run_dir / ".checkpoint.old"
+    if not final.exists() and old.exists():
+        old.rename(final)  # killed between the two renames: the old checkpoint is whole
+    if not final.exists():
+        return None
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        tensors = load_file(str(final / "state.safetensors"))
+    except Exception as err:
+        raise DaliFlError(f"{final} is unreadable ({type(err).__name__}); the run cannot be resumed") from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}
+    base = {k[len(BASE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
+    return int(meta["round"]), state, base
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per round) plus TensorBoard scalars with the same names."""
+
+    def __init__(self, run_dir: Path, start_round: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        self.rows = [r for r in read_metrics(run_dir) if r["round"] < start_round]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_round)
+
+    def log(self, row: dict) -> None:
+        """Append one round's metrics, durably."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, row["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rounds logged so far (a torn last line from a crash is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
