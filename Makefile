@@ -29,9 +29,15 @@ install: $(STAMP_RUN)
 test: $(STAMP_TEST)
 	$(PY) -m pytest
 
+# The embedded default: a synthetic CIFAR-like store at 32 px and a short FedLoRA run of a
+# small ViT from scratch (no weights can be downloaded here) through the DALI loader on CPU.
 demo: $(STAMP_RUN)
-	$(VENV)/bin/dali-fl prep --source synthetic --image-size 32 --out $(DEMO_DIR)/data
+	$(VENV)/bin/dali-fl prep --source synthetic --num-train 2000 --num-test 500 --image-size 32 --out $(DEMO_DIR)/data
 	$(VENV)/bin/dali-fl verify $(DEMO_DIR)/data/synthetic-32
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/dali-fl train --preset tiny-32 --alg fedlora --loader dali --device cpu \
+		--store $(DEMO_DIR)/data/synthetic-32 --out $(DEMO_DIR)/run
+	$(VENV)/bin/python tools/plot_metrics.py $(DEMO_DIR)/run
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

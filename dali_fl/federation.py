@@ -71,20 +71,21 @@ class Federation:
 
 def build_federation(cfg: TrainConfig, run_dir: Path, partition: Optional[Partition]) -> Federation:
     """Open the store, partition it (or reuse the saved partition), build model and loaders."""
-    from dali_fl.loaders import make_loader
+    from dali_fl.loaders import LoaderWorkers, make_loader
 
     device = resolve_device(None, cfg.data.device)
     if cfg.data.data_on_gpu and device.type != "cuda":
         raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")
     store = open_store_for(cfg)
-    labels = store.labels("train")
-    if partition is None:
-        partition = make_partition(labels, cfg.fed.num_users, cfg.fed.partition, seed=cfg.fed.seed,
-                                   alpha=cfg.fed.alpha, min_size=cfg.fed.min_size, num_classes=store.num_classes)
     model = build_model(cfg.model, store.num_classes, store.image_size, cfg.fed.seed).to(device)
+    if partition is None:
+        partition = make_partition(store.labels("train"), cfg.fed.num_users, cfg.fed.partition, seed=cfg.fed.seed,
+                                   alpha=cfg.fed.alpha, min_size=cfg.fed.min_size, num_classes=store.num_classes)
     norm = from_model(model)
     out_dtype = torch.float16 if amp_dtype(cfg.data.amp, device) == torch.float16 else torch.float32
-    common = dict(device=device, norm=norm, out_dtype=out_dtype, data_on_gpu=cfg.data.data_on_gpu)
+    # memmap-seed keeps the seed's own worker settings; that is what it exists to reproduce.
+    workers = LoaderWorkers(num_workers=cfg.data.num_workers) if cfg.data.loader == "memmap" else None
+    common = dict(device=device, norm=norm, out_dtype=out_dtype, data_on_gpu=cfg.data.data_on_gpu, workers=workers)
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)

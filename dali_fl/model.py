@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,33 +82,58 @@ def _create(spec: ModelSpec, num_classes: int, img_size: int) -> nn.Module:
     return _create_from_hub(spec.name, kwargs)
 
 
-def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
-    """timm's hub download with short timeouts; offline and uncached is one clear error."""
-    import timm
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the Hugging Face endpoint, instead of minutes of client retries."""
+    import socket
+    from urllib.parse import urlparse
 
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_offline(name: str) -> bool:
+    """Whether the hub weights of `name` are already in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str)
+                              for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
+
+
+def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
+    """timm's hub weights: from the local cache when there, else downloaded; offline is one clear error."""
+    import timm
+    from huggingface_hub import constants
+
+    cached = _cached_offline(name)
+    if not cached and not _hub_reachable():
+        raise DaliFlError(f"no internet to download pretrained weights for {name}, and they are not in the "
+                          "Hugging Face cache; pass --weights PATH (a local .safetensors/.pth/.npz), fill the "
+                          "cache (HF_HOME), or use --no-pretrained")
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or cached  # a cached model must not wait on the network
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
-        if isinstance(err, RuntimeError) and "size mismatch" in str(err):
-            raise
-        raise DaliFlError(f"cannot load pretrained weights for {name} ({type(err).__name__}); offline, pass "
-                          "--weights PATH (a local .safetensors/.pth/.npz) or fill the Hugging Face cache "
-                          "(HF_HOME), or use --no-pretrained") from None
-    except Exception as err:  # huggingface_hub's own error types, without importing them
-        if type(err).__module__.startswith(("huggingface_hub", "requests", "httpx", "urllib3")):
-            raise DaliFlError(f"cannot download pretrained weights for {name} ({type(err).__name__}); offline, "
-                              "pass --weights PATH or fill the Hugging Face cache (HF_HOME), "
-                              "or use --no-pretrained") from None
-        raise
+    except (OSError, ValueError) as err:
+        raise DaliFlError(f"cannot load pretrained weights for {name} ({type(err).__name__}: {err}); pass "
+                          "--weights PATH, fill the Hugging Face cache (HF_HOME), or use --no-pretrained") from None
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> nn.Module:
     """Build the model (and LoRA adapters) with a seeded init, so every run and resume agrees."""
     import timm
 
-    if spec.name not in timm.list_models() and spec.name not in timm.list_models(pretrained=True):
+    if not timm.is_model(spec.name):
         raise DaliFlError(f"unknown timm model {spec.name!r} (try vit_base_patch16_224 or vit_tiny_patch16_224)")
     want = expected_image_size(spec)
     if want is not None and want != img_size:

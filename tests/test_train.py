@@ -1,0 +1,229 @@
+"""End-to-end training through the CLI on a tiny store and a tiny ViT (CPU, no downloads)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dali_fl.config import TrainConfig
+from dali_fl.federation import prepare, run_round
+from dali_fl.model import trainable_names
+from dali_fl.sources import load_synthetic
+from dali_fl.store import write_store
+
+TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
+             "--no-pretrained", "--num-users", "4", "--frac", "0.5", "--local-ep", "1", "--local-bs", "32",
+             "--partition", "iid", "--eval-bs", "200", "--device", "cpu", "--quiet", "--lr", "2e-3",
+             "--num-workers", "0"]
+METRIC_KEYS = {"round", "test_acc", "test_loss", "train_loss", "num_clients", "num_samples", "round_time_s",
+               "data_wait_s", "compute_s", "images_per_s", "peak_gpu_mem_mb"}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    """A 16 px synthetic store (uint8 and the float32 twin memmap-seed reads)."""
+    root = tmp_path_factory.mktemp("stores")
+    source = load_synthetic(400, 200, seed=0)
+    write_store(source, root, 16, progress=False)
+    write_store(source, root, 16, dtype="float32", progress=False)
+    return root / "synthetic-16"
+
+
+def train(invoke, store, out, *extra):
+    result = invoke("train", "--store", store, "--out", out, *TINY_ARGS, *extra)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loader", ["dali", "memmap", "memmap-seed"])
+def test_two_rounds_write_every_output(invoke, stores, tmp_path, loader):
+    rows = train(invoke, stores, tmp_path / "run", "--rounds", "2", "--loader", loader)
+    run = tmp_path / "run"
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert METRIC_KEYS <= r.keys() and 0.0 <= r["test_acc"] <= 1.0 and r["peak_gpu_mem_mb"] is None
+        assert r["num_clients"] == 2 and r["num_samples"] == 200  # 2 of 4 clients x 100 samples each
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["loader"] == loader and config["fed"]["rounds"] == 2
+    part = json.loads((run / "partition.json").read_text())
+    assert sorted(np.concatenate([c["indices"] for c in part["clients"]]).tolist()) == list(range(400))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert json.loads((run / "checkpoint" / "meta.json").read_text())["round"] == 2
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_learns_far_above_chance(invoke, stores, tmp_path):
+    rows = train(invoke, stores, tmp_path / "run", "--rounds", "4", "--loader", "memmap", "--frac", "1",
+                 "--local-ep", "2", "--no-augment")
+    assert rows[-1]["test_acc"] > 0.3, rows  # 10 classes: chance is 0.1
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_resume_matches_uninterrupted_run(invoke, stores, tmp_path):
+    common = ("--loader", "memmap", "--alg", "fedlora", "--lora-agg", "fedex")
+    full = train(invoke, stores, tmp_path / "full", "--rounds", "4", *common)
+    train(invoke, stores, tmp_path / "half", "--rounds", "2", *common)
+    result = invoke("train", "--resume", tmp_path / "half", "--rounds", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    resumed = [json.loads(x) for x in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_acc"] for r in resumed] == [r["test_acc"] for r in full]
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("base::") for k in a)  # fedex ships changed base weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_killed_mid_round_resumes_from_round_before(invoke, stores, tmp_path, monkeypatch):
+    import dali_fl.federation as fed
+
+    real, calls = fed.local_train, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # round 3, first client
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fed, "local_train", dying)
+    result = invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS, "--rounds", "4",
+                    "--loader", "memmap")
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["round"] == 2
+    monkeypatch.setattr(fed, "local_train", real)
+    assert invoke("train", "--resume", tmp_path / "run", "--quiet").exit_code == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    full = train(invoke, stores, tmp_path / "full", "--rounds", "4", "--loader", "memmap")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in full]
+
+
+def _config(store: Path, **fed) -> TrainConfig:
+    from dali_fl.config import DataConfig, FederationConfig, LocalConfig
+    from dali_fl.model import ModelSpec
+
+    model = ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, depth=1, embed_dim=32, num_heads=2),
+                      pretrained=False, lora=fed.get("alg") == "fedlora", lora_r=2)
+    return TrainConfig(FederationConfig(num_users=4, frac=0.5, partition="iid", **fed), LocalConfig(local_bs=32),
+                       model, DataConfig(store=str(store), loader="memmap", num_workers=0, augment=False))
+
+
+def test_fedlora_exchanges_only_lora_and_head(stores, tmp_path, monkeypatch):
+    import dali_fl.federation as fed
+
+    fx, _ = prepare(_config(stores, alg="fedlora"), tmp_path / "run", resume=False)
+    names = trainable_names(fx.model)
+    assert names and all(".lora_A." in n or ".lora_B." in n or ".head." in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in fx.model.named_parameters() if not p.requires_grad}
+    sent = []
+    real_add = fed.RunningSum.add
+    monkeypatch.setattr(fed.RunningSum, "add", lambda self, state, n: (sent.append(set(state)), real_add(self, state, n)))
+    run_round(fx, 1)
+    assert sent and all(keys == set(names) for keys in sent)
+    for n, p in fx.model.named_parameters():
+        if n in frozen:
+            torch.testing.assert_close(p, frozen[n], rtol=0, atol=0)  # fedit never touches the base
+    fx.close()
+
+
+def test_process_memory_does_not_grow_with_rounds(stores, tmp_path):
+    fx, _ = prepare(_config(stores, alg="fedavg"), tmp_path / "run", resume=False)
+    proc = psutil.Process()
+    for r in range(1, 4):
+        run_round(fx, r)
+    before = proc.memory_info().rss
+    for r in range(4, 12):
+        run_round(fx, r)
+    grown = (proc.memory_info().rss - before) / 2**20
+    fx.close()
+    assert grown < 40, f"RSS grew {grown:.1f} MiB over 8 rounds"
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_missing_store(invoke, assert_user_error, tmp_path):
+    assert_user_error(invoke("train", "--store", tmp_path / "nope", *TINY_ARGS), "does not exist", "prep")
+
+
+def test_image_size_mismatch_says_which_and_how(invoke, assert_user_error, stores, tmp_path):
+    result = invoke("train", "--store", stores, "--out", tmp_path / "r", "--model", "vit", "--pretrained",
+                    "--device", "cpu", "--quiet")
+    assert_user_error(result, "16px", "224", "prep --image-size 224")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("gpu", ["0", "7"])
+def test_gpu_without_cuda(invoke, assert_user_error, stores, gpu):
+    assert_user_error(invoke("train", "--store", stores, "--gpu", gpu), f"--gpu {gpu}", "not available", "--device cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_out_of_range_lists_devices(invoke, assert_user_error, stores):
+    assert_user_error(invoke("train", "--store", stores, "--gpu", "99"), "--gpu 99", "GPU(s)")
+
+
+def test_seed_command_parses_and_needs_only_store_and_gpu(invoke, assert_user_error, tmp_path):
+    seed = ("train --alg fedlora --model vit --model_variant pretrained --dataset cifar --image_size 224 "
+            "--use_offline_data --epochs 150 --num_users 100 --frac 0.1 --local_ep 5 --local_bs 32 --lr 0.0003").split()
+    if not torch.cuda.is_available():
+        assert_user_error(invoke(*seed, "--gpu", "2"), "--gpu 2", "not available")
+    line = assert_user_error(invoke(*seed, "--device", "cpu", "--data-dir", tmp_path), "no cifar10 store")
+    assert "dali-fl prep --source cifar10" in line and "--image-size 224" in line
+
+
+def test_resume_of_a_non_run(invoke, assert_user_error, tmp_path):
+    assert_user_error(invoke("train", "--resume", tmp_path), "not a dali-fl run")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--frac", "0"), ("--frac",)),
+    (("--alg", "fedlora", "--lora-targets", "nonexistent_layer"), ("nonexistent_layer", "matches no")),
+    (("--model-kwargs", "img_size=32"), ("img_size",)),
+    (("--local-bs", "0"), ("--local-bs",)),
+])
+def test_bad_training_options(invoke, assert_user_error, stores, tmp_path, args, words):
+    assert_user_error(invoke("train", "--store", stores, "--out", tmp_path / "r", *TINY_ARGS, *args), *words)
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
+def test_existing_run_is_not_overwritten(invoke, assert_user_error, stores, tmp_path):
+    train(invoke, stores, tmp_path / "run", "--rounds", "1", "--loader", "memmap")
+    assert_user_error(invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS), "--resume")
+
+
+def test_nan_loss_names_round_and_client(invoke, assert_user_error, stores, tmp_path):
+    result = invoke("train", "--store", stores, "--out", tmp_path / "r", *TINY_ARGS, "--loader", "memmap",
+                    "--optimizer", "sgd", "--lr", "1e30", "--rounds", "3")
+    assert_user_error(result, "round", "client", "--lr")
+
+
+def test_offline_pretrained_without_weights_is_one_line(invoke, assert_user_error, monkeypatch, tmp_path):
+    import dali_fl.model as model
+
+    monkeypatch.setattr(model, "_cached_offline", lambda name: False)
+    monkeypatch.setattr(model, "_hub_reachable", lambda timeout=3.0: False)
+    write_store(load_synthetic(20, 10, seed=0), tmp_path, 224, progress=False)
+    result = invoke("train", "--store", tmp_path / "synthetic-224", "--out", tmp_path / "r", "--model", "vit",
+                    "--device", "cpu", "--num-users", "2")
+    assert_user_error(result, "--weights", "cache", "--no-pretrained")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+    import timm
+    from dali_fl.model import ModelSpec, build_model
+
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2)
+    donor = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **kwargs)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = build_model(ModelSpec("vit_tiny_patch16_224", kwargs, pretrained=True,
+                                  weights=str(tmp_path / "w.safetensors")), num_classes=10, img_size=224, seed=0)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)
+    assert model.head.out_features == 10
