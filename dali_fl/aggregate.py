@@ -20,11 +20,15 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 class RunningSum:
     """n-weighted sum of client states, kept on the device; adds sum of n * B @ A for FedEx-LoRA."""
 
-    def __init__(self, pairs: Sequence[LoraPair] = ()):
+    def __init__(self, pairs: Sequence[LoraPair] = (), like: Mapping[str, torch.Tensor] | None = None):
         self.pairs = tuple(pairs)
         self.sums: State = {}
         self.products: State = {}
         self.total = 0.0
+        if like is not None:  # zeros of every shape, so a process with no clients still reduces alike
+            self.sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
+            self.products = {p.base: like[p.b].new_zeros((like[p.b].shape[0], like[p.a].shape[1]),
+                                                         dtype=torch.float32) for p in self.pairs}
 
     @torch.no_grad()
     def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:

@@ -64,15 +64,17 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_samples: int, amp: Optional[torch.dtype],
-             device: torch.device) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean loss) over the first `num_samples` of the loader's split, in order."""
+def evaluate(model: nn.Module, loader, indices: np.ndarray, amp: Optional[torch.dtype],
+             device: torch.device) -> tuple[int, float]:
+    """(number correct, summed loss) over the given samples of the loader's split, in order."""
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=device)
-    for images, labels in loader.epoch(np.arange(num_samples), 0, shuffle=False):
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    if len(indices) == 0:
+        return 0, 0.0
+    for images, labels in loader.epoch(indices, 0, shuffle=False):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
-    return int(correct) / num_samples, float(loss_sum) / num_samples
+    return int(correct), float(loss_sum)

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, progress: bo
     """Train the given clients in turn from the current global state; returns their running sum and totals."""
     cfg = fx.cfg
     global_state = {k: v.clone() for k, v in trainable_state(fx.model).items()}
-    running = RunningSum(lora_pairs(fx.model) if fx.fedex else ())
+    running = RunningSum(lora_pairs(fx.model) if fx.fedex else (), like=global_state)
     totals = {"loss_sum": 0.0, "data_wait_s": 0.0, "compute_s": 0.0}
     for c in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not progress):
         load_state_(fx.model, global_state)
@@ -121,16 +121,16 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, progress: bo
     return running, totals
 
 
-def run_round(fx: Federation, round_: int, progress: bool = False,
-              reduce: Callable[[RunningSum, dict], None] = lambda running, totals: None) -> dict:
+def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Optional["RoundHooks"] = None) -> dict:
     """One round: local training of the sampled clients, one reduction, aggregation into the model."""
+    hooks = hooks or RoundHooks()
     start = time.perf_counter()
     if fx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fx.device)
     clients = sample_clients(fx.cfg.fed, round_)
-    running, totals = train_clients(fx, round_, clients, progress)
+    running, totals = train_clients(fx, round_, hooks.mine(clients, fx.partition.sizes()), progress)
     t_agg = time.perf_counter()
-    reduce(running, totals)  # all_reduce across processes when distributed; nothing otherwise
+    hooks.reduce(running, totals)  # all_reduce across processes when distributed; nothing otherwise
     state, deltas = aggregate(running, fx.cfg.fed.lora_agg if fx.cfg.fed.alg == "fedlora" else "fedavg")
     load_state_(fx.model, state)
     add_to_params_(fx.model, deltas)
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     try:
         with explain_oom(fx.device):
             for r in bar:
-                row = run_round(fx, r, progress and hooks.is_writer, hooks.reduce)
+                row = run_round(fx, r, progress and hooks.is_writer, hooks)
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
                     t0 = time.perf_counter()
                     row["test_acc"], row["test_loss"] = hooks.evaluate(fx)
@@ -213,11 +213,18 @@ class RoundHooks:
 
     is_writer: bool = True
 
+    def mine(self, clients: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """The share of the round's clients this process trains."""
+        return clients
+
     def reduce(self, running: RunningSum, totals: dict) -> None:
+        """Combine the running sums and totals of all processes, in place."""
         return None
 
     def evaluate(self, fx: Federation) -> tuple[float, float]:
-        return evaluate(fx.model, fx.eval_loader, fx.num_test, fx.amp, fx.device)
+        """(accuracy, mean loss) of the global model on the whole test split."""
+        correct, loss_sum = evaluate(fx.model, fx.eval_loader, np.arange(fx.num_test), fx.amp, fx.device)
+        return correct / fx.num_test, loss_sum / fx.num_test
 
 
 def write_summary(run_dir: Path, rows: list[dict]) -> dict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import os
 
 import click
 
@@ -18,7 +18,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DaliFlError as err:
-            click.echo(f"error: {err}", err=True)
+            rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+            click.echo(f"error: {rank}{err}", err=True)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing half-written was kept", err=True)

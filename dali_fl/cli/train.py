@@ -1,6 +1,9 @@
 """`dali-fl train`: run a FedAvg or FedLoRA federation (the seed's flag spellings work too)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from dali_fl.partition import METHODS
 from dali_fl.store import open_store, store_name
 
 DATASET_ALIASES = {"cifar": "cifar10"}
-RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose"}
+RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
 O = click.option
 
 
@@ -76,6 +79,8 @@ def _options(f):
         O("--preset", type=click.Choice(sorted(PRESETS)), help="Named configuration; explicit flags override it."),
         O("--resume", type=click.Path(path_type=Path), help="Continue RUN_DIR from its last finished round."),
         O("--quiet", is_flag=True, help="No progress bars."),
+        O("--nproc", type=int, default=1, show_default=True,
+          help="Processes on this machine, one per GPU (gloo on CPU without GPUs); launches torchrun."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -166,20 +171,73 @@ def train(ctx: click.Context, **p) -> None:
     """
     from dali_fl.federation import train as run_federation
 
+    if p["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(ctx, p)
+    hooks, device = _join_world(p)
     if p["resume"] is not None:
         cfg, run_dir, resume = _resumed_config(ctx, p), p["resume"], True
+        if hooks is not None:
+            cfg = cfg.replace(data={"device": str(device)})
     else:
         p = _with_preset(ctx, p)
-        device = str(resolve_device(p["gpu"], p["device"]))  # fail fast, before any heavy work
-        cfg, resume = _config(p, device), False
+        device = device or resolve_device(p["gpu"], p["device"])  # fail fast, before any heavy work
+        cfg, resume = _config(p, str(device)), False
         run_dir = p["out"] or Path("runs") / f"{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if hooks is not None:
+            from dali_fl.distributed import broadcast_str
+
+            run_dir = Path(broadcast_str(str(run_dir)))
     try:
-        summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"])
+        summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"], hooks=hooks)
     except KeyboardInterrupt:
         raise DaliFlError(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
+    if hooks is not None and not hooks.is_writer:
+        return
     acc = summary.get("final_test_acc")
     click.echo(f"{summary.get('rounds')} rounds, final test accuracy "
                f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_dir}")
+
+
+def _join_world(p: dict):
+    """Under torchrun: join the process group; returns (hooks, this rank's device) or (None, None)."""
+    from dali_fl.distributed import hooks_for_world, init_process_group
+
+    hooks = hooks_for_world()
+    if hooks is None:
+        return None, None
+    if p["gpu"] is not None:
+        raise DaliFlError("--gpu picks one GPU; with several processes each takes cuda:LOCAL_RANK "
+                          "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+    return hooks, init_process_group(cpu=p["device"] == "cpu")
+
+
+def _argv(ctx: click.Context) -> list[str]:
+    """The explicit options of this invocation as command-line words (to relaunch under torchrun)."""
+    words: list[str] = []
+    for param in ctx.command.params:
+        if param.name not in _explicit(ctx) or param.name == "nproc":
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            names = param.opts if value else param.secondary_opts
+            words += names[:1]
+        else:
+            words += [param.opts[0], str(value)]
+    return words
+
+
+def _launch(ctx: click.Context, p: dict) -> None:
+    """`--nproc K`: run the same command as K processes through torchrun, on this machine."""
+    args = _argv(ctx)
+    run_dir = p["resume"] or p["out"] or Path("runs") / f"{p['alg']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if p["resume"] is None and p["out"] is None:
+        args += ["--out", str(run_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p['nproc']}",
+           "-m", "dali_fl", "train", *args]
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise DaliFlError(f"the {p['nproc']}-process run failed (exit {rc}); torchrun's report above names the "
+                          f"failed rank; continue with `dali-fl train --resume {run_dir} --nproc {p['nproc']}`")
 
 
 COMMANDS = [train]

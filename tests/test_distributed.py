@@ -1,0 +1,93 @@
+"""Several processes with gloo on CPU: client assignment, 1-vs-2-process equality, a dying rank."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dali_fl.distributed import assign_clients
+from dali_fl.sources import load_synthetic
+from dali_fl.store import write_store
+
+ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
+        "--no-pretrained", "--num-users", "6", "--frac", "0.5", "--partition", "dirichlet", "--alpha", "1",
+        "--min-size", "20", "--local-bs", "32", "--loader", "memmap", "--num-workers", "0", "--device", "cpu",
+        "--quiet", "--eval-bs", "64"]
+
+
+def test_assignment_is_balanced_and_deterministic():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 1000, 200)
+    clients = rng.choice(200, 37, replace=False)
+    shares = assign_clients(clients, sizes, 4)
+    assert sorted(np.concatenate(shares).tolist()) == sorted(clients.tolist())
+    loads = [int(sizes[s].sum()) for s in shares]
+    assert max(loads) - min(loads) <= sizes[clients].max()  # greedy LPT bound
+    again = assign_clients(clients[::-1].copy(), sizes, 4)  # input order must not matter
+    assert all(np.array_equal(a, b) for a, b in zip(shares, again))
+    assert [len(s) for s in assign_clients(np.array([3]), sizes, 2)] == [1, 0]  # idle ranks are fine
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dist")
+    path, _ = write_store(load_synthetic(300, 100, seed=1), root, 16, progress=False)
+    return path
+
+
+def _cli(*args: object, **popen) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # same threads in every process
+    return subprocess.Popen([sys.executable, "-m", "dali_fl", "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _run(*args: object) -> str:
+    proc = _cli(*args)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _accs(run: Path) -> list:
+    return [json.loads(x)["test_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_reach_the_same_weights(store, tmp_path):
+    _run("--store", store, "--out", tmp_path / "one", "--rounds", "2", *ARGS)
+    _run("--store", store, "--out", tmp_path / "two", "--rounds", "2", "--nproc", "2", *ARGS)
+    a = load_file(str(tmp_path / "one" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # only the order of the float32 sums differs between 1 and 2 processes
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert _accs(tmp_path / "one") == pytest.approx(_accs(tmp_path / "two"), abs=0.011)  # at most 1 of 100
+
+
+@pytest.mark.slow
+def test_a_dying_rank_stops_the_job_and_resume_finishes(store, tmp_path):
+    run = tmp_path / "run"
+    proc = _cli("--store", store, "--out", run, "--rounds", "4", "--nproc", "2", *ARGS)
+    deadline = time.time() + 300
+    while not (run / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("RANK") == "1" and "dali_fl" in " ".join(p.cmdline())]
+    assert victims, "rank 1 not found"
+    victims[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error:") and "failed rank" in last and f"--resume {run}" in last
+    assert "rank: 1" in out or "local_rank: 1" in out  # torchrun's report names the rank
+    _run("--resume", run, "--nproc", "2", "--quiet")
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
