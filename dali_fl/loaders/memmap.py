@@ -1,0 +1,92 @@
+"""The strong baseline: one reused DataLoader over the uint8 memmap, transforms on the device."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dali_fl.loaders.base import Loader, LoaderConfig, Served, check_store_dtype
+from dali_fl.loaders.transforms import Uint8Normalizer, batch_params, crop_flip
+from dali_fl.order import Batch
+from dali_fl.store import Store
+
+
+class StoreRows(Dataset):
+    """A store split as a Dataset of whole batches: `ds[batch]` gathers the batch's rows."""
+
+    def __init__(self, store: Store, split: str) -> None:
+        self.store, self.split = store, split
+        self.labels = store.labels(split)
+        self._images: Optional[np.ndarray] = None
+
+    @property
+    def images(self) -> np.ndarray:
+        # Opened lazily in each process: a pickled memmap would carry the whole array with it.
+        if self._images is None:
+            self._images = self.store.images(self.split)
+        return self._images
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = batch.rows
+        return (torch.from_numpy(self.images[rows]), torch.from_numpy(self.labels[rows]),
+                torch.from_numpy(rows))
+
+
+class PlanSampler(Sampler):
+    """Yields the current epoch's plan items; the plan is swapped between epochs."""
+
+    def __init__(self) -> None:
+        self.plan: list = []
+
+    def __iter__(self) -> Iterator:
+        # Bound when the DataLoader starts an epoch (iter()), so swapping the plan later
+        # cannot change the epoch in flight, and an epoch started after the swap sees only it.
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def shutdown_workers(loader: Optional[DataLoader]) -> None:
+    """Stop a DataLoader's persistent workers now rather than whenever it is collected."""
+    it = getattr(loader, "_iterator", None) if loader is not None else None
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # private, but the only deterministic way to end persistent workers
+
+
+class MemmapLoader(Loader):
+    """DataLoader(batch_size=None) over whole-batch gathers; flip/crop/normalize on the device."""
+
+    kind = "memmap"
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        check_store_dtype(cfg, self.kind, "uint8")
+        super().__init__(cfg)
+        self._sampler = PlanSampler()
+        kw = cfg.workers.dataloader_kwargs(cfg.device)
+        self._pinned = kw["pin_memory"]
+        # batch_size=None: each sampler item is a whole batch, gathered with one fancy index.
+        self._loader = DataLoader(StoreRows(cfg.store, cfg.split), sampler=self._sampler,
+                                  batch_size=None, **kw)
+        self._normalize = Uint8Normalizer(cfg.norm, cfg.device, cfg.out_dtype)
+
+    def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:
+        self._sampler.plan = plan  # swap first: the iter() below starts the workers' prefetch
+        dev = self.cfg.device
+        for batch, (images, labels, read) in zip(plan, self._loader):
+            x = images.to(dev, non_blocking=self._pinned)
+            if self.cfg.augment:
+                x = crop_flip(x, *batch_params(batch, dev))
+            yield self._normalize(x), labels.to(dev, non_blocking=self._pinned), read.numpy()
+
+    def close(self) -> None:
+        shutdown_workers(self._loader)
+        self._loader = None

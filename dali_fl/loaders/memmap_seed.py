@@ -1,0 +1,117 @@
+"""The pipeline being replaced, reproduced for benchmarks: float32 store, per-sample CPU work.
+
+Faithful to the seed code in what costs: images stored as float32 in [0, 1] (4x the bytes of
+uint8), each sample normalized (and flipped/cropped) on its own in a worker process, and a new
+`DataLoader(num_workers=4, pin_memory=True, prefetch_factor=2)` for every client, because the
+seed's LocalUpdate built one per client per round. Here a DataLoader is built whenever
+`epoch()` gets indices different from the previous call and is reused for that client's local
+epochs; its workers are not persistent, so (as in the seed) they start again every epoch.
+Augmentation uses the shared plan instead of torchvision's own RNG so that the tensors stay
+comparable with the other kinds.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dali_fl.loaders.base import (Loader, LoaderConfig, LoaderWorkers, Served,
+                                  check_store_dtype)
+from dali_fl.loaders.memmap import shutdown_workers
+from dali_fl.loaders.transforms import crop_flip
+from dali_fl.normalize import Normalization
+from dali_fl.order import Batch
+from dali_fl.store import Store
+
+SEED_WORKERS = LoaderWorkers(num_workers=4, pin_memory=True, prefetch_factor=2,
+                             persistent_workers=False)
+
+Item = tuple[int, bool, int, int]  # (row, flip, dy, dx) of one sample
+
+
+class SeedSamples(Dataset):
+    """Per-sample Dataset over the float32 store: pad/crop/flip, then normalize, on the CPU."""
+
+    def __init__(self, store: Store, split: str, norm: Normalization, augment: bool) -> None:
+        self.store, self.split, self.augment = store, split, augment
+        self.labels = store.labels(split)
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
+        self._images: Optional[np.ndarray] = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:  # lazily, per process: a pickled memmap would copy the array
+            self._images = self.store.images(self.split)
+        return self._images
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, int]:
+        row, flip, dy, dx = item
+        x = torch.from_numpy(np.array(self.images[row]))  # (H, W, 3) float32 in [0, 1]
+        if self.augment:
+            x = crop_flip(x[None], torch.tensor([flip]), torch.tensor([[dy, dx]]))[0]
+        x = (x.permute(2, 0, 1) - self.mean) / self.std  # torchvision's Normalize: divide by std
+        return x.contiguous(), int(self.labels[row]), row
+
+
+class PlanBatchSampler(Sampler):
+    """Yields each batch of the current plan as a list of per-sample items."""
+
+    def __init__(self) -> None:
+        self.plan: list[Batch] = []
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        plan = self.plan  # bound at iter(): a later swap cannot reach this epoch
+        for b in plan:
+            yield [(int(r), bool(f), int(dy), int(dx))
+                   for r, f, (dy, dx) in zip(b.rows, b.flip, b.offsets)]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class MemmapSeedLoader(Loader):
+    """The old per-sample float32 pipeline, one new DataLoader per client."""
+
+    kind = "memmap-seed"
+    default_workers = SEED_WORKERS
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        check_store_dtype(cfg, self.kind, "float32")
+        super().__init__(cfg)
+        self._dataset = SeedSamples(cfg.store, cfg.split, cfg.norm, cfg.augment)
+        self._client: Optional[np.ndarray] = None
+        self._sampler = PlanBatchSampler()
+        self._loader: Optional[DataLoader] = None
+        self._pinned = False
+
+    def _loader_for(self, rows: np.ndarray) -> DataLoader:
+        """The client's DataLoader: new when the indices change, as the seed's LocalUpdate did."""
+        if self._loader is None or self._client is None or not np.array_equal(rows, self._client):
+            shutdown_workers(self._loader)
+            self._sampler = PlanBatchSampler()
+            kw = self.cfg.workers.dataloader_kwargs(self.cfg.device)
+            self._pinned = kw["pin_memory"]
+            self._loader = DataLoader(self._dataset, batch_sampler=self._sampler, **kw)
+            self._client = rows.copy()
+        return self._loader
+
+    def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:
+        loader = self._loader_for(rows)
+        self._sampler.plan = plan
+        dev, dtype = self.cfg.device, self.cfg.out_dtype
+        for images, labels, read in loader:
+            x = images.to(dev, non_blocking=self._pinned).to(dtype)
+            yield x, labels.to(dev, non_blocking=self._pinned), read.numpy()
+
+    def close(self) -> None:
+        shutdown_workers(self._loader)
+        self._loader = None
