@@ -1,0 +1,76 @@
+"""Smoke test of benchmarks/bench_round.py: a real round per loader kind on a tiny store, in-process."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dali_fl.federation  # noqa: F401  (torch + timm imported at collection, not inside the timed test)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = "patch_size=4,depth=1,embed_dim=32,num_heads=2"
+PER_KIND = ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "bound_round_time_s", "data_stall",
+            "cpu_core_s", "busy_cores", "cpu_core_s_per_1k_images", "peak_rss_mib", "peak_pss_mib",
+            "peak_pss_anon_mib", "peak_pss_store_mib",
+            "gpu_util_pct", "peak_gpu_mem_mib", "client_switch_ms", "images_per_round")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_round", ROOT / "benchmarks" / "bench_round.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_round_benchmark_reports_every_kind(bench, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    doc = bench.main(["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5",
+                      "--model-kwargs", TINY_VIT, "--rounds", "1", "--kinds", "memmap,dali", "--device", "cpu",
+                      "--threads", "1", "--in-process", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    stem = out / "round-fedavg-16px"
+    files = sorted((tmp_path / "data").rglob("*_images.npy"))  # train and test, whole pages
+    store_mib = sum(-(-f.stat().st_size // 4096) * 4096 for f in files) / 2**20
+    assert json.loads(stem.with_suffix(".json").read_text())["results"] == doc["results"]
+    assert stem.with_suffix(".png").stat().st_size > 10_000
+    table = stem.with_suffix(".md").read_text()
+    assert "| memmap |" in table and "| dali |" in table and "<outside-repo>" in table  # no tmp paths leak
+    assert [r["kind"] for r in doc["results"]] == ["memmap", "dali"]
+    for r in doc["results"]:
+        assert set(PER_KIND) <= set(r), set(PER_KIND) - set(r)
+        assert r["images_per_round"] == 100  # 2 of 4 IID clients x 50 images x 1 local epoch
+        for key in ("round_time_s", "compute_s", "aggregate_s", "bound_round_time_s", "cpu_core_s", "busy_cores"):
+            assert r[key] > 0 and math.isfinite(r[key]), (r["kind"], key, r[key])
+        assert 0 <= r["data_wait_s"] < r["round_time_s"]
+        assert 0.0 <= r["data_stall"] < 1.0  # clamped at 0; data_stall_raw keeps the sign of the noise
+        assert r["busy_cores"] <= len(__import__("os").sched_getaffinity(0)) + 1  # + sampling slack
+        assert 0 < r["peak_pss_anon_mib"] < r["peak_pss_mib"] <= r["peak_rss_mib"] * 1.1
+        assert 0 < r["peak_pss_store_mib"] <= store_mib, (r["peak_pss_store_mib"], store_mib)  # one copy
+        assert r["gpu_util_pct"] is None and r["peak_gpu_mem_mib"] is None  # CPU run: no GPU figures
+        assert r["client_switch_ms"] is not None and r["client_switch_ms"] > 0  # 2 clients: one switch
+        assert r["store"] == "synthetic-16"
+
+
+def test_bound_serves_the_real_batch_sizes_and_switches_are_timed(bench) -> None:
+    cached = bench.CachedBatch(torch.arange(32 * 3).view(32, 3).float(), torch.arange(32))
+    timed = bench.TimedLoader(cached)
+    a, b = np.arange(70), np.arange(5)
+    for indices in (a, a, b):  # one client with two epochs, then the next client
+        sizes = [len(y) for _, y in timed.epoch(indices, seed=0)]
+    assert sizes == [5]
+    assert [len(y) for _, y in cached.epoch(a, 0)] == [32, 32, 6]
+    clients, epochs = timed.gaps()
+    assert len(clients) == 1 and len(epochs) == 1 and min(clients + epochs) >= 0
+
+
+def test_help_lists_the_options(bench) -> None:
+    text = bench.build_parser().format_help()
+    for flag in ("--model", "--model-kwargs", "--alg", "--preset", "--image-size", "--num-train", "--num-users",
+                 "--frac", "--local-ep", "--local-bs", "--kinds", "--device", "--rounds", "--out", "--scaling"):
+        assert flag in text
