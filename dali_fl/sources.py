@@ -6,6 +6,8 @@ import logging
 import pickle
 import socket
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,16 +43,25 @@ class Source:
     splits: dict[str, SourceSplit]
     params: dict = field(default_factory=dict)  # what regenerates it (synthetic seed and sizes)
 
+    def __post_init__(self) -> None:
+        for split, data in self.splits.items():
+            bad = data.labels[(data.labels < 0) | (data.labels >= len(self.classes))]
+            if bad.size:
+                raise DaliFlError(f"{self.name} {split} labels out of range: {int(bad[0])} is not in "
+                                  f"[0, {len(self.classes)}) for its {len(self.classes)} classes; fix the labels")
 
-def in_memory_split(images: np.ndarray, labels: np.ndarray) -> SourceSplit:
+
+def in_memory_split(images: np.ndarray, labels: np.ndarray,
+                    names: tuple[str, str] = ("images", "labels")) -> SourceSplit:
     """Wrap arrays already in memory as a split, after checking their layout."""
+    x, y = names
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise DaliFlError(f"images must be shaped (N, H, W, 3), got {images.shape}")
+        raise DaliFlError(f"{x} must be shaped (N, H, W, 3), got {images.shape}")
     if images.dtype != np.uint8:
-        raise DaliFlError(f"images must be uint8, got {images.dtype}")
+        raise DaliFlError(f"{x} must be uint8 (0..255), got {images.dtype}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise DaliFlError(f"labels must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}")
+        raise DaliFlError(f"{y} must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}")
     return SourceSplit(labels=labels.astype(np.int64), read=lambda a, b: images[a:b])
 
 
@@ -85,7 +96,7 @@ def _unpickle(blob: bytes, what: str) -> dict:
     try:
         obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as err:  # truncated, not a pickle, or a forbidden global
-        raise DaliFlError(f"{what} is not a readable CIFAR batch ({type(err).__name__}: {err}); "
+        raise DaliFlError(f"{what} is not a readable CIFAR batch ({_one_line(err)}); "
                           "re-download the dataset") from None
     if not isinstance(obj, dict):
         raise DaliFlError(f"{what} is not a CIFAR batch (a {type(obj).__name__}, not a dict)")
@@ -98,37 +109,57 @@ def _cifar_rows_to_hwc(data: np.ndarray) -> np.ndarray:
 
 
 def _cifar_batch(obj: dict, label_key: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check one unpickled batch and return its (HWC images, labels)."""
     data, labels = obj.get(b"data"), obj.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DaliFlError(f"{what} has no uint8 'data' array of 3072-value rows; not a CIFAR batch")
-    if labels is None or len(labels) != data.shape[0]:
-        raise DaliFlError(f"{what} has {data.shape[0]} images but its labels do not match")
-    return _cifar_rows_to_hwc(data), np.asarray(labels, dtype=np.int64)
-
-
-def _cifar_reader(path: Path, spec: dict) -> Callable[[str], bytes]:
-    """Return a function that reads a named member from a CIFAR directory or .tar.gz."""
-    if path.is_dir():
-        root = path / spec["folder"] if (path / spec["folder"]).is_dir() else path
-        if not (root / spec["meta"]).is_file():
-            raise DaliFlError(f"{path} is not a CIFAR layout (no {spec['folder']}/{spec['meta']}); "
-                              f"pass the {spec['folder']} directory or {spec['archive']}")
-        return lambda member: (root / member).read_bytes()
+        raise DaliFlError(f"{what} has no uint8 'data' array of 3072-value rows; not a CIFAR batch, "
+                          "re-download the dataset")
     try:
-        tar = tarfile.open(path, "r:*")
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DaliFlError(f"{path} is not a readable CIFAR archive ({err}); "
-                          f"pass the {spec['folder']} directory or {spec['archive']}") from None
+        labels = np.asarray(labels)
+        ok = labels.ndim == 1 and len(labels) == data.shape[0] and np.issubdtype(labels.dtype, np.integer)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DaliFlError(f"{what} has {data.shape[0]} images but not {data.shape[0]} integer "
+                          f"{label_key.decode()}; not a CIFAR batch, re-download the dataset")
+    return _cifar_rows_to_hwc(data), labels.astype(np.int64)
 
-    def read(member: str) -> bytes:
-        if member not in members:
-            raise DaliFlError(f"{path} is not a CIFAR archive: it has no {member}")
-        try:
-            return tar.extractfile(members[member]).read()
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise DaliFlError(f"{path} is truncated or corrupt at {member} ({err})") from None
-    return read
+
+def _read_cifar_folder(path: Path, spec: dict) -> dict[str, bytes]:
+    """Read every CIFAR member from the dataset folder or its parent."""
+    root = path / spec["folder"] if (path / spec["folder"]).is_dir() else path
+    if not (root / spec["meta"]).is_file():
+        raise DaliFlError(f"{path} is not a CIFAR layout (no {spec['folder']}/{spec['meta']}); "
+                          f"pass the {spec['folder']} directory or {spec['archive']}")
+    blobs = {}
+    for member in [spec["meta"], *spec["train"], *spec["test"]]:
+        if not (root / member).is_file():
+            raise DaliFlError(f"{root} is not a complete CIFAR layout: it has no {member}; "
+                              "re-download the dataset")
+        blobs[member] = (root / member).read_bytes()
+    return blobs
+
+
+def _read_cifar_archive(path: Path, spec: dict) -> dict[str, bytes]:
+    """Read every CIFAR member from the official .tar.gz (or any tar holding the same files)."""
+    wanted = [spec["meta"], *spec["train"], *spec["test"]]
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            missing = [m for m in wanted if m not in members]
+            if missing:
+                raise DaliFlError(f"{path} is not a CIFAR archive: it has no {missing[0]}; "
+                                  f"pass the {spec['folder']} directory or {spec['archive']}")
+            return {m: tar.extractfile(members[m]).read() for m in wanted}
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise DaliFlError(f"{path} is not a readable CIFAR archive, truncated or corrupt ({_one_line(err)}); "
+                          f"re-download it, or pass the {spec['folder']} directory") from None
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as `Type: first line of its message`, for one-line errors."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _download_cifar(name: str, root: Path) -> Path:
@@ -136,14 +167,19 @@ def _download_cifar(name: str, root: Path) -> Path:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DaliFlError(f"cannot create the download folder {root} ({err.strerror}); "
+                          "choose another --out") from None
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:
         cls(str(root), train=True, download=True)
-    except Exception as err:
-        raise DaliFlError(f"could not download {name} ({type(err).__name__}); without internet, copy "
-                          f"{_CIFAR[name]['archive']} here and pass --source-path FILE") from None
+    except Exception as err:  # urllib, socket and torchvision's own errors alike
+        raise DaliFlError(f"could not download {name} ({_one_line(err)}); without internet, fetch "
+                          f"{_CIFAR[name]['archive']} elsewhere and pass --source-path PATH/TO/"
+                          f"{_CIFAR[name]['archive']}") from None
     finally:
         socket.setdefaulttimeout(old)
     return root
@@ -157,14 +193,18 @@ def load_cifar(name: str, path: Optional[Path], download: bool, download_root: P
             raise DaliFlError(f"{name} needs --source-path (a {spec['folder']} directory or "
                               f"{spec['archive']}), or --download on a machine with internet")
         path = _download_cifar(name, download_root)
-    read = _cifar_reader(path, spec)
-    meta = _unpickle(read(spec["meta"]), f"{spec['meta']}")
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(spec["names"], []))
+    blobs = _read_cifar_folder(path, spec) if path.is_dir() else _read_cifar_archive(path, spec)
+    meta = _unpickle(blobs[spec["meta"]], f"{spec['meta']} in {path}")
+    names = meta.get(spec["names"])
+    names = names if isinstance(names, list) else []
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     if not classes:
-        raise DaliFlError(f"{spec['meta']} in {path} has no class names; not a CIFAR layout")
+        raise DaliFlError(f"{spec['meta']} in {path} has no class names; not a CIFAR layout, "
+                          "re-download the dataset")
     splits = {}
     for split in ("train", "test"):
-        parts = [_cifar_batch(_unpickle(read(m), m), spec["labels"], m) for m in spec[split]]
+        parts = [_cifar_batch(_unpickle(blobs[m], f"{m} in {path}"), spec["labels"], f"{m} in {path}")
+                 for m in spec[split]]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         splits[split] = in_memory_split(images, labels)
@@ -174,16 +214,18 @@ def load_cifar(name: str, path: Optional[Path], download: bool, download_root: P
 # --- image folder, npz, synthetic ----------------------------------------------------
 
 def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One image file as uint8 RGB (grey, palette and alpha images are converted)."""
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DaliFlError(f"cannot read image {path} ({err})") from None
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways to fail
+        raise DaliFlError(f"cannot read image {path} ({_one_line(err)}); replace or remove it") from None
 
 
 def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
+    """A split of an image folder: files sorted per class, read when their rows are asked for."""
     files, labels = [], []
     for label, cls in enumerate(classes):
         for f in sorted(p for p in (root / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -199,7 +241,7 @@ def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
 
 def load_imagefolder(path: Path) -> Source:
     """Load ROOT/{train,test}/CLASS/*.png|jpg with classes in sorted order."""
-    if not (path / "train").is_dir() or not (path / "test").is_dir():
+    if not (path / "train").is_dir() or not (path / "test").is_dir():  # also when path is a file
         raise DaliFlError(f"{path} is not an image folder: expected {path}/train/CLASS/*.png and "
                           f"{path}/test/CLASS/*.png")
     classes = tuple(sorted(d.name for d in (path / "train").iterdir() if d.is_dir()))
@@ -215,15 +257,30 @@ def load_imagefolder(path: Path) -> Source:
 
 def load_npz(path: Path) -> Source:
     """Load an .npz with x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels)."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    how = "save one with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
     try:
-        data = np.load(path, allow_pickle=False)
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except KeyError as err:
-        raise DaliFlError(f"{path} lacks array {err}; an npz source needs x_train, y_train, x_test, y_test") from None
-    except (OSError, ValueError) as err:
-        raise DaliFlError(f"{path} is not a readable .npz file ({err})") from None
-    num_classes = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0))) + 1
-    splits = {s: in_memory_split(arrays[f"x_{s}"], arrays[f"y_{s}"]) for s in ("train", "test")}
+        with open(path, "rb") as f:  # our handle: np.load leaks its own when the zip is corrupt
+            magic = f.read(6)
+            if magic == b"\x93NUMPY":
+                raise DaliFlError(f"{path} holds a single .npy array, not an .npz archive; {how}")
+            if not magic.startswith(b"PK"):  # np.load would take any other bytes for a pickle
+                raise DaliFlError(f"{path} is not an .npz (zip) archive; {how}")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as data:
+                missing = [k for k in keys if k not in data.files]
+                arrays = {k: data[k] for k in keys if k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DaliFlError(f"{path} is not a readable .npz file ({_one_line(err)}); {how}") from None
+    if missing:
+        raise DaliFlError(f"{path} lacks {', '.join(missing)}; an npz source needs x_train, y_train, "
+                          "x_test, y_test")
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) == 0:
+            raise DaliFlError(f"{path}: x_{split} holds no images; both splits need at least one")
+    splits = {s: in_memory_split(arrays[f"x_{s}"], arrays[f"y_{s}"], (f"{path.name}: x_{s}", f"y_{s}"))
+              for s in ("train", "test")}
+    num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
     return Source("npz", tuple(str(i) for i in range(num_classes)), splits)
 
 
@@ -261,11 +318,14 @@ def load_source(name: str, path: Optional[Path] = None, *, download: bool = Fals
     if name not in SOURCES:
         raise DaliFlError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
     if path is not None and not path.exists():
-        raise DaliFlError(f"source path {path} does not exist")
+        raise DaliFlError(f"source path {path} does not exist; pass an existing file or directory "
+                          "as --source-path")
     if name in _CIFAR:
         return load_cifar(name, path, download, download_root)
     if name == "synthetic":
         return load_synthetic(num_train, num_test, seed)
     if path is None:
-        raise DaliFlError(f"source {name} needs --source-path")
+        what = "ROOT with train/CLASS/*.png and test/CLASS/*.png" if name == "imagefolder" else \
+            "an .npz with x_train, y_train, x_test, y_test"
+        raise DaliFlError(f"source {name} needs --source-path ({what})")
     return load_imagefolder(path) if name == "imagefolder" else load_npz(path)

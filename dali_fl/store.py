@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from dali_fl.errors import DaliFlError
-from dali_fl.resize import resize_batch, to_stored_dtype
+from dali_fl.resize import METHODS, resize_batch, to_stored_dtype
 from dali_fl.sources import Source, SourceSplit
 
 log = logging.getLogger(__name__)
@@ -82,24 +83,67 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
 
 def _write_split(tmp: Path, split: str, data: SourceSplit, size: int, dtype: str,
                  method: str, progress: bool) -> dict:
-    """Resize one split in bounded chunks straight into its .npy memmap."""
+    """Write one split's images and labels; returns its manifest entry."""
     n = data.count
     img_file, lbl_file = f"{split}_images.npy", f"{split}_labels.npy"
-    out = open_memmap(tmp / img_file, mode="w+", dtype=np.dtype(dtype), shape=(n, size, size, 3))
-    chunk = max(1, CHUNK_BYTES // (size * size * 3 * out.dtype.itemsize))
-    with tqdm(total=n, desc=f"prep {split}", unit="img", disable=not progress, leave=False) as bar:
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            out[a:b] = to_stored_dtype(resize_rows(data.read(a, b), size, method), dtype)
-            bar.update(b - a)
-    out.flush()
-    del out
+    images_sha = _stream_images(tmp / img_file, data, size, dtype, method, progress, f"prep {split}")
     np.save(tmp / lbl_file, data.labels.astype(np.int64), allow_pickle=False)
+    _fsync(tmp / lbl_file)
     return {"count": n,
-            "images": {"file": img_file, "shape": [n, size, size, 3], "dtype": dtype,
-                       "sha256": sha256_file(tmp / img_file)},
+            "images": {"file": img_file, "shape": [n, size, size, 3], "dtype": dtype, "sha256": images_sha},
             "labels": {"file": lbl_file, "shape": [n], "dtype": "int64",
                        "sha256": sha256_file(tmp / lbl_file)}}
+
+
+def _stream_images(path: Path, data: SourceSplit, size: int, dtype: str, method: str, progress: bool,
+                   desc: str) -> str:
+    """Resize in bounded chunks and append them after the .npy header; returns the file's sha256.
+
+    A helper thread writes and hashes chunk i while chunk i+1 is resized, so the disk, the hash and
+    torch's resize overlap; sequential write() instead of memmap stores avoids a page fault per 4 KiB
+    and turns a full disk into ENOSPC rather than SIGBUS. open_memmap writes the header.
+    """
+    n = data.count
+    header = open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n, size, size, 3))
+    offset = header.offset
+    del header
+    os.truncate(path, offset)  # appending is faster than filling the sparse file open_memmap made
+    chunk = max(1, CHUNK_BYTES // (size * size * 3 * np.dtype(dtype).itemsize))
+    with open(path, "a+b") as f, ThreadPoolExecutor(1, thread_name_prefix="dali-fl-write") as pool, \
+            tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        f.seek(0)
+        digest = hashlib.sha256(f.read(offset))
+        pending = None
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            block = to_stored_dtype(resize_rows(data.read(a, b), size, method), dtype)
+            if block.shape != (b - a, size, size, 3):
+                raise DaliFlError(f"the source gave images shaped {block.shape} for rows {a}..{b}; expected "
+                                  f"{(b - a, size, size, 3)}")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_block, f, digest, np.ascontiguousarray(block))
+            bar.update(b - a)
+        if pending is not None:
+            pending.result()
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _write_block(f, digest, block: np.ndarray) -> None:
+    """Append one C-contiguous block to the file and to the running hash."""
+    f.write(block.data)
+    digest.update(block.data)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or directory to disk, so a store renamed into place survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resize_rows(rows, size: int, method: str) -> np.ndarray:
@@ -109,7 +153,10 @@ def resize_rows(rows, size: int, method: str) -> np.ndarray:
     return resize_batch(rows, size, method)
 
 
-def _check_prep_args(image_size: int, dtype: str) -> None:
+def check_prep_args(image_size: int, dtype: str, interpolation: str = "bilinear") -> None:
+    """Reject a store size, dtype or resize method before any work is done."""
+    if interpolation not in METHODS:
+        raise DaliFlError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(METHODS)}")
     if not 1 <= image_size <= MAX_IMAGE_SIZE:
         raise DaliFlError(f"--image-size {image_size} is out of range; use 1..{MAX_IMAGE_SIZE} (224 for ViT-B/16)")
     if dtype not in DTYPES:
@@ -120,9 +167,10 @@ def _make_tmp(final: Path) -> Path:
     """Create the temporary sibling directory, clearing leftovers of interrupted runs."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
             pid = stale.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                log.info("removing %s, left by an interrupted prep", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,16 +183,21 @@ def _make_tmp(final: Path) -> Path:
 def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = "uint8",
                 interpolation: str = "bilinear", force: bool = False, progress: bool = True) -> tuple[Path, bool]:
     """Write (or find) the store for `source`; returns (path, whether it was written now)."""
-    _check_prep_args(image_size, dtype)
+    check_prep_args(image_size, dtype, interpolation)
     final = Path(out_dir) / store_name(source.name, image_size, dtype)
+    if (final.exists() or final.is_symlink()) and not final.is_dir():
+        raise DaliFlError(f"{final} exists but is not a store directory; remove it or choose another --out")
     if final.exists() and not force:
         existing = open_store(final).manifest  # raises with a clear message when damaged
-        if existing.get("source_params", {}) != source.params or existing["interpolation"] != interpolation:
-            raise DaliFlError(f"{final} was made with other settings ({existing.get('source_params')}, "
-                              f"{existing['interpolation']}); pass --force to rebuild or choose another --out")
+        made = (existing.get("source_params", {}), existing.get("interpolation"))
+        asked = (source.params, interpolation)
+        if made != asked:
+            raise DaliFlError(f"{final} was made with other settings {made}, not {asked}; "
+                              "pass --force to rebuild it or choose another --out")
         return final, False
     tmp = _make_tmp(final)
     try:
+        _check_free_space(tmp, source, image_size, dtype)
         splits = {s: _write_split(tmp, s, d, image_size, dtype, interpolation, progress)
                   for s, d in source.splits.items()}
         manifest = {"format_version": FORMAT_VERSION, "source": source.name,
@@ -152,18 +205,33 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
                     "interpolation": interpolation, "source_params": source.params, "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_into_place(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DaliFlError(f"cannot write the store in {final.parent} ({err.strerror or err}); "
+                          "free some space or choose another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final, True
 
 
+def _check_free_space(tmp: Path, source: Source, image_size: int, dtype: str) -> None:
+    """Refuse up front when the store cannot fit, rather than after minutes of resizing."""
+    need = sum(d.count for d in source.splits.values()) * image_size * image_size * 3 * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(tmp).free
+    if need > free:
+        raise DaliFlError(f"the store needs {need / 1e9:.2f} GB but {tmp.parent} has {free / 1e9:.2f} GB free; "
+                          "free some space, use a smaller --image-size or choose another --out")
+
+
 def _swap_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished store into place; an old store is removed only after that succeeds."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
+    _fsync(tmp)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -176,16 +244,20 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         version = int(manifest["format_version"])
+        if version > FORMAT_VERSION:  # checked first: a newer format may lay out everything else differently
+            raise DaliFlError(f"store {path} has format version {version}, newer than this dali-fl "
+                              f"understands ({FORMAT_VERSION}); upgrade dali-fl, or rebuild it with "
+                              "`dali-fl prep --force`")
         for key in ("source", "classes", "image_size", "dtype", "splits"):
             manifest[key]
+        for entry in manifest["splits"].values():
+            for key in ("images", "labels"):
+                entry[key]["file"], entry[key]["shape"], entry[key]["dtype"], entry[key]["sha256"]
     except FileNotFoundError:
         raise DaliFlError(f"{path} is not a store (no {MANIFEST}); re-run `dali-fl prep --force`") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise DaliFlError(f"{path}/{MANIFEST} is unreadable or incomplete ({err!r}); "
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise DaliFlError(f"{path}/{MANIFEST} is unreadable or incomplete ({type(err).__name__}: {err}); "
                           "re-run `dali-fl prep --force`") from None
-    if version > FORMAT_VERSION:
-        raise DaliFlError(f"store {path} has format version {version}, newer than this dali-fl "
-                          f"understands ({FORMAT_VERSION}); upgrade dali-fl or re-run prep")
     return manifest
 
 
@@ -231,6 +303,9 @@ class Check:
 
 
 def _value_range(name: str, images: np.ndarray, dtype: str) -> Check:
+    """Min and max over all images, read in chunks; constant images mean nothing was written."""
+    if len(images) == 0:
+        return Check(name, False, "no images")
     lo, hi = np.inf, -np.inf
     step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
     for a in range(0, len(images), step):
@@ -278,9 +353,11 @@ def _check_samples(store: Store, source: Source, split: str, k: int, seed: int) 
                      f"images, store has {len(images)}")
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(len(images), size=min(k, len(images)), replace=False))
+    labels = store.labels(split)
+    method = store.manifest.get("interpolation", "bilinear")
     bad = [int(i) for i in picks
-           if not np.array_equal(to_stored_dtype(resize_rows(data.read(i, i + 1), store.image_size,
-                                                             store.manifest["interpolation"]), store.dtype)[0],
-                                 images[i]) or int(data.labels[i]) != int(store.labels(split)[i])]
+           if not np.array_equal(to_stored_dtype(resize_rows(data.read(i, i + 1), store.image_size, method),
+                                                 store.dtype)[0], images[i])
+           or int(data.labels[i]) != int(labels[i])]
     return Check(f"samples {split}", not bad, f"{len(picks) - len(bad)}/{len(picks)} re-resized samples equal"
                  + (f"; differ at {bad[:5]}" if bad else ""))

@@ -9,7 +9,7 @@ import click
 from dali_fl.errors import DaliFlError
 from dali_fl.resize import METHODS
 from dali_fl.sources import SOURCES, load_source
-from dali_fl.store import DTYPES, open_store, verify_store, write_store
+from dali_fl.store import DTYPES, check_prep_args, open_store, verify_store, write_store
 
 
 def _source_options(f):
@@ -45,6 +45,7 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
       dali-fl prep --source cifar10 --source-path cifar-10-python.tar.gz --image-size 224
     The last line printed is the store's path.
     """
+    check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
     source = load_source(source_name, source_path, download=download, download_root=out_dir / "downloads",
                          num_train=num_train, num_test=num_test, seed=seed)
     start = time.perf_counter()
