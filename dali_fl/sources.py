@@ -19,6 +19,7 @@ from dali_fl.errors import DaliFlError
 log = logging.getLogger(__name__)
 
 SOURCES = ("cifar10", "cifar100", "imagefolder", "npz", "synthetic")
+FOLDER_ROWS_PER_READ = 64  # a 12 MP photo decodes to 36 MB, so 64 of them stay near 2 GB
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -28,6 +29,7 @@ class SourceSplit:
 
     labels: np.ndarray
     read: Callable[[int, int], np.ndarray]  # rows [start, stop) as uint8 (n, H, W, 3)
+    max_rows: Optional[int] = None  # cap on rows per read: decoded photos can be far larger than the output
 
     @property
     def count(self) -> int:
@@ -236,7 +238,7 @@ def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
         images = [_read_image(f) for f in files[a:b]]
         same = len({im.shape for im in images}) == 1
         return np.stack(images) if same else images  # mixed sizes are resized one by one
-    return SourceSplit(np.asarray(labels, dtype=np.int64), read)
+    return SourceSplit(np.asarray(labels, dtype=np.int64), read, max_rows=FOLDER_ROWS_PER_READ)
 
 
 def load_imagefolder(path: Path) -> Source:

@@ -109,6 +109,7 @@ def _stream_images(path: Path, data: SourceSplit, size: int, dtype: str, method:
     del header
     os.truncate(path, offset)  # appending is faster than filling the sparse file open_memmap made
     chunk = max(1, CHUNK_BYTES // (size * size * 3 * np.dtype(dtype).itemsize))
+    chunk = min(chunk, data.max_rows or chunk)
     with open(path, "a+b") as f, ThreadPoolExecutor(1, thread_name_prefix="dali-fl-write") as pool, \
             tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         f.seek(0)

@@ -394,3 +394,21 @@ def test_verify_flags_constant_or_out_of_range_values(tmp_path):
     flat = np.full((3, 8, 8, 3), 7, np.uint8)
     path, _ = write_store(array_source(flat, flat), tmp_path, 8, progress=False)
     assert failed(verify_store(path)[0]) == ["value range train", "value range test"]
+
+
+def test_reads_respect_a_sources_row_cap(tmp_path):
+    """Image folders cap rows per read so large decoded photos cannot exhaust memory."""
+    from dali_fl.sources import Source, SourceSplit
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    reads = []
+
+    def read(a, b):
+        reads.append(b - a)
+        return images[a:b]
+
+    split = SourceSplit(np.arange(10) % 2, read, max_rows=3)
+    path, _ = write_store(Source("npz", ("a", "b"), {"train": split, "test": split}), tmp_path, 8, progress=False)
+    assert max(reads) <= 3 and sum(reads) == 20
+    np.testing.assert_array_equal(np.load(path / "train_images.npy"), images)
