@@ -14,9 +14,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,9 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import machine_info, tree_cpu_seconds  # noqa: E402
 
 import numpy as np
 import psutil
@@ -76,18 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- measurement helpers ---------------------------------------------------------------------
-
-def tree_cpu_seconds() -> float:
-    """User+system CPU of this process (all threads), its live descendants and reaped children."""
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.Error:  # exited between listing and reading; counted once reaped
-            pass
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return total + reaped.ru_utime + reaped.ru_stime
 
 
 class TreeMemory(threading.Thread):
@@ -216,22 +205,6 @@ def run_children(args: argparse.Namespace, argv: list[str]) -> list[dict]:
             results.append(json.load(open(out.name)))
     return results
 
-
-def machine_info(device: str) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.+)", info).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    import nvidia.dali
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
-            "memory_gib": psutil.virtual_memory().total / 2**30, "gpu": gpu, "device": device,
-            "torch": torch.__version__, "dali": nvidia.dali.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
 
 
 def markdown(results: list[dict], machine: dict, args: argparse.Namespace, command: str) -> str:

@@ -24,9 +24,7 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,9 @@ import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import machine_info, tree_cpu_seconds  # noqa: E402
 
 import numpy as np
 import psutil
@@ -158,18 +159,6 @@ def int_list(text: str, flag: str, parser: argparse.ArgumentParser) -> list[int]
 
 
 # --- measurement helpers -------------------------------------------------------------------------
-
-def tree_cpu_seconds() -> float:
-    """User+system CPU of this process (all threads), its live descendants and its reaped children."""
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except psutil.Error:  # gone between listing and reading; counted below once reaped
-            pass
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return total + reaped.ru_utime + reaped.ru_stime
 
 
 FAST_FIELDS = ("rss", "rss_anon")  # /proc/PID/status counters: cheap, sampled every interval
@@ -515,26 +504,6 @@ def run_points(s: dict, points: list[dict], in_process: bool) -> list[dict]:
 
 # --- machine, report --------------------------------------------------------------------------------
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def machine_info(device: str, threads: Optional[int]) -> dict:
-    """What the numbers were measured on (no host names, no paths)."""
-    import nvidia.dali
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    cores = len(os.sched_getaffinity(0))
-    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return {"id": slug(gpu) if gpu else f"cpu{cores}-{slug(cpu)}", "cpu": cpu, "cores": cores,
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "device": device,
-            "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__,
-            "dali": nvidia.dali.__version__, "python": platform.python_version()}
 
 
 def command_line(argv: list[str]) -> str:

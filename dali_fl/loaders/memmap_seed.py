@@ -15,11 +15,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from dali_fl.loaders.base import (Loader, LoaderConfig, LoaderWorkers, Served,
                                   check_store_dtype)
-from dali_fl.loaders.memmap import shutdown_workers
+from dali_fl.loaders.memmap import StoreRows, shutdown_workers
 from dali_fl.loaders.transforms import crop_flip
 from dali_fl.normalize import Normalization
 from dali_fl.order import Batch
@@ -31,27 +31,14 @@ SEED_WORKERS = LoaderWorkers(num_workers=4, pin_memory=True, prefetch_factor=2,
 Item = tuple[int, bool, int, int]  # (row, flip, dy, dx) of one sample
 
 
-class SeedSamples(Dataset):
+class SeedSamples(StoreRows):
     """Per-sample Dataset over the float32 store: pad/crop/flip, then normalize, on the CPU."""
 
     def __init__(self, store: Store, split: str, norm: Normalization, augment: bool) -> None:
-        self.store, self.split, self.augment = store, split, augment
-        self.labels = store.labels(split)
+        super().__init__(store, split)
+        self.augment = augment
         self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
-        self._images: Optional[np.ndarray] = None
-
-    @property
-    def images(self) -> np.ndarray:
-        if self._images is None:  # lazily, per process: a pickled memmap would copy the array
-            self._images = self.store.images(self.split)
-        return self._images
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_images": None}
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, int]:
         row, flip, dy, dx = item

@@ -1,0 +1,48 @@
+"""Measurement helpers shared by the benchmark scripts: CPU over a process tree, the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import psutil
+
+
+def tree_cpu_seconds() -> float:
+    """User+system CPU of this process (all threads), its live descendants and its reaped children."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:  # gone between listing and reading; counted below once reaped
+            pass
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return total + reaped.ru_utime + reaped.ru_stime
+
+
+def slug(text: str) -> str:
+    """Lower-case words joined by dashes, for file and machine names."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_info(device: str, threads: Optional[int] = None) -> dict:
+    """What the numbers were measured on (no host names, no paths)."""
+    import nvidia.dali
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"id": slug(gpu) if gpu else f"cpu{cores}-{slug(cpu)}", "cpu": cpu, "cores": cores,
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "device": device,
+            "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__,
+            "dali": nvidia.dali.__version__, "numpy": np.__version__, "python": platform.python_version()}
