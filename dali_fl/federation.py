@@ -22,7 +22,8 @@ from dali_fl.errors import DaliFlError
 from dali_fl.model import build_model, load_state_, lora_pairs, trainable_state
 from dali_fl.normalize import from_model
 from dali_fl.partition import Partition, load_partition, make_partition, save_partition
-from dali_fl.rundir import MetricsLog, atomic_write_text, load_checkpoint, save_checkpoint, start_run_dir
+from dali_fl.atomic import atomic_write_text
+from dali_fl.rundir import MetricsLog, load_checkpoint, save_checkpoint, start_run_dir
 from dali_fl.store import Store, open_store
 
 log = logging.getLogger(__name__)

@@ -5,14 +5,13 @@ import json
 import logging
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
+from dali_fl.atomic import atomic_write, atomic_write_text
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)
@@ -232,29 +231,10 @@ def partition_to_json(p: Partition, labels: np.ndarray) -> dict:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same directory, then rename, so no half file is left."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as err:
-        raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_partition(p: Partition, labels: np.ndarray, path: Path | str) -> None:
     """Write the partition as JSON (atomically), with per-client class counts."""
     text = json.dumps(partition_to_json(p, labels), separators=(",", ":"))
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write_text(path, text + "\n")
     log.info("wrote partition of %d clients to %s", p.num_clients, path)
 
 
@@ -347,7 +327,7 @@ def plot_partition(p: Partition, labels: np.ndarray, path: Path | str) -> None:
         ax.set_title(f"{p.method} partition" + (f" ({params})" if params else "")
                      + f": {p.num_clients} clients")
         fig.tight_layout()
-        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
     log.info("wrote partition plot to %s", path)

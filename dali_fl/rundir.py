@@ -10,19 +10,10 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from dali_fl.atomic import atomic_write_text
 from dali_fl.errors import DaliFlError
 
 BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def start_run_dir(run_dir: Path) -> None:
