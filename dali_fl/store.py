@@ -303,15 +303,23 @@ class Check:
     detail: str
 
 
-def _value_range(name: str, images: np.ndarray, dtype: str) -> Check:
-    """Min and max over all images, read in chunks; constant images mean nothing was written."""
-    if len(images) == 0:
-        return Check(name, False, "no images")
+def _scan_images(path: Path, images: np.memmap) -> tuple[str, float, float]:
+    """sha256 of an images file plus its min and max, in one pass over the data."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read(images.offset))  # the .npy header
     lo, hi = np.inf, -np.inf
-    step = max(1, CHUNK_BYTES // max(1, images[0].nbytes))
+    step = max(1, CHUNK_BYTES // max(1, images[0].nbytes)) if len(images) else 1
     for a in range(0, len(images), step):
         block = images[a:a + step]
+        digest.update(block)
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    return digest.hexdigest(), lo, hi
+
+
+def _value_range(name: str, count: int, lo: float, hi: float, dtype: str) -> Check:
+    """Values within the dtype's range; constant images mean nothing was written."""
+    if count == 0:
+        return Check(name, False, "no images")
     limit = 1.0 if dtype == "float32" else 255.0
     ok = 0.0 <= lo <= hi <= limit and hi > lo and np.isfinite(hi)
     return Check(name, ok, f"[{lo:g}, {hi:g}] within [0, {limit:g}]" + ("" if hi > lo else ": constant images"))
@@ -330,8 +338,9 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
                     f"{m['image_size']}px {m['dtype']}, shapes and lengths match")]
     counts = {}
     for split, entry in m["splits"].items():
-        for key in ("images", "labels"):
-            digest = sha256_file(path / entry[key]["file"])
+        images = store.images(split)
+        images_sha, lo, hi = _scan_images(path / entry["images"]["file"], images)
+        for key, digest in (("images", images_sha), ("labels", sha256_file(path / entry["labels"]["file"]))):
             checks.append(Check(f"sha256 {entry[key]['file']}", digest == entry[key]["sha256"],
                                 digest[:16] if digest == entry[key]["sha256"] else "differs from manifest"))
         labels = store.labels(split)
@@ -339,7 +348,7 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
         checks.append(Check(f"labels {split}", bad == 0, f"{bad} outside [0, {store.num_classes})"))
         counts[split] = np.bincount(labels[(labels >= 0) & (labels < store.num_classes)],
                                     minlength=store.num_classes)
-        checks.append(_value_range(f"value range {split}", store.images(split), store.dtype))
+        checks.append(_value_range(f"value range {split}", len(images), lo, hi, store.dtype))
         if source is not None:
             checks.append(_check_samples(store, source, split, check_samples, seed))
     return checks, counts, list(m["classes"])
