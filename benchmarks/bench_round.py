@@ -176,27 +176,30 @@ def fast_memory(pid: int) -> dict[str, int]:
     return {"rss": kib["VmRSS"] << 10, "rss_anon": kib.get("RssAnon", 0) << 10}
 
 
-def slow_memory(pid: int) -> dict[str, int]:
+def slow_memory(pid: int, store_dir: str) -> dict[str, int]:
     """PSS of one process, split into anonymous, file-backed, and the store's mapped image pages."""
     kib = _kib_fields(Path(f"/proc/{pid}/smaps_rollup").read_text())
     store, in_store = 0, False
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             if line[0] in "0123456789abcdef":  # a mapping's header line; field lines start uppercase
-                in_store = line.rstrip().endswith(STORE_FILES)
+                # this run's store (or its -f32 sibling, for memmap-seed) only, not other open stores
+                mapped = line.rstrip().split(maxsplit=5)[5:]
+                in_store = bool(mapped) and mapped[0].endswith(STORE_FILES) and \
+                    mapped[0].startswith((store_dir + os.sep, store_dir + "-f32" + os.sep))
             elif in_store and line.startswith("Pss:"):
                 store += int(line.split()[1])
     return {"pss": kib["Pss"] << 10, "pss_anon": kib.get("Pss_Anon", 0) << 10,
             "pss_file": kib.get("Pss_File", 0) << 10, "pss_store": store << 10}
 
 
-def tree_memory(slow: bool = True) -> dict[str, int]:
+def tree_memory(store_dir: str, slow: bool = True) -> dict[str, int]:
     """Memory figures in bytes summed over this process and its descendants (Linux /proc)."""
     me = psutil.Process()
     total = dict.fromkeys(FAST_FIELDS + (SLOW_FIELDS if slow else ()), 0)
     for proc in [me, *me.children(recursive=True)]:
         try:
-            parts = {**fast_memory(proc.pid), **(slow_memory(proc.pid) if slow else {})}
+            parts = {**fast_memory(proc.pid), **(slow_memory(proc.pid, store_dir) if slow else {})}
         except (OSError, KeyError):  # exited meanwhile
             continue
         for k, v in parts.items():
@@ -230,8 +233,9 @@ def nvml_handle(device):
 class Sampler(threading.Thread):
     """Background sampling: peak tree RSS/PSS, and GPU utilization and used memory with timestamps."""
 
-    def __init__(self, gpu=None, interval: float = 0.25) -> None:
+    def __init__(self, store_dir: str, gpu=None, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
+        self.store_dir = store_dir
         self.gpu, self.interval = gpu, interval if gpu is None else min(interval, 0.1)
         self.peak = dict.fromkeys(FAST_FIELDS + SLOW_FIELDS, 0)  # each field's own peak
         self._count, self._slow_every = 0, max(1, round(5.0 / self.interval))  # PSS about every 5 s
@@ -241,7 +245,7 @@ class Sampler(threading.Thread):
 
     def sample(self, full: bool = False) -> None:
         self._count += 1
-        for k, v in tree_memory(slow=full or self._count % self._slow_every == 1).items():
+        for k, v in tree_memory(self.store_dir, slow=full or self._count % self._slow_every == 1).items():
             self.peak[k] = max(self.peak[k], v)
         if self.gpu is not None:
             import pynvml
@@ -378,8 +382,9 @@ def measure_point(s: dict, point: dict) -> dict:
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
-    sampler = Sampler(nvml_handle(device))
-    base = tree_memory()
+    store_dir = str(Path(point["store"]).resolve())
+    sampler = Sampler(store_dir, nvml_handle(device))
+    base = tree_memory(store_dir)
     sampler.start()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -503,8 +508,6 @@ def run_points(s: dict, points: list[dict], in_process: bool) -> list[dict]:
 
 
 # --- machine, report --------------------------------------------------------------------------------
-
-
 
 def command_line(argv: list[str]) -> str:
     """The command as run, with paths outside the repository replaced by a placeholder."""
