@@ -53,6 +53,7 @@ class Federation:
 
     cfg: TrainConfig
     run_dir: Path
+    store: Store
     device: torch.device
     model: nn.Module
     partition: Partition
@@ -90,7 +91,7 @@ def build_federation(cfg: TrainConfig, run_dir: Path, partition: Optional[Partit
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)
-    return Federation(cfg, run_dir, device, model, partition, train_loader, eval_loader,
+    return Federation(cfg, run_dir, store, device, model, partition, train_loader, eval_loader,
                       len(store.labels("test")), amp_dtype(cfg.data.amp, device))
 
 
@@ -175,7 +176,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     if write:
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         if not resume:
-            save_partition(fx.partition, open_store_for(cfg).labels("train"), run_dir / "partition.json")
+            save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
     return fx, resume_state(fx, run_dir) if resume else 1
 
 

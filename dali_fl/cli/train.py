@@ -15,6 +15,7 @@ from dali_fl.config import (ALGORITHMS, AMP_MODES, OPTIMIZERS, PRESETS, DataConf
                             LocalConfig, TrainConfig, load_config, preset)
 from dali_fl.device import resolve_device
 from dali_fl.errors import DaliFlError
+from dali_fl.loaders import LOADER_KINDS
 from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
 from dali_fl.partition import METHODS
 from dali_fl.store import open_store, store_name
@@ -65,7 +66,7 @@ def _options(f):
           help="Comma-separated module names or regexes to adapt."),
         O("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default="fedit", show_default=True,
           help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual."),
-        O("--loader", type=click.Choice(["dali", "memmap", "memmap-seed"]), default="dali", show_default=True,
+        O("--loader", type=click.Choice(LOADER_KINDS), default="dali", show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
         O("--data-on-gpu", is_flag=True, help="Copy the whole split to GPU memory once (dali, GPU only)."),
         O("--augment/--no-augment", default=True, show_default=True, help="Random flip + 4-px padded crop."),
@@ -172,7 +173,7 @@ def train(ctx: click.Context, **p) -> None:
     from dali_fl.federation import train as run_federation
 
     if p["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(ctx, p)
+        return _launch(ctx, _with_preset(ctx, p))  # the preset may set --alg, which names the run
     hooks, device = _join_world(p)
     if p["resume"] is not None:
         cfg, run_dir, resume = _resumed_config(ctx, p), p["resume"], True
@@ -182,7 +183,7 @@ def train(ctx: click.Context, **p) -> None:
         p = _with_preset(ctx, p)
         device = device or resolve_device(p["gpu"], p["device"])  # fail fast, before any heavy work
         cfg, resume = _config(p, str(device)), False
-        run_dir = p["out"] or Path("runs") / f"{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = p["out"] or _default_run_dir(cfg.fed.alg)
         if hooks is not None:
             from dali_fl.distributed import broadcast_str
 
@@ -196,6 +197,11 @@ def train(ctx: click.Context, **p) -> None:
     acc = summary.get("final_test_acc")
     click.echo(f"{summary.get('rounds')} rounds, final test accuracy "
                f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_dir}")
+
+
+def _default_run_dir(alg: str) -> Path:
+    """runs/<alg>-<time>, for runs started without --out."""
+    return Path("runs") / f"{alg}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _join_world(p: dict):
@@ -214,8 +220,9 @@ def _join_world(p: dict):
 def _argv(ctx: click.Context) -> list[str]:
     """The explicit options of this invocation as command-line words (to relaunch under torchrun)."""
     words: list[str] = []
+    explicit = _explicit(ctx)
     for param in ctx.command.params:
-        if param.name not in _explicit(ctx) or param.name == "nproc":
+        if param.name not in explicit or param.name == "nproc":
             continue
         value = ctx.params[param.name]
         if getattr(param, "is_flag", False):
@@ -229,7 +236,7 @@ def _argv(ctx: click.Context) -> list[str]:
 def _launch(ctx: click.Context, p: dict) -> None:
     """`--nproc K`: run the same command as K processes through torchrun, on this machine."""
     args = _argv(ctx)
-    run_dir = p["resume"] or p["out"] or Path("runs") / f"{p['alg']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = p["resume"] or p["out"] or _default_run_dir(p["alg"])
     if p["resume"] is None and p["out"] is None:
         args += ["--out", str(run_dir)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p['nproc']}",
