@@ -334,19 +334,16 @@ class CachedBatch:
 
 def train_config(s: dict, point: dict, store: str):
     """The TrainConfig of one point: same store, partition, seed and model for every kind."""
-    from dali_fl.config import DataConfig, FederationConfig, LocalConfig, TrainConfig
-    from dali_fl.model import ModelSpec, parse_model_kwargs
+    from dali_fl.config import TrainConfig
 
     base, _, workers = point["kind"].partition("@")
-    fed = FederationConfig(alg=s["alg"], rounds=s["rounds"] + 1, num_users=point["num_users"],
-                           frac=point["frac"], partition=point["partition"], alpha=s["alpha"], seed=s["seed"])
-    local = LocalConfig(local_ep=s["local_ep"], local_bs=s["local_bs"], lr=s["lr"])
-    model = ModelSpec(name=s["model"], kwargs=parse_model_kwargs(s["model_kwargs"]), pretrained=s["pretrained"],
-                      lora=s["alg"] == "fedlora")
-    data = DataConfig(store=store, loader="dali" if base == "dali-gpu" else base, data_on_gpu=base == "dali-gpu",
-                      augment=s["augment"], device=s["device"], amp=s["amp"], eval_bs=64,
-                      num_workers=int(workers) if workers else s["workers"])
-    return TrainConfig(fed, local, model, data)
+    return TrainConfig.from_options(dict(
+        alg=s["alg"], rounds=s["rounds"] + 1, num_users=point["num_users"], frac=point["frac"],
+        partition=point["partition"], alpha=s["alpha"], seed=s["seed"], local_ep=s["local_ep"],
+        local_bs=s["local_bs"], lr=s["lr"], model=s["model"], model_kwargs=s["model_kwargs"],
+        pretrained=s["pretrained"], store=store, loader="dali" if base == "dali-gpu" else base,
+        data_on_gpu=base == "dali-gpu", augment=s["augment"], device=s["device"], amp=s["amp"], eval_bs=64,
+        num_workers=int(workers) if workers else s["workers"]))
 
 
 def timed_round(fx, round_: int, loader, sampler: Sampler) -> dict:
@@ -354,10 +351,9 @@ def timed_round(fx, round_: int, loader, sampler: Sampler) -> dict:
     from dali_fl.federation import run_round
 
     timed = TimedLoader(loader)
-    fx.train_loader = timed
     cpu0, own0 = tree_cpu_seconds(), sampler.own_cpu
     t0 = time.perf_counter()
-    row = run_round(fx, round_)
+    row = run_round(fx, round_, loader=timed)
     t1 = time.perf_counter()
     cpu = tree_cpu_seconds() - cpu0 - (sampler.own_cpu - own0)
     util, used = sampler.gpu_window(t0, t1)
@@ -376,7 +372,7 @@ def measure_point(s: dict, point: dict) -> dict:
     """Build the federation once, warm up one round, then alternate measured and bound rounds."""
     import torch
 
-    from dali_fl.federation import prepare
+    from dali_fl.run import prepare
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
     if s["threads"]:
@@ -400,7 +396,6 @@ def measure_point(s: dict, point: dict) -> dict:
             bounds.append(timed_round(fx, r, bound, sampler))
         sampler.sample(full=True)  # mapped store pages only accumulate: the end is their peak
     finally:
-        fx.train_loader = real
         fx.close()
         sampler.stop()
     mem = {**{f"base_{k}_mib": v / MIB for k, v in base.items()},

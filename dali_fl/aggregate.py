@@ -1,14 +1,23 @@
 """Aggregation: a running weighted sum on the device and pure functions that turn it into a global state."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from dali_fl.model import LoraPair
-
 State = dict[str, torch.Tensor]
 LORA_AGGREGATORS = ("fedit", "ffa", "fedex")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One LoRA-adapted layer: the names of its base weight, A and B, and its scale."""
+
+    base: str
+    a: str
+    b: str
+    scale: float
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:

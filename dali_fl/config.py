@@ -1,21 +1,63 @@
-"""A training run's resolved configuration: small frozen dataclasses, JSON in and out, presets."""
+"""A run's configuration: frozen dataclasses, one builder from flat options, presets.
+
+Every caller (the CLI, the benchmarks, the tests) builds a `TrainConfig` through
+`TrainConfig.from_options(flat, preset)`: defaults come from the dataclasses below, a preset
+overrides them, and the options given explicitly override both. Aliases (`--model vit`, the
+seed's `--model_variant`) and derived fields (LoRA on for FedLoRA, A frozen for FFA-LoRA) are
+resolved there and nowhere else.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from dali_fl.aggregate import LORA_AGGREGATORS
 from dali_fl.errors import DaliFlError
-from dali_fl.model import ModelSpec
+from dali_fl.loaders import LOADER_KINDS
+from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
+from dali_fl.partition import METHODS as PARTITION_METHODS
 
 ALGORITHMS = ("fedavg", "fedlora")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("bf16", "fp16", "off", "auto")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(obj: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Refuse non-finite floats in every numeric field, and values out of range in the named ones."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        if not math.isfinite(value):
+            raise DaliFlError(f"{_flag(f.name)} {value} is not a finite number")
+        if f.name in positive and not value > 0:
+            raise DaliFlError(f"{_flag(f.name)} must be > 0 (got {value})")
+        if f.name in non_negative and value < 0:
+            raise DaliFlError(f"{_flag(f.name)} must be >= 0 (got {value})")
+
+
+def check_ints(obj: object, *names: str) -> None:
+    """Refuse a non-integer (a float, a bool, a string) where a count is expected."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DaliFlError(f"{_flag(name)} must be an integer (got {value!r})")
+
+
+def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        raise DaliFlError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -29,20 +71,33 @@ class FederationConfig:
     partition: str = "dirichlet"
     alpha: float = 0.5
     min_size: int = 10
+    shards: int = 2
     seed: int = 0
     lora_agg: str = "fedit"
 
     def __post_init__(self) -> None:
-        if self.alg not in ALGORITHMS:
-            raise DaliFlError(f"--alg {self.alg!r}: choose one of {', '.join(ALGORITHMS)}")
-        if self.rounds < 1 or self.num_users < 1:
-            raise DaliFlError(f"--rounds and --num-users must be >= 1 (got {self.rounds}, {self.num_users})")
-        if not 0 < self.frac <= 1 or not math.isfinite(self.frac):
+        check_choice(self.alg, ALGORITHMS, "--alg")
+        check_choice(self.partition, PARTITION_METHODS, "--partition")
+        check_choice(self.lora_agg, LORA_AGGREGATORS, "--lora-agg")
+        check_ints(self, "rounds", "num_users", "min_size", "shards", "seed")
+        check_numbers(self, positive=("rounds", "num_users", "alpha", "shards"),
+                      non_negative=("min_size", "seed"))
+        if not 0 < self.frac <= 1:
             raise DaliFlError(f"--frac {self.frac} must be in (0, 1]: the fraction of clients sampled per round")
 
     @property
     def clients_per_round(self) -> int:
         return max(1, int(round(self.frac * self.num_users)))
+
+    @property
+    def aggregation(self) -> str:
+        """How a round's client states become the global state: fedavg, or the LoRA aggregation."""
+        return self.lora_agg if self.alg == "fedlora" else "fedavg"
+
+    @property
+    def variant(self) -> str:
+        """The algorithm as one name: fedavg, fedlora-fedit, fedlora-ffa or fedlora-fedex."""
+        return "fedavg" if self.alg == "fedavg" else f"fedlora-{self.lora_agg}"
 
 
 @dataclass(frozen=True)
@@ -57,12 +112,9 @@ class LocalConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.local_ep < 1 or self.local_bs < 1:
-            raise DaliFlError(f"--local-ep and --local-bs must be >= 1 (got {self.local_ep}, {self.local_bs})")
-        if not self.lr > 0:
-            raise DaliFlError(f"--lr must be > 0 (got {self.lr})")
-        if self.optimizer not in OPTIMIZERS:
-            raise DaliFlError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        check_ints(self, "local_ep", "local_bs")
+        check_numbers(self, positive=("local_ep", "local_bs", "lr"), non_negative=("momentum", "weight_decay"))
+        check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
 
 
 @dataclass(frozen=True)
@@ -80,10 +132,64 @@ class DataConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.amp not in AMP_MODES:
-            raise DaliFlError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        if self.eval_bs < 1 or self.eval_every < 1:
-            raise DaliFlError("--eval-bs and --eval-every must be >= 1")
+        check_choice(self.loader, LOADER_KINDS, "--loader")
+        check_choice(self.amp, AMP_MODES, "--amp")
+        check_ints(self, "eval_bs", "eval_every", "num_workers")
+        check_numbers(self, positive=("eval_bs", "eval_every"), non_negative=("num_workers",))
+
+
+SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig}
+# Flat option names that differ from their field's name.
+RENAMED = {"model": ("model", "name"), "model_kwargs": ("model", "kwargs")}
+DERIVED = {("model", "lora"), ("model", "freeze_lora_a")}  # set from --alg / --lora-agg, never directly
+SELECTORS = ("image_size",)  # preset keys that choose a store rather than configure the run
+
+
+def option_fields() -> dict[str, tuple[str, str]]:
+    """Flat option name -> (section, field) for every option a run can be configured with."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if (section, f.name) not in DERIVED:
+                out[f.name] = (section, f.name)
+    for flat, where in RENAMED.items():
+        del out[where[1]]
+        out[flat] = where
+    return out
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option's default as the CLI spells it (kwargs and LoRA targets as text)."""
+    out = {}
+    for flat, (section, name) in option_fields().items():
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        out[flat] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    out.update(model_kwargs="", lora_targets=",".join(DEFAULT_LORA_TARGETS))
+    return out
+
+
+def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:
+    """The preset's values, overridden by the explicit options: the one merge rule (defaults fill the rest)."""
+    return {**preset(preset_name), **explicit}
+
+
+def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
+    """The model section, with aliases resolved and LoRA derived from the algorithm."""
+    pretrained = opts["pretrained"]
+    if opts.get("model_variant") is not None:  # the seed's spelling of --pretrained/--no-pretrained
+        pretrained = opts["model_variant"] == "pretrained"
+    kwargs = opts["model_kwargs"]
+    kwargs = parse_model_kwargs(kwargs) if isinstance(kwargs, str) else dict(kwargs)
+    if "img_size" in kwargs:
+        raise DaliFlError("--model-kwargs img_size is taken from the store; prep the store at the size you want")
+    targets = opts["lora_targets"]
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    weights = opts["weights"]
+    return ModelSpec(name=MODEL_ALIASES.get(opts["model"], opts["model"]), kwargs=kwargs, pretrained=pretrained,
+                     weights=None if weights is None else str(weights), lora=fed.alg == "fedlora",
+                     lora_r=opts["lora_r"], lora_alpha=opts["lora_alpha"], lora_targets=tuple(targets),
+                     freeze_lora_a=fed.variant == "fedlora-ffa")
 
 
 @dataclass(frozen=True)
@@ -94,6 +200,22 @@ class TrainConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
+        """Build and validate a config from flat option names (`rounds`, `lora_agg`, ...)."""
+        opts = {**option_defaults(), **merge_options(flat, preset)}
+        fields = option_fields()
+        unknown = sorted(set(opts) - set(fields) - set(SELECTORS) - {"model_variant"})
+        if unknown:
+            raise DaliFlError(f"unknown option {_flag(unknown[0])}; known: {', '.join(sorted(fields))}")
+        parts: dict[str, dict] = {s: {} for s in SECTIONS}
+        for flat_name, (section, name) in fields.items():
+            if section != "model":
+                parts[section][name] = opts[flat_name]
+        parts["data"]["store"] = str(parts["data"]["store"])
+        fed = FederationConfig(**parts["fed"])
+        return cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -117,7 +239,7 @@ def load_config(run_dir: Path) -> TrainConfig:
         raise DaliFlError(f"{run_dir} is not a dali-fl run (no config.json); start one with `dali-fl train --out DIR`")
     try:
         return TrainConfig.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DaliFlError(f"{path} is unreadable ({err!r}); it was not written by this dali-fl") from None
 
 
@@ -140,7 +262,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: Optional[str]) -> dict:
-    """Option values of a preset; explicit command-line flags override them."""
+    """Option values of a preset; explicit options override them."""
     if name is None:
         return {}
     if name not in PRESETS:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dali_fl.aggregate import LoraPair
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)
@@ -200,16 +201,6 @@ def load_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise DaliFlError(f"checkpoint tensors do not fit this model (e.g. {missing[0]}); same --model and --alg?")
     for name, value in state.items():
         params[name].copy_(value)
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """One LoRA-adapted layer: the names of its base weight, A and B, and its scale."""
-
-    base: str
-    a: str
-    b: str
-    scale: float
 
 
 def lora_pairs(model: nn.Module) -> list[LoraPair]:

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from dali_fl.config import TrainConfig
-from dali_fl.federation import prepare, run_round
+from dali_fl.federation import run_round
+from dali_fl.run import prepare
 from dali_fl.model import trainable_names
 from dali_fl.sources import load_synthetic
 from dali_fl.store import write_store
@@ -104,14 +105,11 @@ def test_killed_mid_round_resumes_from_round_before(invoke, stores, tmp_path, mo
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in full]
 
 
-def _config(store: Path, **fed) -> TrainConfig:
-    from dali_fl.config import DataConfig, FederationConfig, LocalConfig
-    from dali_fl.model import ModelSpec
-
-    model = ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, depth=1, embed_dim=32, num_heads=2),
-                      pretrained=False, lora=fed.get("alg") == "fedlora", lora_r=2)
-    return TrainConfig(FederationConfig(num_users=4, frac=0.5, partition="iid", **fed), LocalConfig(local_bs=32),
-                       model, DataConfig(store=str(store), loader="memmap", num_workers=0, augment=False))
+def _config(store: Path, **options) -> TrainConfig:
+    return TrainConfig.from_options(dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,"
+                                         "num_heads=2", pretrained=False, lora_r=2, num_users=4, frac=0.5,
+                                         partition="iid", local_bs=32, store=store, loader="memmap", num_workers=0,
+                                         augment=False, **options))
 
 
 def test_fedlora_exchanges_only_lora_and_head(stores, tmp_path, monkeypatch):

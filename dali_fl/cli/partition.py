@@ -6,27 +6,30 @@ from typing import Optional
 
 import click
 
+from dali_fl.config import option_defaults
 from dali_fl.partition import METHODS, make_partition, plot_partition, save_partition, summarize
 from dali_fl.store import open_store
+
+D = option_defaults()  # the same defaults as `dali-fl train`
 
 
 @click.command("partition")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--num-users", type=int, default=100, show_default=True,
+@click.option("--num-users", type=int, default=D["num_users"], show_default=True,
               help="Number of simulated clients to split the train split across.")
-@click.option("--partition", "method", type=click.Choice(METHODS), default="iid", show_default=True,
+@click.option("--partition", "method", type=click.Choice(METHODS), default=D["partition"], show_default=True,
               help="iid: random equal parts; dirichlet: per-class Dir(alpha) label skew "
                    "(NIID-Bench); shards: label-sorted shards, a few per client (McMahan et al.).")
-@click.option("--alpha", type=float, default=0.5, show_default=True,
+@click.option("--alpha", type=float, default=D["alpha"], show_default=True,
               help="Dirichlet concentration (dirichlet only): small (0.1) is very skewed, "
                    "large (100) is near IID.")
-@click.option("--shards", "shards_per_client", type=int, default=2, show_default=True,
+@click.option("--shards", "shards_per_client", type=int, default=D["shards"], show_default=True,
               help="Shards per client (shards only); each client sees at most about this many "
                    "classes (twice this when shards straddle a class boundary).")
-@click.option("--min-size", type=int, default=10, show_default=True,
+@click.option("--min-size", type=int, default=D["min_size"], show_default=True,
               help="Fewest samples any client may get (dirichlet only); draws are repeated "
                    "until it holds. At most train samples / --num-users.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=D["seed"], show_default=True,
               help="Random seed; the same seed and options give the same partition.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the partition as JSON here (indices and class counts per client).")

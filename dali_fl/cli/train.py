@@ -11,13 +11,11 @@ import click
 from click.core import ParameterSource
 
 from dali_fl.aggregate import LORA_AGGREGATORS
-from dali_fl.config import (ALGORITHMS, AMP_MODES, OPTIMIZERS, PRESETS, DataConfig, FederationConfig,
-                            LocalConfig, TrainConfig, load_config, preset)
+from dali_fl.config import (ALGORITHMS, AMP_MODES, OPTIMIZERS, PARTITION_METHODS, PRESETS, TrainConfig,
+                            load_config, merge_options, option_defaults)
 from dali_fl.device import resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS
-from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
-from dali_fl.partition import METHODS
 from dali_fl.store import open_store, store_name
 
 DATASET_ALIASES = {"cifar": "cifar10"}
@@ -26,7 +24,8 @@ O = click.option
 
 
 def _options(f):
-    """All train options; the seed's underscore spellings are aliases of the dashed ones."""
+    """All train options; defaults come from the config dataclasses, the seed's underscore spellings are aliases."""
+    d = option_defaults()
     opts = [
         O("--store", type=click.Path(path_type=Path), help="Store made by `dali-fl prep` (or use --dataset)."),
         O("--dataset", help="Seed style: find the store prep made for this source (cifar = cifar10) in --data-dir."),
@@ -34,49 +33,58 @@ def _options(f):
         O("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
           help="Where --dataset looks for stores."),
         O("--use-offline-data", "--use_offline_data", is_flag=True, help="Accepted for the seed's scripts; no effect."),
-        O("--alg", type=click.Choice(ALGORITHMS), default="fedavg", show_default=True,
+        O("--alg", type=click.Choice(ALGORITHMS), default=d["alg"], show_default=True,
           help="fedavg: all weights trained and averaged; fedlora: LoRA adapters + head only."),
         O("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<alg>-<time>)."),
-        O("--rounds", "--epochs", type=int, default=10, show_default=True, help="Federated rounds (seed: --epochs)."),
-        O("--num-users", "--num_users", type=int, default=100, show_default=True, help="Simulated clients."),
-        O("--frac", type=float, default=0.1, show_default=True, help="Fraction of clients per round (at least 1)."),
-        O("--partition", type=click.Choice(METHODS), default="dirichlet", show_default=True,
+        O("--rounds", "--epochs", type=int, default=d["rounds"], show_default=True,
+          help="Federated rounds (seed: --epochs)."),
+        O("--num-users", "--num_users", type=int, default=d["num_users"], show_default=True, help="Simulated clients."),
+        O("--frac", type=float, default=d["frac"], show_default=True,
+          help="Fraction of clients per round (at least 1)."),
+        O("--partition", type=click.Choice(PARTITION_METHODS), default=d["partition"], show_default=True,
           help="How the train split is divided among clients."),
-        O("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (smaller = more skew)."),
-        O("--min-size", type=int, default=10, show_default=True, help="Dirichlet: fewest samples per client."),
-        O("--seed", type=int, default=0, show_default=True, help="Seeds partition, sampling, init and order."),
-        O("--local-ep", "--local_ep", type=int, default=1, show_default=True, help="Local epochs per client."),
-        O("--local-bs", "--local_bs", type=int, default=32, show_default=True, help="Local batch size."),
-        O("--lr", type=float, default=3e-4, show_default=True, help="Local learning rate."),
-        O("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+        O("--alpha", type=float, default=d["alpha"], show_default=True,
+          help="Dirichlet concentration (smaller = more skew)."),
+        O("--min-size", type=int, default=d["min_size"], show_default=True, help="Dirichlet: fewest samples per client."),
+        O("--shards", type=int, default=d["shards"], show_default=True, help="Shards per client (--partition shards)."),
+        O("--seed", type=int, default=d["seed"], show_default=True, help="Seeds partition, sampling, init and order."),
+        O("--local-ep", "--local_ep", type=int, default=d["local_ep"], show_default=True,
+          help="Local epochs per client."),
+        O("--local-bs", "--local_bs", type=int, default=d["local_bs"], show_default=True, help="Local batch size."),
+        O("--lr", type=float, default=d["lr"], show_default=True, help="Local learning rate."),
+        O("--optimizer", type=click.Choice(OPTIMIZERS), default=d["optimizer"], show_default=True,
           help="Fresh per client each round."),
-        O("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum."),
-        O("--weight-decay", "--weight_decay", type=float, default=0.0, show_default=True, help="Weight decay."),
-        O("--model", default="vit_base_patch16_224", show_default=True,
+        O("--momentum", type=float, default=d["momentum"], show_default=True, help="SGD momentum."),
+        O("--weight-decay", "--weight_decay", type=float, default=d["weight_decay"], show_default=True,
+          help="Weight decay."),
+        O("--model", default=d["model"], show_default=True,
           help="timm model name; `vit` means ViT-B/16 (vit_base_patch16_224)."),
         O("--model-variant", "--model_variant", type=click.Choice(["pretrained", "scratch"]),
           help="Seed style: pretrained = --pretrained, scratch = --no-pretrained."),
-        O("--model-kwargs", default="", help="Extra timm.create_model kwargs, e.g. patch_size=4,depth=4."),
-        O("--pretrained/--no-pretrained", default=True, show_default=True,
+        O("--model-kwargs", default=d["model_kwargs"], help="Extra timm.create_model kwargs, e.g. patch_size=4,depth=4."),
+        O("--pretrained/--no-pretrained", default=d["pretrained"], show_default=True,
           help="Start from pretrained weights (hub, HF cache, or --weights)."),
-        O("--weights", type=click.Path(path_type=Path), help="Local .safetensors/.pth/.npz checkpoint."),
-        O("--lora-r", type=int, default=8, show_default=True, help="LoRA rank."),
-        O("--lora-alpha", type=int, default=16, show_default=True, help="LoRA alpha (scale = alpha / r)."),
-        O("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), show_default=True,
+        O("--weights", type=click.Path(path_type=Path), default=d["weights"], help="Local .safetensors/.pth/.npz checkpoint."),
+        O("--lora-r", type=int, default=d["lora_r"], show_default=True, help="LoRA rank."),
+        O("--lora-alpha", type=int, default=d["lora_alpha"], show_default=True, help="LoRA alpha (scale = alpha / r)."),
+        O("--lora-targets", default=d["lora_targets"], show_default=True,
           help="Comma-separated module names or regexes to adapt."),
-        O("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default="fedit", show_default=True,
+        O("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default=d["lora_agg"], show_default=True,
           help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual."),
-        O("--loader", type=click.Choice(LOADER_KINDS), default="dali", show_default=True,
+        O("--loader", type=click.Choice(LOADER_KINDS), default=d["loader"], show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
-        O("--data-on-gpu", is_flag=True, help="Copy the whole split to GPU memory once (dali, GPU only)."),
-        O("--augment/--no-augment", default=True, show_default=True, help="Random flip + 4-px padded crop."),
+        O("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
+          help="Copy the whole split to GPU memory once (dali, GPU only)."),
+        O("--augment/--no-augment", default=d["augment"], show_default=True, help="Random flip + 4-px padded crop."),
         O("--gpu", type=int, help="Train on cuda:N."),
         O("--device", help="cpu, cuda or cuda:N (default: cuda:0 if present, else cpu)."),
-        O("--amp", type=click.Choice(AMP_MODES), default="auto", show_default=True,
+        O("--amp", type=click.Choice(AMP_MODES), default=d["amp"], show_default=True,
           help="Mixed precision; auto = bf16 on GPU, off on CPU."),
-        O("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers (memmap kinds)."),
-        O("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N rounds (and at the end)."),
-        O("--eval-bs", type=int, default=256, show_default=True, help="Evaluation batch size."),
+        O("--num-workers", type=int, default=d["num_workers"], show_default=True,
+          help="DataLoader workers (memmap kind)."),
+        O("--eval-every", type=int, default=d["eval_every"], show_default=True,
+          help="Evaluate every N rounds (and at the end)."),
+        O("--eval-bs", type=int, default=d["eval_bs"], show_default=True, help="Evaluation batch size."),
         O("--preset", type=click.Choice(sorted(PRESETS)), help="Named configuration; explicit flags override it."),
         O("--resume", type=click.Path(path_type=Path), help="Continue RUN_DIR from its last finished round."),
         O("--quiet", is_flag=True, help="No progress bars."),
@@ -92,10 +100,14 @@ def _explicit(ctx: click.Context) -> set[str]:
     return {k for k in ctx.params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
 
 
-def _with_preset(ctx: click.Context, p: dict) -> dict:
-    """Fill in a preset's values wherever the user did not give the flag."""
-    explicit = _explicit(ctx)
-    return {**p, **{k: v for k, v in preset(p["preset"]).items() if k not in explicit}}
+CLI_ONLY = ("store", "dataset", "image_size", "data_dir", "use_offline_data", "out", "gpu", "device", "preset",
+            "resume", "quiet", "nproc")
+
+
+def _merged(ctx: click.Context, p: dict) -> dict:
+    """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
+    explicit = {k: v for k, v in p.items() if k in _explicit(ctx)}
+    return {**p, **merge_options(explicit, p["preset"])}
 
 
 def _resolve_store(p: dict) -> str:
@@ -119,24 +131,8 @@ def _resolve_store(p: dict) -> str:
 
 def _config(p: dict, device: str) -> TrainConfig:
     """The resolved TrainConfig of a new run."""
-    pretrained = p["pretrained"] if p["model_variant"] is None else p["model_variant"] == "pretrained"
-    alg = p["alg"]
-    model = ModelSpec(name=MODEL_ALIASES.get(p["model"], p["model"]), kwargs=parse_model_kwargs(p["model_kwargs"]),
-                      pretrained=pretrained, weights=str(p["weights"]) if p["weights"] else None,
-                      lora=alg == "fedlora", lora_r=p["lora_r"], lora_alpha=p["lora_alpha"],
-                      lora_targets=tuple(t.strip() for t in p["lora_targets"].split(",") if t.strip()),
-                      freeze_lora_a=alg == "fedlora" and p["lora_agg"] == "ffa")
-    if "img_size" in model.kwargs:
-        raise DaliFlError("--model-kwargs img_size is taken from the store; prep the store at the size you want")
-    fed = FederationConfig(alg=alg, rounds=p["rounds"], num_users=p["num_users"], frac=p["frac"],
-                           partition=p["partition"], alpha=p["alpha"], min_size=p["min_size"], seed=p["seed"],
-                           lora_agg=p["lora_agg"])
-    local = LocalConfig(local_ep=p["local_ep"], local_bs=p["local_bs"], lr=p["lr"], optimizer=p["optimizer"],
-                        momentum=p["momentum"], weight_decay=p["weight_decay"])
-    data = DataConfig(store=_resolve_store(p), loader=p["loader"], data_on_gpu=p["data_on_gpu"],
-                      augment=p["augment"], device=device, amp=p["amp"], eval_bs=p["eval_bs"],
-                      eval_every=p["eval_every"], num_workers=p["num_workers"])
-    return TrainConfig(fed, local, model, data)
+    flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
+    return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device})
 
 
 def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:
@@ -170,17 +166,17 @@ def train(ctx: click.Context, **p) -> None:
         --image_size 224 --use_offline_data --epochs 150 --num_users 100 --frac 0.1
         --local_ep 5 --local_bs 32 --lr 0.0003 --gpu 2
     """
-    from dali_fl.federation import train as run_federation
+    from dali_fl.run import train as run_federation
 
     if p["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(ctx, _with_preset(ctx, p))  # the preset may set --alg, which names the run
+        return _launch(ctx, _merged(ctx, p))  # the preset may set --alg, which names the run
     hooks, device = _join_world(p)
     if p["resume"] is not None:
         cfg, run_dir, resume = _resumed_config(ctx, p), p["resume"], True
         if hooks is not None:
             cfg = cfg.replace(data={"device": str(device)})
     else:
-        p = _with_preset(ctx, p)
+        p = _merged(ctx, p)
         device = device or resolve_device(p["gpu"], p["device"])  # fail fast, before any heavy work
         cfg, resume = _config(p, str(device)), False
         run_dir = p["out"] or _default_run_dir(cfg.fed.alg)

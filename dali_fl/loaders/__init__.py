@@ -39,8 +39,6 @@ def make_loader(kind: str, store: Store, split: str, *, batch_size: int,
                 workers: Optional[LoaderWorkers] = None) -> Loader:
     """Build the loader once per run; reuse it for every client, epoch and round."""
     cls = loader_class(kind)
-    if data_on_gpu and kind != "dali":
-        raise DaliFlError(f"--data-on-gpu is a feature of the dali loader, not of {kind}")
     cfg = LoaderConfig(store=store, split=split, batch_size=batch_size, device=torch.device(device),
                        norm=norm, augment=augment, out_dtype=out_dtype, data_on_gpu=data_on_gpu,
                        workers=workers if workers is not None else cls.default_workers)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Optional
+from pathlib import Path
+from typing import ClassVar, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch
 from dali_fl.errors import DaliFlError
 from dali_fl.normalize import Normalization
 from dali_fl.order import Batch, epoch_plan
-from dali_fl.store import Store
+from dali_fl.store import Store, open_store
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (images NCHW, labels int64), both on the device
 Served = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # a kind's batch plus the rows it read
@@ -76,17 +77,6 @@ class LoaderConfig:
         self.store.labels(self.split)  # a missing split is a DaliFlError naming the splits there
 
 
-def check_store_dtype(cfg: LoaderConfig, kind: str, dtype: str) -> None:
-    """Refuse a store of the wrong dtype, naming the prep command that makes the right one."""
-    if cfg.store.dtype == dtype:
-        return
-    m = cfg.store.manifest
-    raise DaliFlError(f"the {kind} loader reads a {dtype} store but {cfg.store.path} holds "
-                      f"{cfg.store.dtype}; make one with `dali-fl prep --source {m['source']} "
-                      f"--image-size {cfg.store.image_size} --dtype {dtype}` "
-                      "(plus the same --source-path/--out)")
-
-
 def check_indices(indices: np.ndarray, n: int, where: str) -> np.ndarray:
     """The client's indices as int64, or a DaliFlError when they cannot index the split."""
     arr = np.asarray(indices)
@@ -101,12 +91,22 @@ def check_indices(indices: np.ndarray, n: int, where: str) -> np.ndarray:
 
 
 class Loader(ABC):
-    """Built once per run; `epoch(indices, seed)` yields normalized NCHW batches on the device."""
+    """Built once per run; `epoch(indices, seed)` yields normalized NCHW batches on the device.
+
+    Each kind states its own facts here: the store dtype it reads, where that store lives
+    relative to the one the user names, its host-side worker defaults, and whether it can
+    keep a split resident in GPU memory.
+    """
 
     kind: ClassVar[str]
+    store_dtype: ClassVar[str] = "uint8"
     default_workers: ClassVar[LoaderWorkers] = LoaderWorkers()
+    supports_data_on_gpu: ClassVar[bool] = False
 
     def __init__(self, cfg: LoaderConfig) -> None:
+        self._check_store(cfg)
+        if cfg.data_on_gpu and not self.supports_data_on_gpu:
+            raise DaliFlError(f"--data-on-gpu is a feature of the dali loader, not of {self.kind}")
         self.cfg = cfg
         self.num_rows = int(cfg.store.labels(cfg.split).shape[0])
         self._epoch_id = 0  # bumps on every epoch() call; an older epoch's generator then stops
@@ -143,6 +143,27 @@ class Loader(ABC):
                 raise RuntimeError(f"{self.kind} loader served rows that are not this epoch's "
                                    "next batch")
             yield got[0], got[1]
+
+    @classmethod
+    def open_store(cls, path: Union[str, Path]) -> Store:
+        """The store this kind reads for the store at `path` (the same one, for uint8 kinds)."""
+        return open_store(path)
+
+    @classmethod
+    def workers_for(cls, num_workers: int) -> LoaderWorkers:
+        """Host-side settings for a run's --num-workers (kinds without DataLoader workers ignore it)."""
+        return cls.default_workers
+
+    @classmethod
+    def _check_store(cls, cfg: LoaderConfig) -> None:
+        """Refuse a store of the wrong dtype, naming the prep command that makes the right one."""
+        if cfg.store.dtype == cls.store_dtype:
+            return
+        m = cfg.store.manifest
+        raise DaliFlError(f"the {cls.kind} loader reads a {cls.store_dtype} store but {cfg.store.path} holds "
+                          f"{cfg.store.dtype}; make one with `dali-fl prep --source {m['source']} "
+                          f"--image-size {cfg.store.image_size} --dtype {cls.store_dtype}` "
+                          "(plus the same --source-path/--out)")
 
     @abstractmethod
     def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dali_fl.errors import DaliFlError
-from dali_fl.loaders.base import Loader, LoaderConfig, Served, check_store_dtype, device_index
+from dali_fl.loaders.base import Loader, LoaderConfig, Served, device_index
 from dali_fl.order import PAD, Batch
 
 if TYPE_CHECKING:
@@ -141,9 +141,9 @@ class DaliLoader(Loader):
     """External-source DALI pipeline, built once and re-fed per client and epoch."""
 
     kind = "dali"
+    supports_data_on_gpu = True
 
     def __init__(self, cfg: LoaderConfig) -> None:
-        check_store_dtype(cfg, self.kind, "uint8")
         if cfg.data_on_gpu and cfg.device.type != "cuda":
             raise DaliFlError("--data-on-gpu needs a CUDA device; it keeps the split in GPU memory")
         super().__init__(cfg)

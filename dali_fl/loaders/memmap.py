@@ -1,13 +1,14 @@
 """The strong baseline: one reused DataLoader over the uint8 memmap, transforms on the device."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dali_fl.loaders.base import Loader, LoaderConfig, Served, check_store_dtype
+from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
 from dali_fl.loaders.transforms import Uint8Normalizer, batch_params, crop_flip
 from dali_fl.order import Batch
 from dali_fl.store import Store
@@ -68,7 +69,6 @@ class MemmapLoader(Loader):
     kind = "memmap"
 
     def __init__(self, cfg: LoaderConfig) -> None:
-        check_store_dtype(cfg, self.kind, "uint8")
         super().__init__(cfg)
         self._sampler = PlanSampler()
         kw = cfg.workers.dataloader_kwargs(cfg.device)
@@ -77,6 +77,10 @@ class MemmapLoader(Loader):
         self._loader = DataLoader(StoreRows(cfg.store, cfg.split), sampler=self._sampler,
                                   batch_size=None, **kw)
         self._normalize = Uint8Normalizer(cfg.norm, cfg.device, cfg.out_dtype)
+
+    @classmethod
+    def workers_for(cls, num_workers: int) -> LoaderWorkers:
+        return dataclasses.replace(cls.default_workers, num_workers=num_workers)
 
     def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:
         self._sampler.plan = plan  # swap first: the iter() below starts the workers' prefetch

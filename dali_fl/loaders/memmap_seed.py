@@ -11,19 +11,20 @@ comparable with the other kinds.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from dali_fl.loaders.base import (Loader, LoaderConfig, LoaderWorkers, Served,
-                                  check_store_dtype)
+from dali_fl.errors import DaliFlError
+from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
 from dali_fl.loaders.memmap import StoreRows, shutdown_workers
 from dali_fl.loaders.transforms import crop_flip
 from dali_fl.normalize import Normalization
 from dali_fl.order import Batch
-from dali_fl.store import Store
+from dali_fl.store import Store, open_store
 
 SEED_WORKERS = LoaderWorkers(num_workers=4, pin_memory=True, prefetch_factor=2,
                              persistent_workers=False)
@@ -69,16 +70,28 @@ class MemmapSeedLoader(Loader):
     """The old per-sample float32 pipeline, one new DataLoader per client."""
 
     kind = "memmap-seed"
-    default_workers = SEED_WORKERS
+    store_dtype = "float32"
+    default_workers = SEED_WORKERS  # the seed's own settings: what this kind exists to reproduce
 
     def __init__(self, cfg: LoaderConfig) -> None:
-        check_store_dtype(cfg, self.kind, "float32")
         super().__init__(cfg)
         self._dataset = SeedSamples(cfg.store, cfg.split, cfg.norm, cfg.augment)
         self._client: Optional[np.ndarray] = None
         self._sampler = PlanBatchSampler()
         self._loader: Optional[DataLoader] = None
         self._pinned = False
+
+    @classmethod
+    def open_store(cls, path: Union[str, Path]) -> Store:
+        """The float32 sibling (`<store>-f32`) that `prep --dtype float32` writes beside a uint8 store."""
+        store = open_store(path)
+        if store.dtype == cls.store_dtype:
+            return store
+        sibling = Path(f"{store.path}-f32")
+        if not sibling.exists():
+            raise DaliFlError(f"--loader memmap-seed reads a float32 store; make it with `dali-fl prep --source "
+                              f"{store.manifest['source']} --image-size {store.image_size} --dtype float32`")
+        return open_store(sibling)
 
     def _loader_for(self, rows: np.ndarray) -> DataLoader:
         """The client's DataLoader: new when the indices change, as the seed's LocalUpdate did."""

@@ -1,0 +1,120 @@
+"""A run's lifecycle: build the federation, start or resume its directory, loop, summarize."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from dali_fl.atomic import atomic_write_text
+from dali_fl.config import TrainConfig
+from dali_fl.device import amp_dtype, explain_oom, resolve_device
+from dali_fl.errors import DaliFlError
+from dali_fl.federation import Federation, RoundHooks, run_round
+from dali_fl.loaders import loader_class, make_loader
+from dali_fl.model import build_model, load_state_, lora_pairs, trainable_state
+from dali_fl.normalize import from_model
+from dali_fl.partition import Partition, load_partition, make_partition, save_partition
+from dali_fl.rundir import MetricsLog, load_checkpoint, save_checkpoint, start_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def build_federation(cfg: TrainConfig, run_dir: Path, partition: Optional[Partition]) -> Federation:
+    """Open the store, partition it (or reuse the saved partition), build model and loaders."""
+    device = resolve_device(None, cfg.data.device)
+    if cfg.data.data_on_gpu and device.type != "cuda":
+        raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")
+    kind = loader_class(cfg.data.loader)
+    store = kind.open_store(cfg.data.store)
+    model = build_model(cfg.model, store.num_classes, store.image_size, cfg.fed.seed).to(device)
+    fed = cfg.fed
+    if partition is None:
+        partition = make_partition(store.labels("train"), fed.num_users, fed.partition, seed=fed.seed,
+                                   alpha=fed.alpha, shards_per_client=fed.shards, min_size=fed.min_size,
+                                   num_classes=store.num_classes)
+    amp = amp_dtype(cfg.data.amp, device)
+    common = dict(device=device, norm=from_model(model), data_on_gpu=cfg.data.data_on_gpu,
+                  out_dtype=torch.float16 if amp == torch.float16 else torch.float32,
+                  workers=kind.workers_for(cfg.data.num_workers))
+    train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
+                               augment=cfg.data.augment, **common)
+    eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)
+    return Federation(cfg, run_dir, store, device, model, partition, train_loader, eval_loader,
+                      len(store.labels("test")), amp)
+
+
+def checkpoint_tensors(fx: Federation) -> tuple[dict, dict]:
+    """(global trainable state, base weights FedEx-LoRA changed) as they are now."""
+    params = dict(fx.model.named_parameters())
+    base = {p.base: params[p.base] for p in lora_pairs(fx.model)} if fx.uses_products else {}
+    return trainable_state(fx.model), base
+
+
+def resume_state(fx: Federation, run_dir: Path) -> int:
+    """Load the last finished round's tensors into the model; returns the round to start at."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        return 1
+    round_, state, base = ckpt
+    load_state_(fx.model, {**state, **base})
+    return round_ + 1
+
+
+def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -> tuple[Federation, int]:
+    """Build the run's objects; a new run writes config and partition, a resumed one reloads them."""
+    if resume:
+        partition = load_partition(run_dir / "partition.json")
+    else:
+        if write:
+            start_run_dir(run_dir)
+        partition = None  # made from the seed alone, so every process makes the same one
+    fx = build_federation(cfg, run_dir, partition)
+    if write:
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        if not resume:
+            save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
+    return fx, resume_state(fx, run_dir) if resume else 1
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
+          hooks: Optional[RoundHooks] = None) -> dict:
+    """Run (or continue) a federation to `cfg.fed.rounds` rounds; returns the summary."""
+    hooks = hooks or RoundHooks()
+    run_dir = Path(run_dir)
+    fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
+    metrics = MetricsLog(run_dir, start) if hooks.is_writer else None
+    rounds = range(start, cfg.fed.rounds + 1)
+    bar = tqdm(rounds, desc="rounds", unit="round", disable=not (progress and hooks.is_writer))
+    try:
+        with explain_oom(fx.device):
+            for r in bar:
+                row = run_round(fx, r, progress and hooks.is_writer, hooks)
+                if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
+                    t0 = time.perf_counter()
+                    row["test_acc"], row["test_loss"] = hooks.evaluate(fx)
+                    row["eval_s"] = time.perf_counter() - t0
+                    bar.set_postfix(acc=f"{row['test_acc']:.3f}")
+                if metrics is not None:
+                    metrics.log(row)
+                    save_checkpoint(run_dir, r, *checkpoint_tensors(fx), seed=cfg.fed.seed)
+                log.info("round %d: %s", r, row)
+    finally:
+        fx.close()
+        if metrics is not None:
+            metrics.close()
+    return write_summary(run_dir, metrics.rows) if metrics is not None else {}
+
+
+def write_summary(run_dir: Path, rows: list[dict]) -> dict:
+    """summary.json: final and best accuracy, rounds done, total time."""
+    accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
+    summary = {"final_test_acc": accs[-1] if accs else None, "best_test_acc": max(accs) if accs else None,
+               "rounds": rows[-1]["round"] if rows else 0,
+               "total_time_s": sum(r["round_time_s"] + r.get("eval_s", 0.0) for r in rows)}
+    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2))
+    return summary

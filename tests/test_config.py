@@ -1,0 +1,97 @@
+"""The one configuration builder: defaults, presets, aliases, derived fields, validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dali_fl.config import (PRESETS, DataConfig, FederationConfig, LocalConfig, TrainConfig, merge_options,
+                            option_defaults, option_fields)
+from dali_fl.errors import DaliFlError
+from dali_fl.model import ModelSpec
+
+
+def test_defaults_are_the_dataclass_defaults():
+    cfg = TrainConfig.from_options({})
+    assert cfg.fed == FederationConfig() and cfg.local == LocalConfig() and cfg.data == DataConfig()
+    assert cfg.model == ModelSpec()
+    d = option_defaults()
+    assert d["rounds"] == FederationConfig().rounds and d["partition"] == FederationConfig().partition
+    assert d["model"] == ModelSpec().name and d["num_workers"] == DataConfig().num_workers
+
+
+def test_every_cli_train_option_default_comes_from_the_config():
+    from dali_fl.cli.train import train
+
+    d = option_defaults()
+    checked = 0
+    for param in train.params:
+        if param.name in d and param.name not in ("store", "device"):
+            assert param.default == d[param.name], param.name
+            checked += 1
+    assert checked >= 25  # every run option is on the command line
+
+
+def test_preset_then_explicit_options_win():
+    cfg = TrainConfig.from_options({"rounds": 3, "model_kwargs": "depth=1"}, preset="tiny-32")
+    tiny = PRESETS["tiny-32"]
+    assert cfg.fed.rounds == 3 and cfg.model.kwargs == {"depth": 1}  # explicit beats the preset
+    assert cfg.fed.num_users == tiny["num_users"] and cfg.local.lr == tiny["lr"]  # the preset beats defaults
+    assert cfg.fed.alpha == FederationConfig().alpha  # neither: the default
+    assert merge_options({"lr": 1.0}, "tiny-32")["lr"] == 1.0
+
+
+@pytest.mark.parametrize("alg,agg,variant,lora,frozen_a", [
+    ("fedavg", "fedit", "fedavg", False, False),
+    ("fedlora", "fedit", "fedlora-fedit", True, False),
+    ("fedlora", "ffa", "fedlora-ffa", True, True),
+    ("fedlora", "fedex", "fedlora-fedex", True, False),
+])
+def test_variant_and_derived_model_fields(alg, agg, variant, lora, frozen_a):
+    cfg = TrainConfig.from_options({"alg": alg, "lora_agg": agg})
+    assert cfg.fed.variant == variant
+    assert cfg.fed.aggregation == ("fedavg" if alg == "fedavg" else agg)
+    assert cfg.model.lora is lora and cfg.model.freeze_lora_a is frozen_a
+
+
+def test_aliases_are_resolved_in_the_builder():
+    cfg = TrainConfig.from_options({"model": "vit", "model_variant": "scratch", "lora_targets": "qkv, proj"})
+    assert cfg.model.name == "vit_base_patch16_224" and cfg.model.pretrained is False
+    assert cfg.model.lora_targets == ("qkv", "proj")
+
+
+def test_json_round_trip():
+    cfg = TrainConfig.from_options({"alg": "fedlora", "lora_agg": "fedex", "model_kwargs": "depth=2,patch_size=4",
+                                    "store": "s", "partition": "shards", "shards": 3})
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"bogus": 1}, ("--bogus", "unknown")),
+    ({"lora": True}, ("--lora",)),  # derived from --alg, never set directly
+    ({"alg": "fedsgd"}, ("--alg", "fedavg")),
+    ({"lora_agg": "mean"}, ("--lora-agg", "fedex")),
+    ({"partition": "random"}, ("--partition", "dirichlet")),
+    ({"loader": "pil"}, ("--loader", "memmap")),
+    ({"rounds": 0}, ("--rounds",)),
+    ({"rounds": 2.5}, ("--rounds", "integer")),
+    ({"seed": -1}, ("--seed", ">= 0")),
+    ({"weight_decay": -1.0}, ("--weight-decay",)),
+    ({"momentum": math.nan}, ("--momentum", "finite")),
+    ({"lr": math.inf}, ("--lr", "finite")),
+    ({"alpha": 0.0}, ("--alpha",)),
+    ({"frac": 1.5}, ("--frac",)),
+    ({"model_kwargs": "img_size=32"}, ("img_size", "store")),
+])
+def test_bad_options_are_one_clear_error(options, words):
+    with pytest.raises(DaliFlError) as err:
+        TrainConfig.from_options(options)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_option_names_are_unique_and_cover_every_section():
+    fields = option_fields()
+    assert {section for section, _ in fields.values()} == {"fed", "local", "model", "data"}
+    assert fields["model"] == ("model", "name") and fields["model_kwargs"] == ("model", "kwargs")
+    assert "lora" not in fields and "freeze_lora_a" not in fields
