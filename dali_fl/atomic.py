@@ -1,12 +1,38 @@
-"""Writing files so that readers see the old or the new content, never half of it."""
+"""Writing files and directories so that readers see the old or the new content, never half of it.
+
+One durability policy for everything dali-fl writes (store, checkpoint, config, partition,
+summary): the data is fsynced before the rename that publishes it, and the parent directory is
+fsynced after, so a crash or power cut leaves either the old version or the new one, whole.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from dali_fl.errors import DaliFlError
+
+log = logging.getLogger(__name__)
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a directory's entry and data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every regular file under `root`, then every directory, deepest first."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
@@ -20,12 +46,9 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
         raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
     try:
         write(Path(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename must not land before the data does
-        finally:
-            os.close(fd)
+        fsync_path(tmp)  # the rename must not land before the data does
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except OSError as err:
         raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
     finally:
@@ -36,3 +59,61 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
 def atomic_write_text(path: Path | str, text: str) -> None:
     """atomic_write of a UTF-8 text."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether another running process owns a temp or old directory (its id ends the name)."""
+    pid = name.rsplit("-", 1)[-1]
+    # This process's own leftovers come from an earlier call that was interrupted: not in use.
+    return pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
+
+
+def temp_dir_for(final: Path, whole: Callable[[Path], bool] = lambda p: True) -> Path:
+    """A fresh `.NAME.tmp-PID` directory beside `final`, after clearing what crashed writers left."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final, whole)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Publish the finished directory `tmp` as `final`; readers see the old one or the new one, whole.
+
+    Every file in `tmp` and `tmp` itself are fsynced first; an existing `final` is renamed to
+    `.NAME.old-PID` beside it; `tmp` is renamed to `final` and the parent is fsynced; only then
+    is the old copy deleted. A crash between the two renames leaves the old copy whole, and
+    `recover_dir` (called by every reader and writer of such a directory) puts it back.
+    """
+    sync_tree(tmp)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path, whole: Callable[[Path], bool] = lambda p: True) -> bool:
+    """Restore `final` from the old copy an interrupted `replace_dir` left; drop what crashes left.
+
+    `whole` tells a complete copy (e.g. one with its manifest) from debris. Returns True when a
+    copy was restored. Copies that belong to a live process are left alone.
+    """
+    olds = [p for p in final.parent.glob(f".{final.name}.old-*") if not _writer_alive(p.name)]
+    restored = False
+    candidates = [p for p in olds if whole(p)]
+    if not final.exists() and candidates:
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        newest.rename(final)
+        fsync_path(final.parent)
+        olds.remove(newest)
+        log.warning("restored %s from the copy an interrupted write left", final)
+        restored = True
+    temps = [p for p in final.parent.glob(f".{final.name}.tmp-*") if not _writer_alive(p.name)]
+    for stale in olds + temps:
+        log.info("removing %s, left by an interrupted write", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    return restored

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dali_fl.atomic import atomic_write_text
+from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for
 from dali_fl.errors import DaliFlError
 
 BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
@@ -26,29 +27,33 @@ def start_run_dir(run_dir: Path) -> None:
         raise DaliFlError(f"cannot create run directory {run_dir} ({err.strerror})") from None
 
 
+def _is_whole(checkpoint: Path) -> bool:
+    return (checkpoint / "meta.json").is_file() and (checkpoint / "state.safetensors").is_file()
+
+
 def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
                     base: dict[str, torch.Tensor], seed: int) -> None:
-    """Write checkpoint/ atomically: trainable state (+ changed base weights) and the round."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / ".checkpoint.tmp", run_dir / ".checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Write checkpoint/ atomically (atomic.replace_dir): trainable state (+ changed base weights) and the round."""
+    final = run_dir / "checkpoint"
+    tmp = temp_dir_for(final, _is_whole)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tensors.update({BASE_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in base.items()})
-    save_file(tensors, str(tmp / "state.safetensors"))
     # Every random stream is derived from (seed, round, client, epoch), so these two numbers are the RNG state.
-    atomic_write_text(tmp / "meta.json", json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1}}))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1}})
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "meta.json").write_text(meta)
+        replace_dir(tmp, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); free some space "
+                          f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)") from None
 
 
 def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
     """(round, trainable state, base weights) of the last finished round, or None before round 1."""
-    final, old = run_dir / "checkpoint", run_dir / ".checkpoint.old"
-    if not final.exists() and old.exists():
-        old.rename(final)  # killed between the two renames: the old checkpoint is whole
+    final = run_dir / "checkpoint"
+    recover_dir(final, _is_whole)  # killed between the two renames: the old checkpoint is whole
     if not final.exists():
         return None
     try:

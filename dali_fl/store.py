@@ -15,6 +15,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for
 from dali_fl.errors import DaliFlError
 from dali_fl.resize import METHODS, resize_batch, to_stored_dtype
 from dali_fl.sources import Source, SourceSplit
@@ -88,7 +89,7 @@ def _write_split(tmp: Path, split: str, data: SourceSplit, size: int, dtype: str
     img_file, lbl_file = f"{split}_images.npy", f"{split}_labels.npy"
     images_sha = _stream_images(tmp / img_file, data, size, dtype, method, progress, f"prep {split}")
     np.save(tmp / lbl_file, data.labels.astype(np.int64), allow_pickle=False)
-    _fsync(tmp / lbl_file)
+    fsync_path(tmp / lbl_file)
     return {"count": n,
             "images": {"file": img_file, "shape": [n, size, size, 3], "dtype": dtype, "sha256": images_sha},
             "labels": {"file": lbl_file, "shape": [n], "dtype": "int64",
@@ -138,15 +139,6 @@ def _write_block(f, digest, block: np.ndarray) -> None:
     digest.update(block.data)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk, so a store renamed into place survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def resize_rows(rows, size: int, method: str) -> np.ndarray:
     """Resize a batch read from a source; a list (mixed sizes) is resized image by image."""
     if isinstance(rows, list):
@@ -164,21 +156,17 @@ def check_prep_args(image_size: int, dtype: str, interpolation: str = "bilinear"
         raise DaliFlError(f"--dtype {dtype} is not supported; use uint8 (or float32 for benchmarks)")
 
 
+def _is_whole(store_dir: Path) -> bool:
+    """A store directory is complete once its manifest, written last, is there."""
+    return (store_dir / MANIFEST).is_file()
+
+
 def _make_tmp(final: Path) -> Path:
-    """Create the temporary sibling directory, clearing leftovers of interrupted runs."""
+    """Create the temporary sibling directory, clearing (or recovering) what interrupted runs left."""
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-            pid = stale.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-                log.info("removing %s, left by an interrupted prep", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        return temp_dir_for(final, _is_whole)
     except OSError as err:
         raise DaliFlError(f"cannot write to {final.parent} ({err.strerror}); choose another --out") from None
-    return tmp
 
 
 def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = "uint8",
@@ -186,6 +174,8 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     """Write (or find) the store for `source`; returns (path, whether it was written now)."""
     check_prep_args(image_size, dtype, interpolation)
     final = Path(out_dir) / store_name(source.name, image_size, dtype)
+    if final.parent.is_dir():
+        recover_dir(final, _is_whole)
     if (final.exists() or final.is_symlink()) and not final.is_dir():
         raise DaliFlError(f"{final} exists but is not a store directory; remove it or choose another --out")
     if final.exists() and not force:
@@ -205,7 +195,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
                     "classes": list(source.classes), "image_size": image_size, "dtype": dtype,
                     "interpolation": interpolation, "source_params": source.params, "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_into_place(tmp, final)
+        replace_dir(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DaliFlError(f"cannot write the store in {final.parent} ({err.strerror or err}); "
@@ -225,20 +215,14 @@ def _check_free_space(tmp: Path, source: Source, image_size: int, dtype: str) ->
                           "free some space, use a smaller --image-size or choose another --out")
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished store into place; an old store is removed only after that succeeds."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    _fsync(tmp)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --- opening and verifying ---------------------------------------------------------------
 
 def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        recover_dir(path, _is_whole)  # a `prep --force` killed between its renames left the old store whole
+    if path.exists() and not path.is_dir():
+        raise DaliFlError(f"store {path} is a file, not a store directory; pass the directory `dali-fl prep` "
+                          "printed (e.g. data/cifar10-224)")
     if not path.is_dir():
         raise DaliFlError(f"store {path} does not exist; create it with `dali-fl prep` "
                           "(e.g. dali-fl prep --source cifar10 --source-path DIR --image-size 224)")
