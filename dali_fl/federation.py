@@ -26,6 +26,10 @@ from dali_fl.model import load_state_, lora_pairs, trainable_state
 from dali_fl.partition import Partition
 from dali_fl.store import Store
 
+# --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
+RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
+                "--resume would keep these settings")
+
 
 def sample_clients(fed: FederationConfig, round_: int) -> np.ndarray:
     """The round's clients: depends on (seed, round) only, never on how many processes run."""
@@ -79,7 +83,7 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
                           derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device)
         if not math.isfinite(res.loss):
             raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {int(c)}; "
-                              "lower --lr or use --amp off/bf16; the last good checkpoint is kept")
+                              f"nothing of round {round_} was saved; {RESTART_HINT}")
         running.add(trainable_state(fx.model), res.num_samples)
         totals["loss_sum"] += res.loss * res.num_samples
         totals["data_wait_s"] += res.data_wait_s

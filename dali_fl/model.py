@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 MODEL_ALIASES = {"vit": "vit_base_patch16_224", "vit-b16": "vit_base_patch16_224"}
 DEFAULT_LORA_TARGETS = (r".*\.attn\.qkv", r".*\.attn\.proj")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+# timm kwargs that are sizes or counts: zero or negative values crash deep inside timm instead of failing clearly.
+POSITIVE_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "in_chans")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,24 @@ class ModelSpec:
             raise DaliFlError(f"--lora-r must be >= 1 and --lora-alpha > 0 (got {self.lora_r}, {self.lora_alpha})")
         if self.weights is not None and not str(self.weights).endswith(WEIGHT_SUFFIXES):
             raise DaliFlError(f"--weights {self.weights}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
+        for key in POSITIVE_KWARGS:
+            value = self.kwargs.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise DaliFlError(f"--model-kwargs {key}={value} must be a positive number")
+        if self.lora:
+            _check_lora_targets(self.lora_targets)
+
+
+def _check_lora_targets(targets: tuple[str, ...]) -> None:
+    """At least one target, and every regex among them compiles."""
+    if not targets:
+        raise DaliFlError("--lora-targets names no module; give comma-separated names or regexes (e.g. qkv,proj)")
+    for target in targets:
+        if _is_regex(target):
+            try:
+                re.compile(target)
+            except re.error as err:
+                raise DaliFlError(f"--lora-targets {target!r} is not a valid regular expression ({err})") from None
 
 
 def parse_model_kwargs(text: str) -> dict:
@@ -77,10 +97,28 @@ def _create(spec: ModelSpec, num_classes: int, img_size: int) -> nn.Module:
     if spec.weights is not None:
         if not Path(spec.weights).is_file():
             raise DaliFlError(f"--weights {spec.weights} does not exist")
+        return _create_from_file(spec, kwargs)
+    return _create_from_hub(spec.name, kwargs)
+
+
+def _create_from_file(spec: ModelSpec, kwargs: dict) -> nn.Module:
+    """timm's model with weights from a local file; unsafe or unreadable files are one clear error."""
+    import pickle
+
+    import timm
+    from safetensors import SafetensorError
+
+    try:
         # timm drops the mismatched classifier and resamples position embeddings for us.
         return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)},
                                  **kwargs)
-    return _create_from_hub(spec.name, kwargs)
+    except (pickle.UnpicklingError, SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError) as err:
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err).replace(" ", "_").lower():
+            # torch.load(weights_only=True) refused objects that could run code when unpickled.
+            raise DaliFlError(f"--weights {spec.weights} is a pickle holding more than tensors and is not loaded, "
+                              "for safety; convert it to .safetensors") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DaliFlError(f"--weights {spec.weights} cannot be read as {spec.name} weights ({first[:200]})") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -148,6 +186,10 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
             raise DaliFlError(f"--model-kwargs do not fit {spec.name}: {err}") from None
         except AssertionError as err:  # timm asserts e.g. that img_size is divisible by patch_size
             raise DaliFlError(f"{spec.name} cannot take {img_size}px input with these kwargs ({err})") from None
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise DaliFlError(f"cannot build {spec.name} for {img_size}px images with --model-kwargs "
+                              f"{spec.kwargs} ({first})") from None
         if spec.lora:
             model = apply_lora(model, spec)
     return model
@@ -199,6 +241,10 @@ def load_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing = [n for n in state if n not in params]
     if missing:
         raise DaliFlError(f"checkpoint tensors do not fit this model (e.g. {missing[0]}); same --model and --alg?")
+    wrong = [n for n, v in state.items() if tuple(v.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise DaliFlError(f"checkpoint tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model's "
+                          f"has {tuple(params[wrong[0]].shape)}; the checkpoint does not belong to this run")
     for name, value in state.items():
         params[name].copy_(value)
 

@@ -150,6 +150,8 @@ def make_partition(labels: np.ndarray, num_users: int, method: str = "iid", *, s
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 1
     _check_args(len(labels), num_users, method, alpha, shards_per_client, min_size)
+    if not _is_int(seed) or seed < 0:
+        raise DaliFlError(f"--seed must be a non-negative integer (got {seed!r})")
     rng = np.random.default_rng(seed)
     if method == "iid":
         clients, params = _iid(len(labels), num_users, rng), {}

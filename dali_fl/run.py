@@ -1,8 +1,10 @@
 """A run's lifecycle: build the federation, start or resume its directory, loop, summarize."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,29 +16,25 @@ from dali_fl.atomic import atomic_write_text
 from dali_fl.config import TrainConfig
 from dali_fl.device import amp_dtype, explain_oom, resolve_device
 from dali_fl.errors import DaliFlError
-from dali_fl.federation import Federation, RoundHooks, run_round
+from dali_fl.federation import RESTART_HINT, Federation, RoundHooks, run_round
 from dali_fl.loaders import loader_class, make_loader
 from dali_fl.model import build_model, load_state_, lora_pairs, trainable_state
 from dali_fl.normalize import from_model
 from dali_fl.partition import Partition, load_partition, make_partition, save_partition
-from dali_fl.rundir import MetricsLog, load_checkpoint, save_checkpoint, start_run_dir
+from dali_fl.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def build_federation(cfg: TrainConfig, run_dir: Path, partition: Optional[Partition]) -> Federation:
-    """Open the store, partition it (or reuse the saved partition), build model and loaders."""
+def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[Path] = None) -> Federation:
+    """Open the store, partition it (or load and check the saved partition), build model and loaders."""
     device = resolve_device(None, cfg.data.device)
     if cfg.data.data_on_gpu and device.type != "cuda":
         raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")
     kind = loader_class(cfg.data.loader)
     store = kind.open_store(cfg.data.store)
     model = build_model(cfg.model, store.num_classes, store.image_size, cfg.fed.seed).to(device)
-    fed = cfg.fed
-    if partition is None:
-        partition = make_partition(store.labels("train"), fed.num_users, fed.partition, seed=fed.seed,
-                                   alpha=fed.alpha, shards_per_client=fed.shards, min_size=fed.min_size,
-                                   num_classes=store.num_classes)
+    partition = _partition(cfg, store, saved_partition)
     amp = amp_dtype(cfg.data.amp, device)
     common = dict(device=device, norm=from_model(model), data_on_gpu=cfg.data.data_on_gpu,
                   out_dtype=torch.float16 if amp == torch.float16 else torch.float32,
@@ -48,11 +46,32 @@ def build_federation(cfg: TrainConfig, run_dir: Path, partition: Optional[Partit
                       len(store.labels("test")), amp)
 
 
+def _partition(cfg: TrainConfig, store, saved: Optional[Path]) -> Partition:
+    """The run's partition: made from the seed alone (so every process makes the same one) or loaded."""
+    fed, labels = cfg.fed, store.labels("train")
+    if saved is None:
+        return make_partition(labels, fed.num_users, fed.partition, seed=fed.seed, alpha=fed.alpha,
+                              shards_per_client=fed.shards, min_size=fed.min_size, num_classes=store.num_classes)
+    partition = load_partition(saved, num_samples=len(labels))
+    if partition.num_clients != fed.num_users:
+        raise DaliFlError(f"partition file {saved} holds {partition.num_clients} clients but the run has "
+                          f"{fed.num_users}; it was not written by this run")
+    return partition
+
+
 def checkpoint_tensors(fx: Federation) -> tuple[dict, dict]:
     """(global trainable state, base weights FedEx-LoRA changed) as they are now."""
     params = dict(fx.model.named_parameters())
     base = {p.base: params[p.base] for p in lora_pairs(fx.model)} if fx.uses_products else {}
     return trainable_state(fx.model), base
+
+
+def check_finite(tensors: dict[str, torch.Tensor], round_: int) -> None:
+    """Refuse to save a round whose aggregated weights hold NaN or inf."""
+    bad = next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise DaliFlError(f"round {round_} left non-finite weights (NaN/inf in {bad}), so it was not saved; "
+                          f"{RESTART_HINT}")
 
 
 def resume_state(fx: Federation, run_dir: Path) -> int:
@@ -61,47 +80,69 @@ def resume_state(fx: Federation, run_dir: Path) -> int:
     if ckpt is None:
         return 1
     round_, state, base = ckpt
+    missing = sorted(set(trainable_state(fx.model)) - set(state))
+    if missing:
+        raise DaliFlError(f"{run_dir / 'checkpoint'} lacks {missing[0]}; it does not belong to this run")
     load_state_(fx.model, {**state, **base})
     return round_ + 1
 
 
 def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -> tuple[Federation, int]:
-    """Build the run's objects; a new run writes config and partition, a resumed one reloads them."""
-    if resume:
-        partition = load_partition(run_dir / "partition.json")
-    else:
+    """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
+    if write and not resume:
+        check_fresh(run_dir)
+    fx = build_federation(cfg, run_dir, run_dir / "partition.json" if resume else None)
+    try:
+        start = resume_state(fx, run_dir) if resume else 1
+        if start > cfg.fed.rounds + 1:
+            raise DaliFlError(f"{run_dir} already finished round {start - 1}; --rounds {cfg.fed.rounds} would go "
+                              f"back; give --rounds {start - 1} or more")
         if write:
-            start_run_dir(run_dir)
-        partition = None  # made from the seed alone, so every process makes the same one
-    fx = build_federation(cfg, run_dir, partition)
-    if write:
-        atomic_write_text(run_dir / "config.json", cfg.to_json())
-        if not resume:
-            save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
-    return fx, resume_state(fx, run_dir) if resume else 1
+            if not resume:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
+            # Written last: a directory with config.json is a run that --resume can continue.
+            atomic_write_text(run_dir / "config.json", cfg.to_json())
+    except BaseException:
+        fx.close()
+        raise
+    return fx, start
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
           hooks: Optional[RoundHooks] = None) -> dict:
-    """Run (or continue) a federation to `cfg.fed.rounds` rounds; returns the summary."""
+    """Run (or continue) a federation to `cfg.fed.rounds` rounds, holding the run directory; returns the summary."""
     hooks = hooks or RoundHooks()
     run_dir = Path(run_dir)
-    fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
+    created = hooks.is_writer and not resume and not run_dir.exists()
+    with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
+        try:
+            fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
+        except BaseException:
+            if created and not (run_dir / "config.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing of this run exists yet: leave no directory
+            raise
+        return _loop(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
+
+
+def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress: bool, hooks: RoundHooks) -> dict:
+    """Rounds `start`..`cfg.fed.rounds`: train, evaluate, log and checkpoint each; then the summary."""
     metrics = MetricsLog(run_dir, start) if hooks.is_writer else None
-    rounds = range(start, cfg.fed.rounds + 1)
-    bar = tqdm(rounds, desc="rounds", unit="round", disable=not (progress and hooks.is_writer))
+    bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", unit="round", disable=not progress)
     try:
         with explain_oom(fx.device):
             for r in bar:
-                row = run_round(fx, r, progress and hooks.is_writer, hooks)
+                row = run_round(fx, r, progress, hooks)
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
                     t0 = time.perf_counter()
                     row["test_acc"], row["test_loss"] = hooks.evaluate(fx)
                     row["eval_s"] = time.perf_counter() - t0
                     bar.set_postfix(acc=f"{row['test_acc']:.3f}")
+                state, base = checkpoint_tensors(fx)
+                check_finite({**state, **base}, r)
                 if metrics is not None:
                     metrics.log(row)
-                    save_checkpoint(run_dir, r, *checkpoint_tensors(fx), seed=cfg.fed.seed)
+                    save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed)
                 log.info("round %d: %s", r, row)
     finally:
         fx.close()

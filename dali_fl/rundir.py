@@ -1,6 +1,7 @@
 """The run directory: config, partition, metrics.jsonl, TensorBoard, atomic checkpoint, summary."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -17,14 +18,48 @@ from dali_fl.errors import DaliFlError
 BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
 
 
-def start_run_dir(run_dir: Path) -> None:
-    """Create a fresh run directory; refuse to overwrite an existing run."""
+LOCK = ".lock"
+
+
+class RunLock:
+    """Exclusive hold on a run directory for a whole run (an flock on RUN_DIR/.lock).
+
+    The kernel drops an flock when its process dies, so a kill -9 leaves no stale lock; the
+    holder's pid is written into the file only so that a refused second writer can name it.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise DaliFlError(f"cannot create run directory {self.run_dir} ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaliFlError(f"{self.run_dir} is in use by another dali-fl train (process {holder}); wait for it "
+                              "to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays, as removing it would race a new holder
+            self.fd = None
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to start a new run where one was started (config.json, written last, marks it)."""
     if (run_dir / "config.json").exists():
         raise DaliFlError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DaliFlError(f"cannot create run directory {run_dir} ({err.strerror})") from None
 
 
 def _is_whole(checkpoint: Path) -> bool:
@@ -61,9 +96,12 @@ def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
         tensors = load_file(str(final / "state.safetensors"))
     except Exception as err:
         raise DaliFlError(f"{final} is unreadable ({type(err).__name__}); the run cannot be resumed") from None
+    round_ = meta.get("round") if isinstance(meta, dict) else None
+    if type(round_) is not int or round_ < 1:
+        raise DaliFlError(f"{final / 'meta.json'} holds no valid round ({round_!r}); the run cannot be resumed")
     state = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}
     base = {k[len(BASE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
-    return int(meta["round"]), state, base
+    return round_, state, base
 
 
 class MetricsLog:
@@ -96,11 +134,17 @@ class MetricsLog:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rounds logged so far (a torn last line from a crash is ignored)."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
     rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and type(row.get("round")) is int:
+            rows.append(row)
+        elif n < len(lines):  # only the last line can be torn by a crash; anything else was edited
+            raise DaliFlError(f"{path} line {n} is not a round record; fix or delete that line")
     return rows

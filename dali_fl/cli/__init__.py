@@ -17,6 +17,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # click's own three-line form, made one line like every other error
+            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            click.echo(f"error: {err.format_message()} (see `dali-fl{command} --help`)", err=True)
+            ctx.exit(EXIT_USER_ERROR)
         except DaliFlError as err:
             rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
             click.echo(f"error: {rank}{err}", err=True)

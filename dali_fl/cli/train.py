@@ -27,7 +27,7 @@ def _options(f):
     """All train options; defaults come from the config dataclasses, the seed's underscore spellings are aliases."""
     d = option_defaults()
     opts = [
-        O("--store", type=click.Path(path_type=Path), help="Store made by `dali-fl prep` (or use --dataset)."),
+        O("--store", type=click.Path(path_type=Path), help="Store made by `dali-fl prep` (or use --dataset); config.json keeps its absolute path."),
         O("--dataset", help="Seed style: find the store prep made for this source (cifar = cifar10) in --data-dir."),
         O("--image-size", "--image_size", type=int, help="With --dataset: which store; with --store: a check."),
         O("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
@@ -88,7 +88,7 @@ def _options(f):
         O("--preset", type=click.Choice(sorted(PRESETS)), help="Named configuration; explicit flags override it."),
         O("--resume", type=click.Path(path_type=Path), help="Continue RUN_DIR from its last finished round."),
         O("--quiet", is_flag=True, help="No progress bars."),
-        O("--nproc", type=int, default=1, show_default=True,
+        O("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
           help="Processes on this machine, one per GPU (gloo on CPU without GPUs); launches torchrun."),
     ]
     for opt in reversed(opts):
@@ -121,12 +121,12 @@ def _resolve_store(p: dict) -> str:
         if not path.exists():
             raise DaliFlError(f"no {source} store at {size}px in {p['data_dir']}; make it with `dali-fl prep "
                               f"--source {source} --source-path PATH --image-size {size} --out {p['data_dir']}`")
-        return str(path)
+        return str(path.absolute())
     store = open_store(p["store"])
     if p["image_size"] is not None and p["image_size"] != store.image_size:
         raise DaliFlError(f"--image-size {p['image_size']} but {p['store']} holds {store.image_size}px images; "
                           f"run `dali-fl prep --image-size {p['image_size']}` or drop --image-size")
-    return str(p["store"])
+    return str(Path(p["store"]).absolute())  # so --resume works from any working directory
 
 
 def _config(p: dict, device: str) -> TrainConfig:

@@ -1,0 +1,228 @@
+"""The run directory's guarantees: one writer, nothing NaN or half-made saved, tampered files refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dali_fl.errors import DaliFlError
+from dali_fl.rundir import RunLock
+from dali_fl.sources import load_synthetic
+from dali_fl.store import write_store
+
+TINY = ["--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2", "--no-pretrained", "--num-users", "4",
+        "--frac", "0.5", "--partition", "iid", "--device", "cpu", "--quiet", "--loader", "memmap",
+        "--num-workers", "0", "--alg", "fedlora", "--lora-r", "2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stores")
+    path, _ = write_store(load_synthetic(200, 50, seed=0), root, 16, progress=False)
+    return path
+
+
+def _train(invoke, store, out, *extra):
+    return invoke("train", "--store", store, "--out", out, *TINY, *extra)
+
+
+def _finished(invoke, store, out, rounds=2):
+    result = _train(invoke, store, out, "--rounds", rounds)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_second_holder_of_a_run_directory_is_refused_and_named(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(DaliFlError, match=f"in use by another dali-fl train \\(process {os.getpid()}\\)"):
+            with RunLock(tmp_path / "run"):
+                pass
+    with RunLock(tmp_path / "run"):  # released on exit: the next holder gets it at once
+        pass
+
+
+def _cli(*args: object, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dali_fl", "train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 300.0) -> None:
+    """Until `path` exists, failing early (with the process's stderr) if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_two_real_processes_on_one_out_only_one_runs_and_a_killed_holder_frees_it(store, tmp_path):
+    out = tmp_path / "run"
+    first = _cli("--store", store, "--out", out, *TINY, "--rounds", 500)
+    try:
+        _wait_for(first, out / "config.json")
+        second = _cli("--store", store, "--out", out, *TINY, "--rounds", 1)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2 and err.strip().splitlines() == [
+            f"error: {out} is in use by another dali-fl train (process {first.pid}); wait for it to finish "
+            "or choose another --out"]
+        resumed = _cli("--resume", out, "--quiet")
+        _, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 2 and f"process {first.pid}" in err
+        assert first.poll() is None, "the first run must still be running"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    meta = out / "checkpoint" / "meta.json"
+    done = json.loads(meta.read_text())["round"] if meta.exists() else 0
+    again = _cli("--resume", out, "--rounds", done + 1, "--quiet")  # takes the lock at once: kill -9 left none
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+
+
+def test_non_finite_weights_with_a_finite_loss_are_not_saved(invoke, assert_user_error, store, tmp_path,
+                                                             monkeypatch):
+    import dali_fl.federation as fed
+
+    real = fed.local_train
+
+    def poisoning(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return result  # the loss it reports is still finite
+
+    monkeypatch.setattr(fed, "local_train", poisoning)
+    assert_user_error(_train(invoke, store, tmp_path / "r", "--rounds", 2), "round 1", "non-finite", "not saved")
+    assert not (tmp_path / "r" / "checkpoint").exists()
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--seed", "-1"), ("--seed",)),
+    (("--weight-decay", "-1"), ("--weight-decay",)),
+    (("--momentum", "nan", "--optimizer", "sgd"), ("--momentum", "finite")),
+    (("--model-kwargs", "patch_size=0"), ("patch_size=0", "positive")),
+    (("--model-kwargs", "patch_size=4,depth=-1"), ("depth=-1", "positive")),
+    (("--model-kwargs", "patch_size=4,embed_dim=0"), ("embed_dim=0", "positive")),
+    (("--model-kwargs", "patch_size=4,embed_dim=30,num_heads=4"), ("vit_base_patch16_224",)),
+    (("--lora-targets", "["), ("'['", "regular expression")),
+    (("--lora-targets", ","), ("--lora-targets", "no module")),
+    (("--nproc", "0"), ("--nproc", "x>=1")),
+    (("--nproc", "-2"), ("--nproc", "x>=1")),
+    (("--alg", "bogus"), ("--alg", "'fedavg', 'fedlora'")),
+    (("--preset", "nope"), ("--preset", "tiny-32")),
+    (("--image-size", "x"), ("--image-size", "not a valid integer")),
+])
+def test_bad_options_fail_in_one_line_before_any_directory_exists(invoke, assert_user_error, store, tmp_path,
+                                                                 args, words):
+    assert_user_error(_train(invoke, store, tmp_path / "r", "--rounds", 1, *args), *words)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (("prep", "--source", "bogus"), ("--source", "'synthetic'")),
+    (("prep", "--image-size", "abc"), ("--image-size", "integer")),
+    (("partition", "STORE", "--num-users", "4", "--seed", "-1"), ("--seed",)),
+    (("trian",), ("trian", "train")),
+])
+def test_usage_errors_are_one_line_with_the_choices(invoke, assert_user_error, store, args, words):
+    assert_user_error(invoke(*[store if a == "STORE" else a for a in args]), *words)
+
+
+def test_a_run_killed_before_its_config_starts_fresh_and_one_killed_after_resumes(invoke, store, tmp_path,
+                                                                                  monkeypatch):
+    import dali_fl.run as run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "atomic_write_text", killed)  # after the partition, before config.json
+    assert _train(invoke, store, tmp_path / "r", "--rounds", 1).exit_code == 2
+    monkeypatch.undo()
+    assert not (tmp_path / "r" / "config.json").exists()
+    _finished(invoke, store, tmp_path / "r", rounds=1)  # a fresh run takes the directory
+
+    import dali_fl.federation as fed
+
+    monkeypatch.setattr(fed, "local_train", killed)  # config.json written, no round finished
+    assert _train(invoke, store, tmp_path / "s", "--rounds", 1).exit_code == 2
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "config.json").exists() and not (tmp_path / "s" / "checkpoint").exists()
+    result = invoke("train", "--resume", tmp_path / "s", "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_cannot_go_below_the_finished_rounds(invoke, assert_user_error, store, tmp_path):
+    run = _finished(invoke, store, tmp_path / "r", rounds=2)
+    config = (run / "config.json").read_text()
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 1), "finished round 2", "--rounds 2")
+    assert (run / "config.json").read_text() == config
+
+
+def test_a_relative_store_is_saved_absolute_so_resume_works_from_elsewhere(invoke, store, tmp_path, monkeypatch):
+    monkeypatch.chdir(store.parent)
+    _finished(invoke, Path(store.name), tmp_path / "r", rounds=1)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["store"] == str(store)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--resume", tmp_path / "r", "--rounds", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+def _tamper_partition(run: Path) -> None:
+    doc = json.loads((run / "partition.json").read_text())
+    doc["clients"][0]["indices"][-1] = 10**6
+    (run / "partition.json").write_text(json.dumps(doc))
+
+
+def _tamper_meta(content: str):
+    return lambda run: (run / "checkpoint" / "meta.json").write_text(content)
+
+
+def _wrong_shape(run: Path) -> None:
+    path = run / "checkpoint" / "state.safetensors"
+    tensors = load_file(str(path))
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(3, 3, 3)
+    save_file(tensors, str(path))
+
+
+def _non_object_metrics_line(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
+
+
+@pytest.mark.parametrize("tamper,words", [
+    (_tamper_partition, ("partition.json", "out of range")),
+    (_tamper_meta("{}"), ("meta.json", "no valid round")),
+    (_tamper_meta('{"round": "2"}'), ("meta.json", "no valid round")),
+    (_wrong_shape, ("shape", "does not belong")),
+    (_non_object_metrics_line, ("metrics.jsonl line 2",)),
+])
+def test_tampered_run_files_are_refused_on_resume(invoke, assert_user_error, store, tmp_path, tamper, words):
+    run = _finished(invoke, store, tmp_path / "r", rounds=2)
+    tamper(run)
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 3), *words)
+
+
+class _NotATensor:
+    pass
+
+
+def test_unsafe_or_garbage_weights_are_one_line(invoke, assert_user_error, tmp_path):
+    store, _ = write_store(load_synthetic(8, 4, seed=0), tmp_path, 224, progress=False)  # pretrained ViTs want 224
+    torch.save({"model": _NotATensor()}, tmp_path / "pickled.pth")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    common = ("--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
+              "--device", "cpu", "--num-users", "2", "--rounds", "1")
+    for weights, words in (("pickled.pth", ("pickle", "safetensors")), ("garbage.safetensors", ("cannot be read",))):
+        result = invoke("train", "--store", store, "--out", tmp_path / "r", *common, "--weights", tmp_path / weights)
+        assert_user_error(result, weights, *words)
