@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Loader benchmark: one simulated FL round of loading (no model) through each loader kind.
 
 Each kind runs in its own child process so that its CPU time and memory are its own: images/s,
@@ -6,42 +5,76 @@ CPU core-seconds per 1,000 images over every process the loader started, peak RS
 process tree, and the time to switch from one client to the next. Warm-up round first, then the
 median of --repeats rounds.
 
-    python benchmarks/bench_loader.py --image-size 224 --num-images 3000 --device cpu
+    python -m benchmarks.bench_loader --image-size 224 --num-images 3000 --device cpu
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import re
+import dataclasses
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import machine_info, tree_cpu_seconds  # noqa: E402
+from typing import Any, Optional
 
 import numpy as np
-import psutil
 import torch
 
+from benchmarks.child import add_child_flag, run_child, serve_child
+from benchmarks.measure import MIB, ROOT, command_line, machine_info, shown_path, tree_cpu_seconds
+from benchmarks.report import results_dir, table, write_results
+from benchmarks.sampler import Sampler
 from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, make_loader
 from dali_fl.normalize import IMAGENET
 from dali_fl.sources import load_synthetic
 from dali_fl.store import open_store, write_store
 
-ROOT = Path(__file__).resolve().parent.parent
-MIB = 1 << 20
+MODULE = "benchmarks.bench_loader"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+@dataclass(frozen=True)
+class Settings:
+    """One run's settings, in the order the results record them."""
+
+    image_size: int
+    num_images: int
+    clients: int
+    samples_per_client: int
+    local_ep: int
+    batch_size: int
+    repeats: int
+    kinds: tuple[str, ...]
+    device: str
+    augment: bool
+    dtype: str
+    workers: int
+    data_on_gpu: bool
+    data_dir: Path
+    out: Optional[Path]
+    seed: int
+
+    def __post_init__(self) -> None:
+        # JSON (the child's spec) brings lists and strings back; paths absolute because children run
+        # from the repository root, not the caller's directory
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
+        object.__setattr__(self, "out", None if self.out is None else Path(self.out).resolve())
+
+    def as_json(self) -> dict:
+        """Every field in JSON types, for the child's spec."""
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    def record(self, out: Path) -> dict:
+        """The settings as the results keep them: paths relative to the repository, `out` the folder used."""
+        return {**self.as_json(), "data_dir": shown_path(self.data_dir), "out": shown_path(out)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image-size", type=int, default=224, help="side of the stored images")
     p.add_argument("--num-images", type=int, default=3000, help="synthetic train images")
@@ -54,62 +87,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (padding 4) + flip, as in training")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="loader output dtype")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="loader output dtype")
     p.add_argument("--workers", type=int, default=LoaderWorkers().num_workers,
                    help="DataLoader workers of the memmap kind (memmap-seed keeps the seed's 4)")
     p.add_argument("--data-on-gpu", action="store_true", help="dali: keep the split in GPU memory")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench", help="where stores go")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                   help="results directory")
+    p.add_argument("--out", type=Path, help="results folder; unset: benchmarks/results/<machine>-<date>")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--one-kind", help=argparse.SUPPRESS)  # internal: measure one kind, print JSON
-    args = p.parse_args(argv)
-    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in args.kinds if k not in LOADER_KINDS]
+    add_child_flag(p)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """The run's settings from the parsed flags, or a usage error."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in LOADER_KINDS]
     if bad:
-        p.error(f"unknown kinds {bad}; choose from {', '.join(LOADER_KINDS)}")
+        parser.error(f"unknown kinds {bad}; choose from {', '.join(LOADER_KINDS)}")
     if args.clients * args.samples_per_client > args.num_images:
-        p.error("--clients x --samples-per-client exceeds --num-images (an IID split is disjoint)")
+        parser.error("--clients x --samples-per-client exceeds --num-images (an IID split is disjoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available here")
-    return args
-
-
-# --- measurement helpers ---------------------------------------------------------------------
-
-
-class TreeMemory(threading.Thread):
-    """Samples RSS and PSS summed over the process tree; keeps the peaks."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
-        self.own_cpu = 0.0  # this thread's CPU time, subtracted from the loader's
-        self._stop_event = threading.Event()
-
-    def sample(self) -> tuple[int, int]:
-        me = psutil.Process()
-        rss = pss = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                info = proc.memory_full_info()
-                rss, pss = rss + info.rss, pss + info.pss
-            except psutil.Error:
-                pass
-        return rss, pss
-
-    def run(self) -> None:
-        start = time.thread_time()
-        while not self._stop_event.is_set():
-            rss, pss = self.sample()
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            self.own_cpu = time.thread_time() - start
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+        parser.error("--device cuda but CUDA is not available here")
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    return Settings(**{**fields, "kinds": kinds})
 
 
 def iid_clients(num_images: int, clients: int, per_client: int, seed: int) -> list[np.ndarray]:
@@ -118,7 +118,7 @@ def iid_clients(num_images: int, clients: int, per_client: int, seed: int) -> li
     return [np.sort(c) for c in perm.reshape(clients, per_client)]
 
 
-def run_round(loader, clients: list[np.ndarray], local_ep: int, round_no: int,
+def run_round(loader: Any, clients: list[np.ndarray], local_ep: int, round_no: int,
               device: torch.device) -> tuple[int, float, list[float]]:
     """One round of loading; returns (images, seconds, client-switch seconds)."""
     images, switches, last = 0, [], None
@@ -137,36 +137,33 @@ def run_round(loader, clients: list[np.ndarray], local_ep: int, round_no: int,
     return images, time.perf_counter() - start, switches
 
 
-# --- one kind (child process) ----------------------------------------------------------------
-
-def measure_kind(args: argparse.Namespace, kind: str) -> dict:
+def measure_kind(s: Settings, kind: str, store_path: str) -> dict:
     """Build the kind's loader once, warm up one round, then measure --repeats rounds."""
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
-    device = torch.device(args.device)
-    store = open_store(args.store_paths[kind])
-    clients = iid_clients(store.manifest["splits"]["train"]["count"], args.clients,
-                          args.samples_per_client, args.seed)
-    memory = TreeMemory()
+    device = torch.device(s.device)
+    store = open_store(store_path)
+    clients = iid_clients(store.manifest["splits"]["train"]["count"], s.clients, s.samples_per_client, s.seed)
+    memory = Sampler(interval=0.2, pss_every_s=0)  # short rounds: PSS at every sample
     memory.start()
     t0 = time.perf_counter()
-    workers = LoaderWorkers(num_workers=args.workers) if kind == "memmap" else None
-    loader = make_loader(kind, store, "train", batch_size=args.batch_size, device=device,
-                         norm=IMAGENET, augment=args.augment, out_dtype=getattr(torch, args.dtype),
-                         data_on_gpu=args.data_on_gpu and kind == "dali", workers=workers)
+    workers = LoaderWorkers(num_workers=s.workers) if kind == "memmap" else None
+    loader = make_loader(kind, store, "train", batch_size=s.batch_size, device=device,
+                         norm=IMAGENET, augment=s.augment, out_dtype=getattr(torch, s.dtype),
+                         data_on_gpu=s.data_on_gpu and kind == "dali", workers=workers)
     build_s = time.perf_counter() - t0
-    run_round(loader, clients, args.local_ep, 0, device)  # warm-up: page cache, workers, allocators
+    run_round(loader, clients, s.local_ep, 0, device)  # warm-up: page cache, workers, allocators
     rounds = []
-    for r in range(1, args.repeats + 1):
+    for r in range(1, s.repeats + 1):
         cpu0, mem_cpu0 = tree_cpu_seconds(), memory.own_cpu
-        n, secs, switches = run_round(loader, clients, args.local_ep, r, device)
+        n, secs, switches = run_round(loader, clients, s.local_ep, r, device)
         cpu = tree_cpu_seconds() - cpu0 - (memory.own_cpu - mem_cpu0)
         rounds.append({"images": n, "seconds": secs, "cpu_seconds": cpu, "switch_s": switches})
     loader.close()
     memory.stop()
-    return summarize(kind, build_s, rounds, memory)
+    return summarize(kind, build_s, rounds, memory.peak)
 
 
-def summarize(kind: str, build_s: float, rounds: list[dict], memory: TreeMemory) -> dict:
+def summarize(kind: str, build_s: float, rounds: list[dict], peak: dict[str, int]) -> dict:
     """Medians over the measured rounds."""
     med = statistics.median
     switches = [s for r in rounds for s in r["switch_s"]]
@@ -174,88 +171,75 @@ def summarize(kind: str, build_s: float, rounds: list[dict], memory: TreeMemory)
             "images_per_s": med(r["images"] / r["seconds"] for r in rounds),
             "cpu_core_s_per_1k": med(1000 * r["cpu_seconds"] / r["images"] for r in rounds),
             "switch_ms": 1000 * med(switches) if switches else None,
-            "peak_rss_mib": memory.peak_rss / MIB, "peak_pss_mib": memory.peak_pss / MIB,
+            "peak_rss_mib": peak["rss"] / MIB, "peak_pss_mib": peak["pss"] / MIB,
             "rounds": rounds}
 
 
-# --- parent: stores, children, report ----------------------------------------------------------
+def measure_in_child(settings: dict, task: dict) -> dict:
+    """The child's side of run_child: one kind under the parent's settings."""
+    return measure_kind(Settings(**settings), task["kind"], task["store"])
 
-def prepare_stores(args: argparse.Namespace) -> dict[str, str]:
+
+def prepare_stores(s: Settings) -> dict[str, str]:
     """Build (or reuse) the uint8 store, and the float32 one when memmap-seed is measured."""
-    source = load_synthetic(args.num_images, 1, seed=args.seed)
+    source = load_synthetic(s.num_images, 1, seed=s.seed)
     paths = {}
-    for dtype in sorted({"float32" if k == "memmap-seed" else "uint8" for k in args.kinds}):
-        path, written = write_store(source, args.data_dir, args.image_size, dtype=dtype,
-                                    progress=True)
+    for dtype in sorted({"float32" if k == "memmap-seed" else "uint8" for k in s.kinds}):
+        path, written = write_store(source, s.data_dir, s.image_size, dtype=dtype, progress=True)
         print(f"{'wrote' if written else 'reusing'} {dtype} store {path}", file=sys.stderr)
         paths[dtype] = str(path)
-    return {k: paths["float32" if k == "memmap-seed" else "uint8"] for k in args.kinds}
+    return {k: paths["float32" if k == "memmap-seed" else "uint8"] for k in s.kinds}
 
 
-def run_children(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+def run_children(s: Settings, stores: dict[str, str]) -> list[dict]:
     """Measure each kind in a fresh interpreter, so nothing of one kind's run counts for another."""
     results = []
-    for kind in args.kinds:
-        with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-            cmd = [sys.executable, __file__, *argv, "--one-kind", kind]
-            env = {**os.environ, "BENCH_STORES": json.dumps(args.store_paths),
-                   "BENCH_OUT": out.name}
-            print(f"measuring {kind} ...", file=sys.stderr)
-            subprocess.run(cmd, check=True, env=env)
-            results.append(json.load(open(out.name)))
+    for kind in s.kinds:
+        print(f"measuring {kind} ...", file=sys.stderr)
+        results.append(run_child(MODULE, s.as_json(), {"kind": kind, "store": stores[kind]}))
     return results
 
 
-
-def markdown(results: list[dict], machine: dict, args: argparse.Namespace, command: str) -> str:
+def markdown(results: list[dict], machine: dict, s: Settings, command: str) -> str:
     """The results as a markdown table with its command and machine."""
     m = machine
-    lines = [f"`{command}`", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM, "
-             f"GPU: {m['gpu'] or 'none'}; device `{m['device']}`; torch {m['torch']}, "
-             f"DALI {m['dali']}. {args.clients} clients x {args.samples_per_client} samples x "
-             f"{args.local_ep} local epochs, batch {args.batch_size}, {args.image_size} px, "
-             f"augment {'on' if args.augment else 'off'}, {args.dtype}; "
-             f"median of {args.repeats} rounds after a warm-up round.", "",
-             "| loader | images/s | CPU core-s / 1k images | peak RSS (MiB) | peak PSS (MiB) "
-             "| client switch (ms) | build (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        switch = f"{r['switch_ms']:.1f}" if r["switch_ms"] is not None else "n/a"
-        lines.append(f"| {r['kind']} | {r['images_per_s']:.0f} | {r['cpu_core_s_per_1k']:.2f} "
-                     f"| {r['peak_rss_mib']:.0f} | {r['peak_pss_mib']:.0f} | {switch} "
-                     f"| {r['build_s']:.2f} |")
-    return "\n".join(lines) + "\n"
+    rows = ([r["kind"], f"{r['images_per_s']:.0f}", f"{r['cpu_core_s_per_1k']:.2f}", f"{r['peak_rss_mib']:.0f}",
+             f"{r['peak_pss_mib']:.0f}", f"{r['switch_ms']:.1f}" if r["switch_ms"] is not None else "n/a",
+             f"{r['build_s']:.2f}"] for r in results)
+    return "\n".join([
+        f"`{command}`", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM, "
+        f"GPU: {m['gpu'] or 'none'}; device `{m['device']}`; torch {m['torch']}, "
+        f"DALI {m['dali']}. {s.clients} clients x {s.samples_per_client} samples x "
+        f"{s.local_ep} local epochs, batch {s.batch_size}, {s.image_size} px, "
+        f"augment {'on' if s.augment else 'off'}, {s.dtype}; "
+        f"median of {s.repeats} rounds after a warm-up round.", "",
+        *table(("loader", "images/s", "CPU core-s / 1k images", "peak RSS (MiB)", "peak PSS (MiB)",
+                "client switch (ms)", "build (s)"), rows)]) + "\n"
 
 
-def write_results(results: list[dict], args: argparse.Namespace, command: str) -> str:
-    """Write loader-<machine>-<date>.{json,md} under --out; returns the markdown."""
-    machine = machine_info(args.device)
-    name = machine["gpu"] if args.device == "cuda" else machine["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-{machine['cores']}c"
-    stem = args.out / f"loader-{slug}-{dt.date.today():%Y%m%d}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    md = markdown(results, machine, args, command)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("one_kind", "store_paths")}
-    report = {"command": command, "machine": machine, "settings": settings, "results": results}
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(md)
+def write_report(results: list[dict], s: Settings, command: str) -> str:
+    """Write loader-<px>px.{json,md} in the results folder; returns the markdown."""
+    machine = machine_info(s.device)
+    folder = results_dir(machine, s.out)
+    md = markdown(results, machine, s, command)
+    report = {"command": command, "machine": machine, "settings": s.record(folder), "results": results}
+    stem = write_results(folder / f"loader-{s.image_size}px", report, md)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return md
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.one_kind:
-        args.store_paths = json.loads(os.environ["BENCH_STORES"])
-        Path(os.environ["BENCH_OUT"]).write_text(json.dumps(measure_kind(args, args.one_kind)))
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run the benchmark, or (as a child) measure one kind."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        serve_child(args.child, measure_in_child)
         return
-    args.store_paths = prepare_stores(args)
-    results = run_children(args, argv)
-    command = "python benchmarks/bench_loader.py " + " ".join(argv)
-    print(write_results(results, args, command.strip()))
+    s = settings_from_args(args, parser)
+    results = run_children(s, prepare_stores(s))
+    print(write_report(results, s, command_line(MODULE, argv)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmark scripts: CPU over a process tree, the machine."""
+"""What every benchmark records besides its figures: tree CPU time, the machine, the command line."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,9 @@ from typing import Optional
 
 import numpy as np
 import psutil
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+MIB = 1 << 20
 
 
 def tree_cpu_seconds() -> float:
@@ -46,3 +49,14 @@ def machine_info(device: str, threads: Optional[int] = None) -> dict:
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "device": device,
             "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "dali": nvidia.dali.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def shown_path(path: "str | os.PathLike") -> str:
+    """A path as results may show it: relative to the repository, or a placeholder outside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else "<outside-repo>"
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """The command as run, with absolute paths made repository-relative (or hidden outside it)."""
+    return " ".join(["python -m", module, *(shown_path(w) if os.path.isabs(w) else w for w in argv)])

@@ -1,7 +1,6 @@
-"""Smoke test of benchmarks/bench_round.py: a real round per loader kind on a tiny store, in-process."""
+"""Smoke test of `python -m benchmarks.bench_round`: a real round per loader kind on a tiny store, in-process."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks.bench_round as bench
 import dali_fl.federation  # noqa: F401  (torch + timm imported at collection, not inside the timed test)
+from benchmarks.wrappers import CachedBatch, TimedLoader
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = "patch_size=4,depth=1,embed_dim=32,num_heads=2"
 PER_KIND = ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "bound_round_time_s", "data_stall",
             "cpu_core_s", "busy_cores", "cpu_core_s_per_1k_images", "peak_rss_mib", "peak_pss_mib",
@@ -20,16 +20,8 @@ PER_KIND = ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "bound_ro
             "gpu_util_pct", "peak_gpu_mem_mib", "client_switch_ms", "images_per_round")
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_round", ROOT / "benchmarks" / "bench_round.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.timeout(120)
-def test_round_benchmark_reports_every_kind(bench, tmp_path: Path) -> None:
+def test_round_benchmark_reports_every_kind(tmp_path: Path) -> None:
     out = tmp_path / "out"
     doc = bench.main(["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5",
                       "--model-kwargs", TINY_VIT, "--rounds", "1", "--kinds", "memmap,dali", "--device", "cpu",
@@ -57,9 +49,9 @@ def test_round_benchmark_reports_every_kind(bench, tmp_path: Path) -> None:
         assert r["store"] == "synthetic-16"
 
 
-def test_bound_serves_the_real_batch_sizes_and_switches_are_timed(bench) -> None:
-    cached = bench.CachedBatch(torch.arange(32 * 3).view(32, 3).float(), torch.arange(32))
-    timed = bench.TimedLoader(cached)
+def test_bound_serves_the_real_batch_sizes_and_switches_are_timed() -> None:
+    cached = CachedBatch(torch.arange(32 * 3).view(32, 3).float(), torch.arange(32))
+    timed = TimedLoader(cached)
     a, b = np.arange(70), np.arange(5)
     for indices in (a, a, b):  # one client with two epochs, then the next client
         sizes = [len(y) for _, y in timed.epoch(indices, seed=0)]
@@ -69,7 +61,7 @@ def test_bound_serves_the_real_batch_sizes_and_switches_are_timed(bench) -> None
     assert len(clients) == 1 and len(epochs) == 1 and min(clients + epochs) >= 0
 
 
-def test_help_lists_the_options(bench) -> None:
+def test_help_lists_the_options() -> None:
     text = bench.build_parser().format_help()
     for flag in ("--model", "--model-kwargs", "--alg", "--preset", "--image-size", "--num-train", "--num-users",
                  "--frac", "--local-ep", "--local-bs", "--kinds", "--device", "--rounds", "--out", "--scaling"):

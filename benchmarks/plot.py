@@ -1,14 +1,14 @@
-#!/usr/bin/env python3
 """Plot a bench_round JSON: round time split per loader kind (with the compute-only bound) and CPU busy cores.
 
-    python tools/plot_bench.py benchmarks/results/<machine>-<date>/round-fedavg-224px.json
-A scaling JSON (`bench_round.py --scaling`) gets host memory and per-client overhead per client count instead.
+    python -m benchmarks.plot benchmarks/results/<machine>-<date>/round-fedavg-224px.json [--out PNG]
+A scaling JSON (`bench_round --scaling`) gets host memory and per-client overhead per client count instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Optional
 
 PARTS = (("data_wait_s", "data wait", "#e4572e"), ("compute_s", "compute", "#4c72b0"),
          ("aggregate_s", "aggregation", "#55a868"), ("other_s", "other (state copies)", "#bbbbbb"))
@@ -21,7 +21,7 @@ def _subtitle(doc: dict) -> str:
             f"local_ep {s['local_ep']} · {where}")
 
 
-def plot_rounds(doc: dict, fig) -> None:
+def plot_rounds(doc: dict, fig: Any) -> None:
     """Left: stacked round time per kind with the bound marked; right: busy CPU cores."""
     rows = doc["results"]
     kinds = [r["kind"] for r in rows]
@@ -58,7 +58,7 @@ def plot_rounds(doc: dict, fig) -> None:
         ax.grid(axis="y", alpha=0.3)
 
 
-def plot_scaling(doc: dict, fig) -> None:
+def plot_scaling(doc: dict, fig: Any) -> None:
     """Left: peak PSS split anonymous / store pages / other files; right: per-client overhead vs the bound."""
     rows = doc["results"]
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -113,11 +113,12 @@ def plot(doc: dict, out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="a round-*.json written by benchmarks/bench_round.py")
+def main(argv: Optional[list[str]] = None) -> None:
+    """Redraw the figure of one result file."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", type=Path, help="a round-*.json written by `python -m benchmarks.bench_round`")
     parser.add_argument("--out", type=Path, help="PNG path (default: next to the JSON)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         doc = json.loads(args.json.read_text())
         doc["results"]

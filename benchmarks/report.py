@@ -1,0 +1,35 @@
+"""Where results go and how they are written: one folder per machine and day, markdown tables."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from benchmarks.measure import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def results_dir(machine: dict, out: Optional[Path] = None) -> Path:
+    """`out` if given, else benchmarks/results/<machine-id>-<YYYYMMDD>/."""
+    return out or RESULTS / f"{machine['id']}-{dt.date.today():%Y%m%d}"
+
+
+def fmt(value: Optional[float], spec: str = ".2f", none: str = "n/a") -> str:
+    """A figure formatted for a table, or `none` where it was not measured."""
+    return none if value is None else format(value, spec)
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Markdown table lines: the first column (the loader) left-aligned, the figures right-aligned."""
+    return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def write_results(stem: Path, doc: dict, md: str) -> Path:
+    """`stem`.json (the document) and `stem`.md (its tables); returns `stem`."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    stem.with_suffix(".md").write_text(md)
+    return stem

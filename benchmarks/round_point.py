@@ -1,0 +1,144 @@
+"""One measured point of the round benchmark: a kind at one configuration, against the compute-only bound."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from benchmarks.measure import MIB, tree_cpu_seconds
+from benchmarks.memory import tree_memory
+from benchmarks.round_settings import Settings
+from benchmarks.sampler import Sampler, nvml_handle
+from benchmarks.wrappers import CachedBatch, TimedLoader
+
+ROUND_KEYS = ("round", "num_clients", "num_samples", "round_time_s", "data_wait_s", "compute_s", "aggregate_s",
+              "images_per_s", "peak_gpu_mem_mb", "train_loss")
+
+
+def train_config(s: Settings, point: dict, store: str) -> Any:
+    """The TrainConfig of one point: same store, partition, seed and model for every kind."""
+    from dali_fl.config import TrainConfig
+
+    base, _, workers = point["kind"].partition("@")
+    return TrainConfig.from_options(dict(
+        alg=s.alg, rounds=s.rounds + 1, num_users=point["num_users"], frac=point["frac"],
+        partition=point["partition"], alpha=s.alpha, seed=s.seed, local_ep=s.local_ep,
+        local_bs=s.local_bs, lr=s.lr, model=s.model, model_kwargs=s.model_kwargs,
+        pretrained=s.pretrained, store=store, loader="dali" if base == "dali-gpu" else base,
+        data_on_gpu=base == "dali-gpu", augment=s.augment, device=s.device, amp=s.amp, eval_bs=64,
+        num_workers=int(workers) if workers else s.workers))
+
+
+def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:
+    """One real `run_round` with `loader` swapped in, plus CPU, GPU and switch figures."""
+    from dali_fl.federation import run_round
+
+    timed = TimedLoader(loader)
+    cpu0, own0 = tree_cpu_seconds(), sampler.own_cpu
+    t0 = time.perf_counter()
+    row = run_round(fx, round_, loader=timed)
+    t1 = time.perf_counter()
+    cpu = tree_cpu_seconds() - cpu0 - (sampler.own_cpu - own0)
+    util, used = sampler.gpu_window(t0, t1)
+    clients, epochs = timed.gaps()
+    out = {k: row[k] for k in ROUND_KEYS}
+    out.update(images=row["num_samples"] * fx.cfg.local.local_ep, cpu_core_s=cpu,
+               busy_cores=cpu / row["round_time_s"], gpu_util_pct=util, gpu_used_mib=used,
+               client_switch_s=clients, epoch_switch_s=epochs,
+               other_s=row["round_time_s"] - row["data_wait_s"] - row["compute_s"] - row["aggregate_s"])
+    return out
+
+
+def measure_point(s: Settings, point: dict) -> dict:
+    """Build the federation once, warm up one round, then alternate measured and bound rounds."""
+    import torch
+
+    from dali_fl.run import prepare
+
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    store_dir = str(Path(point["store"]).resolve())
+    sampler = Sampler(store_dir, nvml_handle(torch.device(s.device)))
+    base = tree_memory(store_dir)
+    sampler.start()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        fx, _ = prepare(train_config(s, point, point["store"]), Path(run_dir), resume=False, write=False)
+    build_s = time.perf_counter() - t0
+    real = fx.train_loader
+    try:
+        bound = CachedBatch.from_loader(real, s.local_bs)
+        warm = timed_round(fx, 1, real, sampler)
+        rounds, bounds = [], []
+        for r in range(2, s.rounds + 2):  # same round numbers = same clients for both
+            rounds.append(timed_round(fx, r, real, sampler))
+            bounds.append(timed_round(fx, r, bound, sampler))
+        sampler.sample(full=True)  # mapped store pages only accumulate: the end is their peak
+    finally:
+        fx.close()
+        sampler.stop()
+    mem = {**{f"base_{k}_mib": v / MIB for k, v in base.items()},
+           **{f"peak_{k}_mib": v / MIB for k, v in sampler.peak.items()}}
+    return summarize(point, build_s, warm, rounds, bounds, mem)
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The round with the median round time (the lower one of an even count), so its parts add up."""
+    return sorted(rows, key=lambda r: r["round_time_s"])[(len(rows) - 1) // 2]
+
+
+def med(values: Iterable[Optional[float]]) -> Optional[float]:
+    """Median of the values that were measured; None if none was."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(point: dict, build_s: float, warm: dict, rounds: list[dict], bounds: list[dict],
+              mem: dict) -> dict:
+    """Per-kind figures: the median round's split, medians of the rest, stall against the bound."""
+    m, b = median_row(rounds), median_row(bounds)
+    stall = 1 - b["round_time_s"] / m["round_time_s"]  # the medians the table shows; odd --rounds keep them exact
+    return {**point, "build_s": build_s, "warmup_round_s": warm["round_time_s"], "loadavg_1m": os.getloadavg()[0],
+            "images_per_round": m["images"], "clients_per_round": m["num_clients"],
+            **{k: m[k] for k in ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "other_s")},
+            "images_per_s": med(r["images_per_s"] for r in rounds),
+            "bound_round_time_s": b["round_time_s"], "bound_compute_s": b["compute_s"],
+            "data_stall": max(0.0, stall), "data_stall_raw": stall,
+            "wait_fraction": med(r["data_wait_s"] / r["round_time_s"] for r in rounds),
+            **cpu_figures(rounds, bounds), **switch_figures(rounds, bounds), **gpu_memory(rounds),
+            **mem, "rounds": rounds, "bound_rounds": bounds}
+
+
+def cpu_figures(rounds: list[dict], bounds: list[dict]) -> dict:
+    """CPU and GPU use of the measured rounds and of the bound, medians over rounds."""
+    loader_cpu = med((ro["cpu_core_s"] - bo["cpu_core_s"]) / ro["images"] for ro, bo in zip(rounds, bounds))
+    return {"cpu_core_s": med(r["cpu_core_s"] for r in rounds), "busy_cores": med(r["busy_cores"] for r in rounds),
+            "bound_cpu_core_s": med(r["cpu_core_s"] for r in bounds),
+            "bound_busy_cores": med(r["busy_cores"] for r in bounds),
+            "cpu_core_s_per_1k_images": med(1000 * r["cpu_core_s"] / r["images"] for r in rounds),
+            "loader_core_s_per_1k_images": 1000 * loader_cpu,
+            "gpu_util_pct": med(r["gpu_util_pct"] for r in rounds),
+            "bound_gpu_util_pct": med(r["gpu_util_pct"] for r in bounds)}
+
+
+def switch_figures(rounds: list[dict], bounds: list[dict]) -> dict:
+    """Median per-client and per-epoch overhead in ms, of the measured rounds and of the bound."""
+    switches = [x for r in rounds for x in r["client_switch_s"]]
+    bound_switches = [x for r in bounds for x in r["client_switch_s"]]
+    epochs = [x for r in rounds for x in r["epoch_switch_s"]]
+    return {"client_switch_ms": 1000 * med(switches) if switches else None,
+            "bound_client_switch_ms": 1000 * med(bound_switches) if bound_switches else None,
+            "epoch_switch_ms": 1000 * med(epochs) if epochs else None}
+
+
+def gpu_memory(rounds: list[dict]) -> dict:
+    """Peak GPU memory over the measured rounds: torch's allocated, and NVML's device-used; None on CPU."""
+    gpu_mem = [r["peak_gpu_mem_mb"] for r in rounds if r["peak_gpu_mem_mb"] is not None]
+    gpu_used = [r["gpu_used_mib"] for r in rounds if r["gpu_used_mib"] is not None]
+    return {"peak_gpu_mem_mib": max(gpu_mem) if gpu_mem else None,
+            "peak_gpu_used_mib": max(gpu_used) if gpu_used else None}

@@ -1,0 +1,73 @@
+"""`python -m benchmarks.bench_loader` end to end on a tiny store, and the machinery both benchmarks share."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import benchmarks.bench_loader as loader_bench
+from benchmarks.measure import ROOT
+from benchmarks.report import results_dir, table
+from benchmarks.round_settings import Settings as RoundSettings
+from benchmarks.round_settings import settings_from_args
+from benchmarks.sampler import Sampler
+
+RESULT_KEYS = {"kind", "build_s", "images_per_s", "cpu_core_s_per_1k", "switch_ms", "peak_rss_mib", "peak_pss_mib",
+               "rounds"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_loader_benchmark_measures_each_kind_in_a_child(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    loader_bench.main(["--image-size", "16", "--num-images", "64", "--clients", "2", "--samples-per-client", "16",
+                       "--local-ep", "1", "--repeats", "1", "--batch-size", "8", "--kinds", "memmap",
+                       "--workers", "0", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    doc = json.loads((out / "loader-16px.json").read_text())
+    assert set(doc) == {"command", "machine", "settings", "results"}
+    assert doc["command"].startswith("python -m benchmarks.bench_loader ") and "<outside-repo>" in doc["command"]
+    assert doc["settings"]["data_dir"] == doc["settings"]["out"] == "<outside-repo>"  # no tmp paths leak
+    [r] = doc["results"]
+    assert set(r) == RESULT_KEYS and r["kind"] == "memmap"
+    assert r["images_per_s"] > 0 and r["switch_ms"] > 0
+    assert math.isfinite(r["cpu_core_s_per_1k"])  # a few ms of work: below the 10 ms tick of process CPU times
+    assert 0 < r["peak_pss_mib"] <= r["peak_rss_mib"] * 1.1
+    assert "| memmap |" in (out / "loader-16px.md").read_text()
+
+
+def test_settings_survive_the_child_spec(tmp_path: Path) -> None:
+    parser = loader_bench.build_parser()
+    s = loader_bench.settings_from_args(parser.parse_args(["--kinds", "dali,memmap", "--data-dir", "rel"]), parser)
+    assert s.kinds == ("dali", "memmap") and s.data_dir.is_absolute()  # children run from the repository root
+    assert loader_bench.Settings(**json.loads(json.dumps(s.as_json()))) == s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.clients = 3  # frozen
+    from benchmarks.bench_round import build_parser
+
+    parser = build_parser()
+    r = settings_from_args(parser.parse_args(["--device", "cpu", "--kinds", "memmap@0", "--rounds", "1"]), parser)
+    record = json.loads(json.dumps(r.record()))
+    assert not {"data_dir", "out", "in_process", "plot"} & set(record)  # how to run is not a result
+    assert RoundSettings(**record) == r
+
+
+def test_results_follow_one_naming_scheme() -> None:
+    machine = {"id": "cpu2-some-cpu"}
+    assert results_dir(machine) == ROOT / "benchmarks" / "results" / f"cpu2-some-cpu-{dt.date.today():%Y%m%d}"
+    assert results_dir(machine, Path("elsewhere")) == Path("elsewhere")
+    assert table(("loader", "a", "b"), [["x", "1", "2"]]) == ["| loader | a | b |", "|---|---:|---:|", "| x | 1 | 2 |"]
+
+
+def test_sampler_reads_pss_on_its_schedule() -> None:
+    every = Sampler(interval=0.2, pss_every_s=0)
+    every.sample()
+    assert every.peak["pss"] > 0 and every.peak["rss"] > 0 and every.peak["pss_store"] == 0  # no store given
+    sparse = Sampler(interval=0.25)  # PSS about every 5 s: the first sample, then every 20th
+    sparse.sample()
+    sparse.peak["pss"] = 0
+    sparse.sample()
+    assert sparse.peak["pss"] == 0 and sparse.peak["rss"] > 0
