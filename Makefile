@@ -8,7 +8,7 @@ STAMP_TEST := $(VENV)/.stamp-test-$(HASH)
 STAMP_RUN := $(VENV)/.stamp-run-$(HASH)
 DEMO_DIR ?= demo
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast lint install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 
 install: $(STAMP_RUN)
 
-test: $(STAMP_TEST)
+# The linter, then the whole suite (multi-process and end-to-end tests included, as CI runs it).
+test: lint
 	$(PY) -m pytest
+
+# The edit loop: everything but the tests marked slow (multi-process, subprocess CLI runs).
+test-fast: $(STAMP_TEST)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP_TEST)
+	$(PY) -m ruff check .
 
 # The embedded default: a synthetic CIFAR-like store at 32 px and a short FedLoRA run of a
 # small ViT from scratch (no weights can be downloaded here) through the DALI loader on CPU.

@@ -82,7 +82,8 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); free some space "
-                          f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)") from None
+                          f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)"
+                          ) from None
 
 
 def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:

@@ -5,8 +5,16 @@ import math
 
 import pytest
 
-from dali_fl.config import (PRESETS, DataConfig, FederationConfig, LocalConfig, TrainConfig, merge_options,
-                            option_defaults, option_fields)
+from dali_fl.config import (
+    PRESETS,
+    DataConfig,
+    FederationConfig,
+    LocalConfig,
+    TrainConfig,
+    merge_options,
+    option_defaults,
+    option_fields,
+)
 from dali_fl.errors import DaliFlError
 from dali_fl.model import ModelSpec
 

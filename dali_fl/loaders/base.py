@@ -169,7 +169,7 @@ class Loader(ABC):
     def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:
         """Yield (images, labels, rows read) for each batch of `plan`, in order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: kinds without resources keep this no-op)
         """Free worker processes, pipelines and device memory; the loader is unusable after."""
 
     def __enter__(self) -> "Loader":
