@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dali_fl.errors import DaliFlError
 
 METHODS = ("bilinear", "bicubic")
+MAX_IMAGE_SIZE = 4096  # a 4096px side is 48 MB per RGB image: far beyond any model input
 
 
 def resize_batch(images: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
@@ -18,6 +19,11 @@ def resize_batch(images: np.ndarray, size: int, method: str = "bilinear") -> np.
         raise DaliFlError(f"unknown interpolation {method!r}; choose one of {', '.join(METHODS)}")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise DaliFlError(f"expected uint8 images shaped (N, H, W, 3), got {images.dtype} {images.shape}")
+    if min(images.shape[1:3], default=0) < 1:
+        raise DaliFlError(f"cannot resize empty images shaped {images.shape}; each needs at least 1x1 pixels")
+    # Checked here too, as the last guard: a size read from a damaged manifest must not allocate terabytes.
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise DaliFlError(f"cannot resize to {size!r} pixels; the size must be an integer in 1..{MAX_IMAGE_SIZE}")
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images)
     # NCHW view of an NHWC buffer is channels_last, which lets torch take its fast uint8 path.

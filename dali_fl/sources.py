@@ -1,10 +1,12 @@
 """Raw image sources for `prep`: CIFAR-10/100, an image folder, an .npz file, and synthetic data."""
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import pickle
 import socket
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -21,6 +23,11 @@ log = logging.getLogger(__name__)
 SOURCES = ("cifar10", "cifar100", "imagefolder", "npz", "synthetic")
 FOLDER_ROWS_PER_READ = 64  # a 12 MP photo decodes to 36 MB, so 64 of them stay near 2 GB
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a label far above this is a bug, not a class
+MAX_SYNTHETIC_IMAGES = 1_000_000  # per split, generated in memory: 3 GB of 32x32 RGB
+MAX_CIFAR_MEMBER_BYTES = 1 << 30  # the largest official member (cifar-100 train) is 155 MB
+SOURCE_BYTES_PER_READ = 64 << 20  # raw pixels handed to the resizer at once, whatever the output size
+SOURCE_PARAMS = ("num_train", "num_test", "seed")  # what a store's manifest may keep to regenerate its source
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,10 @@ class Source:
     params: dict = field(default_factory=dict)  # what regenerates it (synthetic seed and sizes)
 
     def __post_init__(self) -> None:
+        if not 1 <= len(self.classes) <= MAX_CLASSES:
+            raise DaliFlError(f"{self.name} has {len(self.classes)} classes; a source needs 1..{MAX_CLASSES}")
+        if not set(self.params) <= set(SOURCE_PARAMS):  # the store's manifest keeps them; opening checks them
+            raise DaliFlError(f"{self.name} params {sorted(self.params)} are not among {', '.join(SOURCE_PARAMS)}")
         for split, data in self.splits.items():
             bad = data.labels[(data.labels < 0) | (data.labels >= len(self.classes))]
             if bad.size:
@@ -53,18 +64,79 @@ class Source:
                                   f"[0, {len(self.classes)}) for its {len(self.classes)} classes; fix the labels")
 
 
+def unreadable(path: Path, err: OSError) -> DaliFlError:
+    """The error for a file the OS will not let us read: not corrupt, so say what to check instead."""
+    why = err.strerror or _one_line(err)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        hint = "check its permissions (it must be readable by this user)"
+    else:
+        hint = "check that it is a readable regular file on a working disk"
+    return DaliFlError(f"cannot read {path} ({why}); {hint}")
+
+
+def check_memory(nbytes: int, what: str, how: str) -> None:
+    """Refuse an allocation the machine cannot hold, before making it, instead of swapping or dying."""
+    import psutil  # local: only sources that allocate in bulk need it
+
+    available = psutil.virtual_memory().available
+    if nbytes > available:
+        raise DaliFlError(f"{what} needs {nbytes / 1e9:.2f} GB of memory but only {available / 1e9:.2f} GB "
+                          f"is available; {how}")
+
+
+def check_layout(images: tuple[tuple[int, ...], np.dtype], labels: tuple[tuple[int, ...], np.dtype],
+                 names: tuple[str, str] = ("images", "labels")) -> None:
+    """Check (shape, dtype) of images and labels, from arrays or from .npy headers before loading."""
+    (x_shape, x_dtype), (y_shape, y_dtype) = images, labels
+    x, y = names
+    if len(x_shape) != 4 or x_shape[-1] != 3:
+        hint = "; single-channel (grey) images need 3 RGB channels" if len(x_shape) == 3 or x_shape[-1:] == (1,) \
+            else ""
+        raise DaliFlError(f"{x} must be shaped (N, H, W, 3), got {tuple(x_shape)}{hint}")
+    if x_dtype != np.uint8:
+        raise DaliFlError(f"{x} must be uint8 (0..255), got {x_dtype}")
+    if min(x_shape[1:3]) < 1:
+        raise DaliFlError(f"{x} are empty images, shaped {tuple(x_shape)}; each needs at least 1x1 pixels")
+    if len(y_shape) != 1 or y_shape[0] != x_shape[0] or not np.issubdtype(y_dtype, np.integer):
+        raise DaliFlError(f"{y} must be {x_shape[0]} integers, got {y_dtype} {tuple(y_shape)}")
+
+
 def in_memory_split(images: np.ndarray, labels: np.ndarray,
                     names: tuple[str, str] = ("images", "labels")) -> SourceSplit:
-    """Wrap arrays already in memory as a split, after checking their layout."""
-    x, y = names
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise DaliFlError(f"{x} must be shaped (N, H, W, 3), got {images.shape}")
-    if images.dtype != np.uint8:
-        raise DaliFlError(f"{x} must be uint8 (0..255), got {images.dtype}")
+    """Wrap arrays already in memory as a split, after checking their layout and label range."""
     labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise DaliFlError(f"{y} must be {images.shape[0]} integers, got {labels.dtype} {labels.shape}")
-    return SourceSplit(labels=labels.astype(np.int64), read=lambda a, b: images[a:b])
+    check_layout((images.shape, images.dtype), (labels.shape, labels.dtype), names)
+    # Checked before the int64 cast: a uint64 label above 2**63 would wrap to a negative one.
+    if labels.size and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise DaliFlError(f"{names[1]} holds label {int(bad)}, out of range: labels must be class indices "
+                          f"0..{MAX_CLASSES - 1} (0..C-1 for C classes); fix the labels")
+    row_bytes = int(np.prod(images.shape[1:]))
+    return SourceSplit(labels=labels.astype(np.int64), read=lambda a, b: images[a:b],
+                       max_rows=max(1, SOURCE_BYTES_PER_READ // row_bytes))
+
+
+def _regular_file(path: Path, how: str) -> int:
+    """Size of `path` after checking it is a regular file; a FIFO or device would block or never end."""
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise unreadable(path, err) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DaliFlError(f"{path} is not a regular file (it is a directory, FIFO, socket or device); {how}")
+    return st.st_size
+
+
+def _read_file(path: Path, limit: int, what: str, how: str) -> bytes:
+    """Read a whole regular file of at most `limit` bytes; unreadable is not corrupt."""
+    size = _regular_file(path, how)
+    if size > limit:
+        raise DaliFlError(f"{path} is {size / 1e9:.2f} GB, far larger than {what}; {how}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise unreadable(path, err) from None
 
 
 # --- CIFAR ---------------------------------------------------------------------------
@@ -119,43 +191,60 @@ def _cifar_batch(obj: dict, label_key: bytes, what: str) -> tuple[np.ndarray, np
     try:
         labels = np.asarray(labels)
         ok = labels.ndim == 1 and len(labels) == data.shape[0] and np.issubdtype(labels.dtype, np.integer)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise DaliFlError(f"{what} has {data.shape[0]} images but not {data.shape[0]} integer "
                           f"{label_key.decode()}; not a CIFAR batch, re-download the dataset")
-    return _cifar_rows_to_hwc(data), labels.astype(np.int64)
+    return _cifar_rows_to_hwc(data), labels  # in_memory_split range-checks them before the int64 cast
 
 
 def _read_cifar_folder(path: Path, spec: dict) -> dict[str, bytes]:
     """Read every CIFAR member from the dataset folder or its parent."""
     root = path / spec["folder"] if (path / spec["folder"]).is_dir() else path
-    if not (root / spec["meta"]).is_file():
+    if not (root / spec["meta"]).exists():
         raise DaliFlError(f"{path} is not a CIFAR layout (no {spec['folder']}/{spec['meta']}); "
                           f"pass the {spec['folder']} directory or {spec['archive']}")
     blobs = {}
     for member in [spec["meta"], *spec["train"], *spec["test"]]:
-        if not (root / member).is_file():
+        if not (root / member).exists() and not (root / member).is_symlink():
             raise DaliFlError(f"{root} is not a complete CIFAR layout: it has no {member}; "
                               "re-download the dataset")
-        blobs[member] = (root / member).read_bytes()
+        blobs[member] = _read_file(root / member, MAX_CIFAR_MEMBER_BYTES, "a CIFAR batch",
+                                   "re-download the dataset")
     return blobs
 
 
 def _read_cifar_archive(path: Path, spec: dict) -> dict[str, bytes]:
     """Read every CIFAR member from the official .tar.gz (or any tar holding the same files)."""
-    wanted = [spec["meta"], *spec["train"], *spec["test"]]
+    _regular_file(path, f"pass the {spec['folder']} directory or {spec['archive']}")
     try:
-        with tarfile.open(path, "r:*") as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            missing = [m for m in wanted if m not in members]
-            if missing:
-                raise DaliFlError(f"{path} is not a CIFAR archive: it has no {missing[0]}; "
-                                  f"pass the {spec['folder']} directory or {spec['archive']}")
-            return {m: tar.extractfile(members[m]).read() for m in wanted}
+        f = open(path, "rb")  # our own handle, so that a permission error is not taken for corruption
+    except OSError as err:
+        raise unreadable(path, err) from None
+    try:
+        with f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            return _cifar_members(tar, path, spec)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        if isinstance(err, OSError) and err.errno is not None:  # the OS failed to read, the bytes may be fine
+            raise unreadable(path, err) from None
         raise DaliFlError(f"{path} is not a readable CIFAR archive, truncated or corrupt ({_one_line(err)}); "
                           f"re-download it, or pass the {spec['folder']} directory") from None
+
+
+def _cifar_members(tar: tarfile.TarFile, path: Path, spec: dict) -> dict[str, bytes]:
+    """The wanted members of an open CIFAR tar, each size-checked before it is decompressed."""
+    wanted = [spec["meta"], *spec["train"], *spec["test"]]
+    members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+    missing = [m for m in wanted if m not in members]
+    if missing:
+        raise DaliFlError(f"{path} is not a CIFAR archive: it has no {missing[0]}; "
+                          f"pass the {spec['folder']} directory or {spec['archive']}")
+    big = [m for m in wanted if members[m].size > MAX_CIFAR_MEMBER_BYTES]
+    if big:  # a gzip bomb declares its size up front: refuse it before inflating it
+        raise DaliFlError(f"{path}: member {big[0]} claims {members[big[0]].size / 1e9:.2f} GB, far larger than "
+                          "a CIFAR batch; re-download the dataset")
+    return {m: tar.extractfile(members[m]).read() for m in wanted}
 
 
 def _one_line(err: BaseException) -> str:
@@ -223,16 +312,30 @@ def _read_image(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             return np.array(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways to fail
+        if isinstance(err, OSError) and err.errno is not None:  # the OS refused, the image may be fine
+            raise unreadable(path, err) from None
         raise DaliFlError(f"cannot read image {path} ({_one_line(err)}); replace or remove it") from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The class folder's image files, sorted; anything but a regular file is skipped with a warning."""
+    files = []
+    for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if f.is_file():  # follows symlinks; a FIFO would block the decoder forever, a directory fail it
+            files.append(f)
+        else:
+            log.warning("skipping %s: not a regular file (a directory, FIFO, socket, device or broken link)", f)
+    return files
 
 
 def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
     """A split of an image folder: files sorted per class, read when their rows are asked for."""
     files, labels = [], []
     for label, cls in enumerate(classes):
-        for f in sorted(p for p in (root / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            files.append(f)
-            labels.append(label)
+        if (root / cls).is_dir():
+            found = _image_files(root / cls)
+            files += found
+            labels += [label] * len(found)
 
     def read(a: int, b: int):
         images = [_read_image(f) for f in files[a:b]]
@@ -250,6 +353,8 @@ def load_imagefolder(path: Path) -> Source:
     unknown = sorted({d.name for d in (path / "test").iterdir() if d.is_dir()} - set(classes))
     if not classes or unknown:
         raise DaliFlError(f"{path}: train has classes {list(classes)}; test has classes not in train: {unknown}")
+    if len(classes) > MAX_CLASSES:
+        raise DaliFlError(f"{path}/train has {len(classes)} class folders; at most {MAX_CLASSES} are supported")
     splits = {s: _folder_split(path / s, classes) for s in ("train", "test")}
     for s, split in splits.items():
         if split.count == 0:
@@ -257,33 +362,79 @@ def load_imagefolder(path: Path) -> Source:
     return Source("imagefolder", classes, splits)
 
 
-def load_npz(path: Path) -> Source:
-    """Load an .npz with x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels)."""
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    how = "save one with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_HOW = "save one with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+
+
+def _npz_header(data, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an open .npz, from its .npy header: nothing is inflated."""
+    fmt = np.lib.format
+    name = f"{key}.npy" if f"{key}.npy" in data.zip.namelist() else key
+    with data.zip.open(name) as member:
+        major, _ = fmt.read_magic(member)
+        read = {1: fmt.read_array_header_1_0, 2: fmt.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f"{key} uses .npy format version {major}, which needs unicode field names")
+        shape, _, dtype = read(member)
+    return shape, dtype
+
+
+def _check_npz_headers(path: Path, headers: dict) -> None:
+    """Layout and memory need of the arrays, before any of them is loaded."""
+    for key, (_, dtype) in headers.items():
+        if dtype.hasobject:
+            raise DaliFlError(f"{path} is not a readable .npz file ({key} holds Python objects, which would "
+                              f"need pickle); {_NPZ_HOW}")
+    for s in ("train", "test"):
+        check_layout(headers[f"x_{s}"], headers[f"y_{s}"], (f"{path.name}: x_{s}", f"{path.name}: y_{s}"))
+    # Shapes come from the file: a small compressed archive can declare terabytes.
+    need = sum(int(np.prod(shape, dtype=object)) * dtype.itemsize for shape, dtype in headers.values())
+    check_memory(need, f"{path} (uncompressed)", "use a smaller dataset or a machine with more memory")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of an .npz source, each checked from its header before it is loaded."""
+    _regular_file(path, f"pass an .npz file; {_NPZ_HOW}")
     try:
-        with open(path, "rb") as f:  # our handle: np.load leaks its own when the zip is corrupt
+        f = open(path, "rb")  # our handle: np.load leaks its own when the zip is corrupt
+    except OSError as err:
+        raise unreadable(path, err) from None
+    try:
+        with f:
             magic = f.read(6)
             if magic == b"\x93NUMPY":
-                raise DaliFlError(f"{path} holds a single .npy array, not an .npz archive; {how}")
+                raise DaliFlError(f"{path} holds a single .npy array, not an .npz archive; {_NPZ_HOW}")
             if not magic.startswith(b"PK"):  # np.load would take any other bytes for a pickle
-                raise DaliFlError(f"{path} is not an .npz (zip) archive; {how}")
+                raise DaliFlError(f"{path} is not an .npz (zip) archive; {_NPZ_HOW}")
             f.seek(0)
             with np.load(f, allow_pickle=False) as data:
-                missing = [k for k in keys if k not in data.files]
-                arrays = {k: data[k] for k in keys if k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise DaliFlError(f"{path} is not a readable .npz file ({_one_line(err)}); {how}") from None
-    if missing:
-        raise DaliFlError(f"{path} lacks {', '.join(missing)}; an npz source needs x_train, y_train, "
-                          "x_test, y_test")
+                missing = [k for k in _NPZ_KEYS if k not in data.files]
+                if missing:
+                    raise DaliFlError(f"{path} lacks {', '.join(missing)}; an npz source needs x_train, "
+                                      "y_train, x_test, y_test")
+                _check_npz_headers(path, {k: _npz_header(data, k) for k in _NPZ_KEYS})
+                return {k: data[k] for k in _NPZ_KEYS}
+    except (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as err:  # RuntimeError: an encrypted member; NotImplementedError: an odd compression
+        if isinstance(err, OSError) and err.errno is not None:
+            raise unreadable(path, err) from None
+        raise DaliFlError(f"{path} is not a readable .npz file ({_one_line(err)}); {_NPZ_HOW}") from None
+
+
+def load_npz(path: Path) -> Source:
+    """Load an .npz with x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels)."""
+    arrays = _read_npz(path)
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) == 0:
             raise DaliFlError(f"{path}: x_{split} holds no images; both splits need at least one")
-    splits = {s: in_memory_split(arrays[f"x_{s}"], arrays[f"y_{s}"], (f"{path.name}: x_{s}", f"y_{s}"))
+    # in_memory_split bounds every label by MAX_CLASSES, so the class list below stays small.
+    splits = {s: in_memory_split(arrays[f"x_{s}"], arrays[f"y_{s}"], (f"{path.name}: x_{s}", f"{path.name}: y_{s}"))
               for s in ("train", "test")}
     num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
     return Source("npz", tuple(str(i) for i in range(num_classes)), splits)
+
+
+_SYNTHETIC_BYTES_PER_IMAGE = 32 * 32 * 3 + 8 + 4  # uint8 pixels, int64 label, float32 brightness
 
 
 def synthetic_arrays(num: int, seed: int, split: str, num_classes: int = 10,
@@ -298,18 +449,34 @@ def synthetic_arrays(num: int, seed: int, split: str, num_classes: int = 10,
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     labels = rng.integers(0, num_classes, num).astype(np.int64)
     brightness = rng.uniform(-25, 25, (num, 1, 1, 1)).astype(np.float32)
-    noise = rng.normal(0, 30, (num, size, size, 3)).astype(np.float32)
-    images = np.clip(templates[labels] + brightness + noise, 0, 255).round().astype(np.uint8)
+    images = np.empty((num, size, size, 3), np.uint8)
+    # The noise is drawn block by block: the same stream as one draw, without its float copies of everything.
+    step = max(1, SOURCE_BYTES_PER_READ // (size * size * 3 * 8))
+    for a in range(0, num, step):
+        b = min(num, a + step)
+        noise = rng.normal(0, 30, (b - a, size, size, 3)).astype(np.float32)
+        images[a:b] = np.clip(templates[labels[a:b]] + brightness[a:b] + noise, 0, 255).round().astype(np.uint8)
     return images, labels
+
+
+def check_synthetic_args(num_train: int, num_test: int, seed: int) -> None:
+    """Reject synthetic sizes and seeds before anything is generated."""
+    for option, n in (("--num-train", num_train), ("--num-test", num_test)):
+        if not 1 <= n <= MAX_SYNTHETIC_IMAGES:
+            raise DaliFlError(f"{option} {n} is out of range: the synthetic source makes at least 1 and at most "
+                              f"{MAX_SYNTHETIC_IMAGES} images per split, in memory; use a real --source for more")
+    if seed < 0:
+        raise DaliFlError(f"--seed {seed} is negative; seeds must be >= 0")
 
 
 def load_synthetic(num_train: int, num_test: int, seed: int) -> Source:
     """The embedded default: seeded, learnable, CIFAR-sized (32x32, 10 classes)."""
-    if num_train < 1 or num_test < 1:
-        raise DaliFlError("--num-train and --num-test must be at least 1")
+    check_synthetic_args(num_train, num_test, seed)
+    check_memory((num_train + num_test) * _SYNTHETIC_BYTES_PER_IMAGE,
+                 f"the synthetic source of {num_train + num_test} images", "use a smaller --num-train")
     splits = {s: in_memory_split(*synthetic_arrays(n, seed, s))
               for s, n in (("train", num_train), ("test", num_test))}
-    params = {"num_train": num_train, "num_test": num_test, "seed": seed}
+    params = dict(zip(SOURCE_PARAMS, (num_train, num_test, seed)))
     return Source("synthetic", tuple(f"class{c}" for c in range(10)), splits, params)
 
 
@@ -322,6 +489,9 @@ def load_source(name: str, path: Optional[Path] = None, *, download: bool = Fals
     if path is not None and not path.exists():
         raise DaliFlError(f"source path {path} does not exist; pass an existing file or directory "
                           "as --source-path")
+    if path is not None and not (path.is_dir() or path.is_file()):  # opening a FIFO blocks forever
+        raise DaliFlError(f"source path {path} is neither a regular file nor a directory (a FIFO, socket or "
+                          "device?); pass the dataset's file or directory as --source-path")
     if name in _CIFAR:
         return load_cifar(name, path, download, download_root)
     if name == "synthetic":

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +19,17 @@ from tqdm.auto import tqdm
 
 from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for
 from dali_fl.errors import DaliFlError
-from dali_fl.resize import METHODS, resize_batch, to_stored_dtype
-from dali_fl.sources import Source, SourceSplit
+from dali_fl.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
+from dali_fl.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("uint8", "float32")
-MAX_IMAGE_SIZE = 4096
+MAX_STORE_IMAGES = 100_000_000  # per split: ImageNet-21k has 14 M; bounds what a manifest may claim
+MAX_SPLITS = 16
+MAX_MANIFEST_BYTES = 64 << 20  # 100,000 class names fit in a few MB
 CHUNK_BYTES = 64 << 20  # resized bytes per chunk: bounds memory whatever the dataset size
 
 
@@ -188,7 +192,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
         return final, False
     tmp = _make_tmp(final)
     try:
-        _check_free_space(tmp, source, image_size, dtype)
+        check_store_fits(final.parent, sum(d.count for d in source.splits.values()), image_size, dtype)
         splits = {s: _write_split(tmp, s, d, image_size, dtype, interpolation, progress)
                   for s, d in source.splits.items()}
         manifest = {"format_version": FORMAT_VERSION, "source": source.name,
@@ -206,18 +210,27 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     return final, True
 
 
-def _check_free_space(tmp: Path, source: Source, image_size: int, dtype: str) -> None:
-    """Refuse up front when the store cannot fit, rather than after minutes of resizing."""
-    need = sum(d.count for d in source.splits.values()) * image_size * image_size * 3 * np.dtype(dtype).itemsize
-    free = shutil.disk_usage(tmp).free
+def check_store_fits(out_dir: Path, count: int, image_size: int, dtype: str) -> None:
+    """Refuse up front when a store of `count` images cannot fit, rather than after minutes of work."""
+    need = count * image_size * image_size * 3 * np.dtype(dtype).itemsize
+    where = Path(out_dir)
+    while not where.exists() and where != where.parent:  # OUT may not exist yet: measure what will hold it
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # unmeasurable here; writing reports a full disk in one line anyway
     if need > free:
-        raise DaliFlError(f"the store needs {need / 1e9:.2f} GB but {tmp.parent} has {free / 1e9:.2f} GB free; "
+        raise DaliFlError(f"the store needs {need / 1e9:.2f} GB but {out_dir} has {free / 1e9:.2f} GB free; "
                           "free some space, use a smaller --image-size or choose another --out")
 
 
 # --- opening and verifying ---------------------------------------------------------------
+# Every value read from a manifest or a file header is checked (type, range, agreement with the
+# others) before it sizes anything: a damaged store must fail here, in one line, not in training.
 
-def _read_manifest(path: Path) -> dict:
+def _store_dir(path: Path) -> None:
+    """Check that `path` is a store directory, restoring one that a killed `prep --force` left aside."""
     if not path.exists():
         recover_dir(path, _is_whole)  # a `prep --force` killed between its renames left the old store whole
     if path.exists() and not path.is_dir():
@@ -226,56 +239,201 @@ def _read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise DaliFlError(f"store {path} does not exist; create it with `dali-fl prep` "
                           "(e.g. dali-fl prep --source cifar10 --source-path DIR --image-size 224)")
+
+
+def _plain_file(path: Path) -> int:
+    """Size of a store file after checking it is a regular file of its own, not a link or a FIFO."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        version = int(manifest["format_version"])
-        if version > FORMAT_VERSION:  # checked first: a newer format may lay out everything else differently
-            raise DaliFlError(f"store {path} has format version {version}, newer than this dali-fl "
-                              f"understands ({FORMAT_VERSION}); upgrade dali-fl, or rebuild it with "
-                              "`dali-fl prep --force`")
-        for key in ("source", "classes", "image_size", "dtype", "splits"):
-            manifest[key]
-        for entry in manifest["splits"].values():
-            for key in ("images", "labels"):
-                entry[key]["file"], entry[key]["shape"], entry[key]["dtype"], entry[key]["sha256"]
+        st = os.lstat(path)
     except FileNotFoundError:
-        raise DaliFlError(f"{path} is not a store (no {MANIFEST}); re-run `dali-fl prep --force`") from None
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
-        raise DaliFlError(f"{path}/{MANIFEST} is unreadable or incomplete ({type(err).__name__}: {err}); "
+        raise DaliFlError(f"store file {path} is missing; re-run `dali-fl prep --force`") from None
+    except OSError as err:
+        raise unreadable(path, err) from None
+    if stat.S_ISLNK(st.st_mode):  # a store must not read (or let verify hash) files outside itself
+        raise DaliFlError(f"store file {path} is a symlink; a store holds its own plain files, "
+                          "re-run `dali-fl prep --force`")
+    if not stat.S_ISREG(st.st_mode):
+        raise DaliFlError(f"store file {path} is not a regular file (a directory, FIFO, socket or device); "
+                          "re-run `dali-fl prep --force`")
+    return st.st_size
+
+
+def _load_manifest_json(path: Path) -> object:
+    """The parsed manifest.json of a store directory, read only if it is a plain file of sane size."""
+    file = path / MANIFEST
+    if not file.exists() and not file.is_symlink():
+        raise DaliFlError(f"{path} is not a store (no {MANIFEST}); re-run `dali-fl prep --force`")
+    size = _plain_file(file)
+    if size > MAX_MANIFEST_BYTES:
+        raise DaliFlError(f"{file} is {size / 1e6:.0f} MB, not a manifest; re-run `dali-fl prep --force`")
+    try:
+        with open(file, "rb") as f:
+            text = f.read()
+    except OSError as err:
+        raise unreadable(file, err) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise DaliFlError(f"{file} is unreadable or incomplete ({type(err).__name__}: {err}); "
                           "re-run `dali-fl prep --force`") from None
+
+
+def _invalid(path: Path, field: str, value: object, want: str) -> DaliFlError:
+    """One-line error for a manifest field that has the wrong type, range or relation to the others."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return DaliFlError(f"{path}/{MANIFEST} is invalid: {field} is {shown}, {want}; re-run `dali-fl prep --force`")
+
+
+def _int_field(path: Path, field: str, value: object, lo: int, hi: int) -> int:
+    """A manifest integer within [lo, hi]; JSON floats (1e30), strings and booleans are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _invalid(path, field, value, f"not an integer in {lo}..{hi}")
+    return value
+
+
+def _check_top_fields(path: Path, m: object) -> None:
+    """Version first (a newer format may differ in everything else), then the store-wide fields."""
+    if not isinstance(m, dict):
+        raise _invalid(path, "the manifest", m, "not a JSON object")
+    version = _int_field(path, "format_version", m.get("format_version"), 1, 1 << 31)
+    if version > FORMAT_VERSION:
+        raise DaliFlError(f"store {path} has format version {version}, newer than this dali-fl "
+                          f"understands ({FORMAT_VERSION}); upgrade dali-fl, or rebuild it with "
+                          "`dali-fl prep --force`")
+    if not isinstance(m.get("source"), str):
+        raise _invalid(path, "source", m.get("source"), "not a source name")
+    classes = m.get("classes")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES \
+            or not all(isinstance(c, str) for c in classes):
+        raise _invalid(path, "classes", classes, f"not a list of 1..{MAX_CLASSES} class names")
+    _int_field(path, "image_size", m.get("image_size"), 1, MAX_IMAGE_SIZE)
+    if m.get("dtype") not in DTYPES:
+        raise _invalid(path, "dtype", m.get("dtype"), f"not one of {', '.join(DTYPES)}")
+    if m.get("interpolation", METHODS[0]) not in METHODS:
+        raise _invalid(path, "interpolation", m.get("interpolation"), f"not one of {', '.join(METHODS)}")
+    params = m.get("source_params", {})
+    if not isinstance(params, dict) or not set(params) <= set(SOURCE_PARAMS):
+        raise _invalid(path, "source_params", params, f"not an object with only {', '.join(SOURCE_PARAMS)}")
+    for key, value in params.items():
+        _int_field(path, f"source_params.{key}", value, 0, (1 << 63) - 1)
+
+
+def _check_array_spec(path: Path, field: str, spec: object, shape: list[int], dtype: str) -> str:
+    """One array's manifest entry: a plain file name in the store, the shape and dtype implied, a sha256."""
+    if not isinstance(spec, dict):
+        raise _invalid(path, field, spec, "not an object with file, shape, dtype and sha256")
+    name = spec.get("file")
+    if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or os.path.basename(name) != name \
+            or "\\" in name or "\0" in name:  # absolute, `..` or nested: it must name a file inside the store
+        raise _invalid(path, f"{field}.file", name, "not the name of a file inside the store")
+    if spec.get("shape") != shape:
+        got = spec.get("shape")
+        grey = field.endswith("images") and isinstance(got, list) and (len(got) == 3 or got[3:] == [1])
+        hint = "; single-channel (grey) images are not supported, a store holds RGB" if grey else ""
+        raise _invalid(path, f"{field}.shape", spec.get("shape"), f"but count and image_size make it {shape}{hint}")
+    if spec.get("dtype") != dtype:
+        raise _invalid(path, f"{field}.dtype", spec.get("dtype"), f"not {dtype}")
+    digest = spec.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise _invalid(path, f"{field}.sha256", digest, "not a sha256 hex digest")
+    return name
+
+
+def _check_splits(path: Path, m: dict) -> None:
+    """Each split: a count in range, and image and label entries that agree with it and with image_size."""
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not 1 <= len(splits) <= MAX_SPLITS:
+        raise _invalid(path, "splits", splits, f"not an object of 1..{MAX_SPLITS} splits")
+    size, files = m["image_size"], []
+    for split, entry in splits.items():
+        if not isinstance(entry, dict):
+            raise _invalid(path, f"splits.{split}", entry, "not an object with count, images and labels")
+        n = _int_field(path, f"splits.{split}.count", entry.get("count"), 1, MAX_STORE_IMAGES)
+        files.append(_check_array_spec(path, f"splits.{split}.images", entry.get("images"),
+                                       [n, size, size, 3], m["dtype"]))
+        files.append(_check_array_spec(path, f"splits.{split}.labels", entry.get("labels"), [n], "int64"))
+    shared = sorted({f for f in files if files.count(f) > 1})
+    if shared:
+        raise _invalid(path, "splits", shared, "file names used by more than one array")
+
+
+def _read_manifest(path: Path) -> dict:
+    """The store's manifest after every field in it has been checked."""
+    _store_dir(path)
+    manifest = _load_manifest_json(path)
+    _check_top_fields(path, manifest)
+    _check_splits(path, manifest)
     return manifest
 
 
-def _check_npy(path: Path, spec: dict) -> None:
-    """Check an .npy file's header and length against the manifest without reading its data."""
+def _npy_header(path: Path) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of a store file, read from its .npy header."""
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:
             major, _ = fmt.read_magic(f)
             read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
             shape, fortran, dtype = read_header(f)
-            offset = f.tell()
-    except FileNotFoundError:
-        raise DaliFlError(f"store file {path} is missing; re-run `dali-fl prep --force`") from None
-    except (ValueError, OSError) as err:
+            return shape, fortran, dtype, f.tell()
+    except OSError as err:  # the disk or the permissions failed: the bytes themselves may be fine
+        raise unreadable(path, err) from None
+    except ValueError as err:
         raise DaliFlError(f"store file {path} is corrupt ({err}); re-run `dali-fl prep --force`") from None
-    if list(shape) != list(spec["shape"]) or str(dtype) != spec["dtype"] or fortran:
+
+
+def _check_npy(path: Path, spec: dict) -> None:
+    """Check an .npy file's header and length against the manifest without reading its data."""
+    size = _plain_file(path)
+    shape, fortran, dtype, offset = _npy_header(path)
+    if list(shape) != list(spec["shape"]) or str(dtype) != spec["dtype"]:
+        grey = len(spec["shape"]) == 4 and (len(shape) == 3 or shape[3:] == (1,))
         raise DaliFlError(f"store file {path} holds {dtype} {shape}, but the manifest says "
-                          f"{spec['dtype']} {tuple(spec['shape'])}; re-run `dali-fl prep --force`")
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    if path.stat().st_size != expected:
-        raise DaliFlError(f"store file {path} is truncated or padded ({path.stat().st_size} bytes, "
+                          f"{spec['dtype']} {tuple(spec['shape'])}"
+                          + ("; it holds single-channel images, a store holds RGB" if grey else "")
+                          + "; re-run `dali-fl prep --force`")
+    if fortran:
+        raise DaliFlError(f"store file {path} is in Fortran (column-major) order, not C order; "
+                          "re-run `dali-fl prep --force`")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise DaliFlError(f"store file {path} is truncated or padded ({size} bytes, "
                           f"expected {expected}); re-run `dali-fl prep --force`")
 
 
-def open_store(path: Path | str) -> Store:
-    """Open a store after checking its manifest, file headers and file lengths (not hashes)."""
+def _check_labels(store: Store, split: str) -> None:
+    """Every label a class index: an out-of-range one would fail training only after a whole round."""
+    file = store.path / store.manifest["splits"][split]["labels"]["file"]
+    labels = np.load(file, mmap_mode="r")
+    lo, hi, n = int(labels.min()), int(labels.max()), store.num_classes
+    if lo < 0 or hi >= n:
+        raise DaliFlError(f"store file {file} holds label {lo if lo < 0 else hi}, outside 0..{n - 1} for the "
+                          f"{n} classes in {MANIFEST}; re-run `dali-fl prep --force`")
+
+
+def _open(path: Path | str, check_labels: bool) -> Store:
+    """Open after checking manifest, file kinds, headers, lengths and (optionally) label range."""
     path = Path(path)
     manifest = _read_manifest(path)
     for entry in manifest["splits"].values():
         for key in ("images", "labels"):
             _check_npy(path / entry[key]["file"], entry[key])
-    return Store(path, manifest)
+    store = Store(path, manifest)
+    if check_labels:
+        for split in store.splits:
+            _check_labels(store, split)
+    return store
+
+
+def open_store(path: Path | str) -> Store:
+    """Open a store after checking its manifest, files, headers, lengths and labels (not hashes)."""
+    return _open(path, check_labels=True)
+
+
+def check_sample_count(k: int) -> None:
+    """Reject a negative --check-samples before any work."""
+    if k < 0:
+        raise DaliFlError(f"--check-samples {k} is negative; pass 0 to skip the sample check, or more")
 
 
 @dataclass(frozen=True)
@@ -313,8 +471,9 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
                  seed: int = 0) -> tuple[list[Check], dict[str, np.ndarray], list[str]]:
     """Run every check; returns (checks, class counts per split, class names)."""
     path = Path(path)
+    check_sample_count(check_samples)
     try:
-        store = open_store(path)
+        store = _open(path, check_labels=False)  # labels out of range are a check of their own below
     except DaliFlError as err:
         return [Check("manifest and files", False, str(err))], {}, []
     m = store.manifest
@@ -323,8 +482,12 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
     counts = {}
     for split, entry in m["splits"].items():
         images = store.images(split)
-        images_sha, lo, hi = _scan_images(path / entry["images"]["file"], images)
-        for key, digest in (("images", images_sha), ("labels", sha256_file(path / entry["labels"]["file"]))):
+        try:
+            images_sha, lo, hi = _scan_images(path / entry["images"]["file"], images)
+            labels_sha = sha256_file(path / entry["labels"]["file"])
+        except OSError as err:  # the disk or the permissions, not the content: say so rather than "differs"
+            raise unreadable(Path(err.filename or path), err) from None
+        for key, digest in (("images", images_sha), ("labels", labels_sha)):
             checks.append(Check(f"sha256 {entry[key]['file']}", digest == entry[key]["sha256"],
                                 digest[:16] if digest == entry[key]["sha256"] else "differs from manifest"))
         labels = store.labels(split)

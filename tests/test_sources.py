@@ -1,21 +1,28 @@
 """Raw sources: CIFAR-10/100 (directory and .tar.gz), npz, image folder, synthetic, and their bad inputs."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import logging
 import os
 import pickle
 import socket
 import tarfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import cifar_pickle, marker_image
 from PIL import Image
 
+import dali_fl.sources as sources_mod
 from dali_fl.errors import DaliFlError
-from dali_fl.sources import load_source, synthetic_arrays
+from dali_fl.sources import in_memory_split, load_source, synthetic_arrays
 
 
 def read_all(source, split: str) -> np.ndarray:
@@ -343,3 +350,191 @@ def test_load_source_argument_errors(tmp_path):
         load_source("npz")
     with pytest.raises(DaliFlError, match="at least 1"):
         load_source("synthetic", num_train=0)
+
+
+# --- sizes read from the input are bounded before anything is allocated ----------------------
+
+def save_npz(path: Path, **changes) -> Path:
+    """A small valid npz source, with some arrays replaced."""
+    x, y = np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 2])
+    np.savez(path, **{"x_train": x, "y_train": y, "x_test": x, "y_test": y, **changes})
+    return path
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("label", [5_000_000, 2 ** 40])
+def test_one_huge_label_does_not_build_huge_class_lists(tmp_path, label):
+    path = save_npz(tmp_path / "d.npz", y_train=np.array([0, 1, label]))
+    with pytest.raises(DaliFlError, match=rf"d.npz: y_train holds label {label}, out of range.*0\.\.99999"):
+        load_source("npz", path)
+
+
+def test_uint64_label_above_int64_is_reported_as_it_is(tmp_path):
+    path = save_npz(tmp_path / "d.npz", y_test=np.array([0, 1, 2 ** 63], dtype=np.uint64))
+    with pytest.raises(DaliFlError, match=r"y_test holds label 9223372036854775808, out of range"):
+        load_source("npz", path)
+
+
+def npz_declaring(path: Path, shape: tuple[int, ...]) -> Path:
+    """An npz whose x_train header declares `shape` but holds no data: what a compressed bomb declares."""
+    save_npz(path)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "a") as z:
+        names = [n for n in z.namelist() if n != "x_train.npy"]
+        kept = {n: z.read(n) for n in names}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in kept.items():
+            z.writestr(name, blob)
+        z.writestr("x_train.npy", header.getvalue())
+    return path
+
+
+def test_npz_declared_sizes_are_checked_before_loading(tmp_path):
+    path = npz_declaring(tmp_path / "bomb.npz", (3, 10 ** 6, 10 ** 6, 3))
+    with pytest.raises(DaliFlError, match=r"bomb.npz \(uncompressed\) needs 9000.00 GB of memory"):
+        load_source("npz", path)
+
+
+def test_npz_larger_than_memory_is_refused(tmp_path, monkeypatch):
+    import psutil
+
+    path = save_npz(tmp_path / "d.npz")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    with pytest.raises(DaliFlError, match=r"d.npz \(uncompressed\) needs 0.00 GB of memory but only 0.00 GB"):
+        load_source("npz", path)
+
+
+def test_npz_with_empty_images(tmp_path):
+    path = save_npz(tmp_path / "d.npz", x_train=np.zeros((3, 0, 8, 3), np.uint8))
+    with pytest.raises(DaliFlError, match=r"x_train are empty images, shaped \(3, 0, 8, 3\)"):
+        load_source("npz", path)
+
+
+def test_in_memory_reads_are_capped_in_bytes(monkeypatch):
+    monkeypatch.setattr(sources_mod, "SOURCE_BYTES_PER_READ", 3 * 64 * 64 * 3)
+    split = in_memory_split(np.zeros((10, 64, 64, 3), np.uint8), np.zeros(10, np.int64))
+    assert split.max_rows == 3  # whatever the output size, a read hands the resizer at most 3 of these
+
+
+def test_cifar_member_sizes_are_checked_before_reading(make_cifar, monkeypatch):
+    files = make_cifar()
+    archive = files.archive()
+    monkeypatch.setattr(sources_mod, "MAX_CIFAR_MEMBER_BYTES", 1000)  # each test member is ~9 KB
+    with pytest.raises(DaliFlError, match="far larger than a CIFAR batch"):
+        load_source("cifar10", files.folder)
+    with pytest.raises(DaliFlError, match="member data_batch_1 claims .* far larger than a CIFAR batch"):
+        load_source("cifar10", archive)
+
+
+@pytest.mark.parametrize("args, words", [
+    (dict(seed=-1), ["--seed -1", ">= 0"]),
+    (dict(num_train=100_000_000), ["--num-train 100000000", "at most 1000000"]),
+    (dict(num_test=10 ** 12), ["--num-test 1000000000000"]),
+])
+def test_synthetic_sizes_and_seed_are_checked_first(args, words):
+    start = time.perf_counter()
+    with pytest.raises(DaliFlError) as err:
+        load_source("synthetic", **{"num_train": 10, "num_test": 5, **args})
+    assert time.perf_counter() - start < 2
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_synthetic_source_larger_than_memory(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=10 ** 6))
+    with pytest.raises(DaliFlError, match="synthetic source of 1000 images needs 0.00 GB of memory"):
+        load_source("synthetic", num_train=500, num_test=500)
+
+
+# --- FIFOs and other non-regular files never block --------------------------------------------
+
+@pytest.mark.timeout(20)
+def test_fifo_in_an_image_folder_is_skipped_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "folder"
+    save_png(root / "train" / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    save_png(root / "test" / "cat" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    os.mkfifo(root / "train" / "cat" / "pipe.png")
+    (root / "train" / "cat" / "dir.jpg").mkdir()
+    with caplog.at_level(logging.WARNING, logger="dali_fl.sources"):
+        source = load_source("imagefolder", root)
+        images = source.splits["train"].read(0, source.splits["train"].count)
+    assert source.splits["train"].count == 1 and len(images) == 1
+    skipped = sorted(r.getMessage() for r in caplog.records if "skipping" in r.getMessage())
+    assert len(skipped) == 2 and "dir.jpg" in skipped[0] and "pipe.png" in skipped[1]
+    assert all("not a regular file" in m for m in skipped)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["npz", "cifar10", "cifar100"])
+def test_fifo_as_source_path_is_refused(tmp_path, name):
+    os.mkfifo(tmp_path / "data.bin")
+    with pytest.raises(DaliFlError, match="data.bin is neither a regular file nor a directory"):
+        load_source(name, tmp_path / "data.bin")
+
+
+@pytest.mark.timeout(20)
+def test_fifo_as_cifar_member_is_refused(make_cifar):
+    files = make_cifar()
+    files.member("data_batch_4").unlink()
+    os.mkfifo(files.member("data_batch_4"))
+    with pytest.raises(DaliFlError, match="data_batch_4 is not a regular file"):
+        load_source("cifar10", files.folder)
+
+
+# --- a file that cannot be read is not corrupt ---------------------------------------------------
+
+def deny_reading(monkeypatch, module, target: Path) -> None:
+    """Make `target` unreadable: chmod for ordinary users, and an EACCES from `open` also for root."""
+    os.chmod(target, 0)
+    real = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if Path(file) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+    monkeypatch.setattr(module, "open", guarded, raising=False)
+
+
+def assert_permission_error(err: pytest.ExceptionInfo, path: Path) -> None:
+    msg = str(err.value)
+    assert f"cannot read {path} (Permission denied)" in msg and "permissions" in msg, msg
+    assert "corrupt" not in msg and "re-download" not in msg and "np.savez" not in msg, msg
+
+
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_unreadable_cifar_file_is_a_permission_error(make_cifar, monkeypatch, form):
+    files = make_cifar()
+    target = files.archive() if form == "archive" else files.member("data_batch_2")
+    deny_reading(monkeypatch, sources_mod, target)
+    with pytest.raises(DaliFlError) as err:
+        load_source("cifar10", target if form == "archive" else files.folder)
+    assert_permission_error(err, target)
+
+
+def test_unreadable_npz_is_a_permission_error(tmp_path, monkeypatch):
+    path = save_npz(tmp_path / "d.npz")
+    deny_reading(monkeypatch, sources_mod, path)
+    with pytest.raises(DaliFlError) as err:
+        load_source("npz", path)
+    assert_permission_error(err, path)
+
+
+def test_unreadable_image_is_a_permission_error(tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    save_png(root / "train" / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    save_png(root / "test" / "cat" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    target = root / "test" / "cat" / "b.png"
+    real = Image.open
+
+    def guarded(path, *args, **kwargs):
+        if Path(path) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(Image, "open", guarded)
+    source = load_source("imagefolder", root)
+    with pytest.raises(DaliFlError) as err:
+        source.splits["test"].read(0, 1)
+    assert_permission_error(err, target)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 import dali_fl.store as store_mod
 from dali_fl.errors import DaliFlError
@@ -301,7 +300,7 @@ def test_open_store_reads_back(good_store, small_source):
     ("bad_json", ["manifest.json", "unreadable"]),
     ("newer", ["format version 99", "upgrade dali-fl"]),
     ("newer_other_keys", ["format version 2", "upgrade dali-fl"]),
-    ("split_entry", ["manifest.json", "unreadable"]),
+    ("split_entry", ["manifest.json", "splits.train", "not an object"]),
 ])
 def test_open_store_rejects_damage(good_store, damage, words):
     images = good_store / "train_images.npy"

@@ -8,8 +8,16 @@ import click
 
 from dali_fl.errors import DaliFlError
 from dali_fl.resize import METHODS
-from dali_fl.sources import SOURCES, load_source
-from dali_fl.store import DTYPES, check_prep_args, open_store, verify_store, write_store
+from dali_fl.sources import SOURCES, check_synthetic_args, load_source
+from dali_fl.store import (
+    DTYPES,
+    check_prep_args,
+    check_sample_count,
+    check_store_fits,
+    open_store,
+    verify_store,
+    write_store,
+)
 
 
 def _source_options(f):
@@ -46,6 +54,9 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
     The last line printed is the store's path.
     """
     check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
+    check_synthetic_args(num_train, num_test, seed)
+    if source_name == "synthetic":  # its size is known before it is generated: check the disk first
+        check_store_fits(out_dir, num_train + num_test, image_size, dtype)
     source = load_source(source_name, source_path, download=download, download_root=out_dir / "downloads",
                          num_train=num_train, num_test=num_test, seed=seed)
     start = time.perf_counter()
@@ -75,6 +86,8 @@ def verify(store, source_path, check_samples, num_train, num_test, seed):
     Exits 0 only when every check passes. The synthetic source is regenerated
     from the manifest's settings, so it needs no --source-path.
     """
+    check_sample_count(check_samples)
+    check_synthetic_args(num_train, num_test, seed)
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
     source = _source_for(store, source_path, num_train, num_test, seed)
@@ -98,7 +111,11 @@ def _source_for(store: Path, source_path, num_train, num_test, seed):
     name = manifest["source"]
     if name == "synthetic":
         params = {"num_train": num_train, "num_test": num_test, "seed": seed, **manifest.get("source_params", {})}
-        return load_source(name, **params)
+        try:
+            return load_source(name, **params)
+        except DaliFlError as err:  # the values came from the manifest, not from the options the message names
+            raise DaliFlError(f"cannot regenerate the synthetic source from {store}/manifest.json "
+                              f"(source_params {params}): {err}") from None
     return load_source(name, source_path) if source_path is not None else None
 
 
