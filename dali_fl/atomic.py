@@ -35,6 +35,12 @@ def sync_tree(root: Path) -> None:
         fsync_path(dirpath)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Let `write` fill a temp file in the same directory, sync it, then rename it over `path`."""
     path = Path(path)
@@ -46,6 +52,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
         raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
         fsync_path(tmp)  # the rename must not land before the data does
         os.replace(tmp, path)
         fsync_path(path.parent)
