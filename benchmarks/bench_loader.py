@@ -5,7 +5,11 @@ CPU core-seconds per 1,000 images over every process the loader started, peak RS
 process tree, and the time to switch from one client to the next. Warm-up round first, then the
 median of --repeats rounds.
 
+`dali-resize` and `memmap-resize` read a store at its native --native-size and resize each batch to
+--image-size on the device (`--resize-to`), against `dali`/`memmap` reading a store prep resized offline.
+
     python -m benchmarks.bench_loader --image-size 224 --num-images 3000 --device cpu
+    python -m benchmarks.bench_loader --image-size 224 --kinds dali,dali-resize --device cuda --data-on-gpu
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import MIB, ROOT, command_line, machine_info, shown_path, tree_cpu_seconds
 from benchmarks.report import results_dir, table, write_results
 from benchmarks.sampler import Sampler
-from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, make_loader
+from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, loader_class, make_loader
 from dali_fl.normalize import IMAGENET
 from dali_fl.sources import load_synthetic
 from dali_fl.store import open_store, write_store
 
 MODULE = "benchmarks.bench_loader"
+RESIZE = "-resize"  # kind suffix: the native store, resized on the device
+KINDS = (*LOADER_KINDS, *(k + RESIZE for k in LOADER_KINDS if loader_class(k).supports_resize))
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Settings:
     data_dir: Path
     out: Optional[Path]
     seed: int
+    native_size: int = 32
 
     def __post_init__(self) -> None:
         # JSON (the child's spec) brings lists and strings back; paths absolute because children run
@@ -76,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image-size", type=int, default=224, help="side of the stored images")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="side of the images served (and stored, except for *-resize)")
+    p.add_argument("--native-size", type=int, default=32, help="side of the native store the *-resize kinds read")
     p.add_argument("--num-images", type=int, default=3000, help="synthetic train images")
     p.add_argument("--clients", type=int, default=10, help="clients in the round")
     p.add_argument("--samples-per-client", type=int, default=300, help="IID samples per client")
     p.add_argument("--local-ep", type=int, default=2, help="local epochs per client")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round")
-    p.add_argument("--kinds", default=",".join(LOADER_KINDS), help="comma-separated loader kinds")
+    p.add_argument("--kinds", default=",".join(LOADER_KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (padding 4) + flip, as in training")
@@ -101,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
     """The run's settings from the parsed flags, or a usage error."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in LOADER_KINDS]
+    bad = [k for k in kinds if k not in KINDS]
     if bad:
-        parser.error(f"unknown kinds {bad}; choose from {', '.join(LOADER_KINDS)}")
+        parser.error(f"unknown kinds {bad}; choose from {', '.join(KINDS)}")
     if args.clients * args.samples_per_client > args.num_images:
         parser.error("--clients x --samples-per-client exceeds --num-images (an IID split is disjoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,10 +155,12 @@ def measure_kind(s: Settings, kind: str, store_path: str) -> dict:
     memory = Sampler(interval=0.2, pss_every_s=0)  # short rounds: PSS at every sample
     memory.start()
     t0 = time.perf_counter()
-    workers = LoaderWorkers(num_workers=s.workers) if kind == "memmap" else None
-    loader = make_loader(kind, store, "train", batch_size=s.batch_size, device=device,
+    base = kind.removesuffix(RESIZE)
+    workers = LoaderWorkers(num_workers=s.workers) if base == "memmap" else None
+    loader = make_loader(base, store, "train", batch_size=s.batch_size, device=device,
                          norm=IMAGENET, augment=s.augment, out_dtype=getattr(torch, s.dtype),
-                         data_on_gpu=s.data_on_gpu and kind == "dali", workers=workers)
+                         data_on_gpu=s.data_on_gpu and base == "dali", workers=workers,
+                         resize_to=s.image_size if base != kind else None)
     build_s = time.perf_counter() - t0
     run_round(loader, clients, s.local_ep, 0, device)  # warm-up: page cache, workers, allocators
     rounds = []
@@ -180,15 +191,23 @@ def measure_in_child(settings: dict, task: dict) -> dict:
     return measure_kind(Settings(**settings), task["kind"], task["store"])
 
 
+def store_key(s: Settings, kind: str) -> tuple[int, str]:
+    """(side, dtype) of the store `kind` reads: the native size for *-resize, float32 for memmap-seed."""
+    return (s.native_size if kind.endswith(RESIZE) else s.image_size,
+            "float32" if kind == "memmap-seed" else "uint8")
+
+
 def prepare_stores(s: Settings) -> dict[str, str]:
-    """Build (or reuse) the uint8 store, and the float32 one when memmap-seed is measured."""
+    """Build (or reuse) every store the kinds read: uint8 at each size, float32 when memmap-seed is measured."""
     source = load_synthetic(s.num_images, 1, seed=s.seed)
     paths = {}
-    for dtype in sorted({"float32" if k == "memmap-seed" else "uint8" for k in s.kinds}):
-        path, written = write_store(source, s.data_dir, s.image_size, dtype=dtype, progress=True)
-        print(f"{'wrote' if written else 'reusing'} {dtype} store {path}", file=sys.stderr)
-        paths[dtype] = str(path)
-    return {k: paths["float32" if k == "memmap-seed" else "uint8"] for k in s.kinds}
+    for size, dtype in sorted({store_key(s, k) for k in s.kinds}):
+        t0 = time.perf_counter()
+        path, written = write_store(source, s.data_dir, size, dtype=dtype, progress=True)
+        print(f"{'wrote' if written else 'reusing'} {dtype} store {path} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr)
+        paths[size, dtype] = str(path)
+    return {k: paths[store_key(s, k)] for k in s.kinds}
 
 
 def run_children(s: Settings, stores: dict[str, str]) -> list[dict]:
@@ -213,7 +232,10 @@ def markdown(results: list[dict], machine: dict, s: Settings, command: str) -> s
         f"DALI {m['dali']}. {s.clients} clients x {s.samples_per_client} samples x "
         f"{s.local_ep} local epochs, batch {s.batch_size}, {s.image_size} px, "
         f"augment {'on' if s.augment else 'off'}, {s.dtype}; "
-        f"median of {s.repeats} rounds after a warm-up round.", "",
+        f"median of {s.repeats} rounds after a warm-up round."
+        + (f" `*-resize` kinds read the {s.native_size} px store and resize to {s.image_size} px on the device."
+           if any(k.endswith(RESIZE) for k in s.kinds) else "")
+        + (" `dali` kinds keep the split in GPU memory (--data-on-gpu)." if s.data_on_gpu else ""), "",
         *table(("loader", "images/s", "CPU core-s / 1k images", "peak RSS (MiB)", "peak PSS (MiB)",
                 "client switch (ms)", "build (s)"), rows)]) + "\n"
 
@@ -224,7 +246,9 @@ def write_report(results: list[dict], s: Settings, command: str) -> str:
     folder = results_dir(machine, s.out)
     md = markdown(results, machine, s, command)
     report = {"command": command, "machine": machine, "settings": s.record(folder), "results": results}
-    stem = write_results(folder / f"loader-{s.image_size}px", report, md)
+    resized = any(k.endswith(RESIZE) for k in s.kinds)
+    name = f"loader-{s.image_size}px" + (f"-resize-from-{s.native_size}px" if resized else "")
+    stem = write_results(folder / name, report, md)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return md
 

@@ -1,7 +1,8 @@
 """Round benchmark: real federated rounds through each loader kind, against a compute-only bound.
 
 For each loader kind (`dali`, `dali-gpu` = dali with --data-on-gpu where a GPU exists, `memmap`,
-`memmap-seed`; `memmap@N` picks N DataLoader workers) this builds the federation once on the same
+`memmap-seed`; `memmap@N` picks N DataLoader workers; a `-resize` suffix reads the --native-size store
+and resizes to --image-size on the device, i.e. `--resize-to`) this builds the federation once on the same
 store, partition, seed and model, runs one warm-up round and then --rounds measured rounds, each
 followed by the same round with the loader replaced by one cached device batch (the compute-only
 bound). Reported per kind: round time split into data wait / compute / aggregation, data stall
@@ -15,6 +16,8 @@ Evaluation is not run. Each kind runs in a fresh interpreter unless --in-process
     python -m benchmarks.bench_round --scaling --device cpu --threads 1 --rounds 3 \\
         --model-kwargs patch_size=32,depth=1,embed_dim=64,num_heads=2
     python -m benchmarks.bench_round --preset fedlora-vit-b16 --num-train 50000 --rounds 3 --device cuda:0
+    python -m benchmarks.bench_round --preset fedlora-vit-b16 --num-train 50000 --rounds 3 --device cuda:0 \\
+        --kinds dali,dali-gpu,dali-resize,dali-gpu-resize --native-size 32
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from benchmarks.plot import plot
 from benchmarks.report import results_dir, write_results
 from benchmarks.round_point import measure_point
 from benchmarks.round_report import markdown
-from benchmarks.round_settings import DEFAULTS, Settings, settings_from_args
+from benchmarks.round_settings import DEFAULTS, RESIZE, Settings, settings_from_args
 
 MODULE = "benchmarks.bench_round"
 log = logging.getLogger("bench_round")
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model-kwargs", help=f"timm kwargs k=v,..., default {DEFAULTS['model_kwargs']!r}")
     a("--pretrained", action=argparse.BooleanOptionalAction, default=False,
       help="load pretrained weights (default: random init; timing does not depend on them)")
-    a("--image-size", type=int, help=f"stored image side, default {DEFAULTS['image_size']}")
+    a("--image-size", type=int, help=f"image side the model sees, default {DEFAULTS['image_size']}")
+    a("--native-size", type=int, default=32, help="side of the native store the -resize kinds read")
     a("--num-train", type=int, help=f"synthetic train images, default {DEFAULTS['num_train']} (scaling: 10000)")
     a("--num-users", type=int, help=f"clients, default {DEFAULTS['num_users']}")
     a("--frac", type=float, help=f"fraction of clients per round, default {DEFAULTS['frac']}")
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--local-ep", type=int, help=f"local epochs, default {DEFAULTS['local_ep']}")
     a("--local-bs", type=int, help=f"local batch size, default {DEFAULTS['local_bs']}")
     a("--lr", type=float, help="local learning rate, default 3e-4")
-    a("--kinds", help="comma-separated: dali, dali-gpu, memmap, memmap@N (N workers), memmap-seed; "
+    a("--kinds", help="comma-separated: dali, dali-gpu, memmap, memmap@N (N workers), memmap-seed, and "
+                      "dali-resize, dali-gpu-resize, memmap-resize (native store, resized on the device); "
                       "default all (dali-gpu only with a GPU; scaling: dali,memmap)")
     a("--workers", type=int, default=2, help="DataLoader workers of `memmap` (memmap-seed keeps the seed's 4)")
     a("--device", help="cpu, cuda or cuda:N (default cuda:0 when present, else cpu)")
@@ -104,14 +109,19 @@ def prepare_stores(s: Settings, sizes: list[int]) -> dict[int, str]:
 
 def make_points(s: Settings, stores: dict[int, str]) -> list[dict]:
     """What to measure: every kind at the settings; in scaling mode, clients x size per kind."""
+    def data(kind: str, size: int) -> dict:  # a -resize kind reads the native store and resizes to `size`
+        resized = RESIZE in kind
+        return dict(image_size=size, store=stores[s.native_size if resized else size],
+                    resize_to=size if resized else None)
+
     if not s.scaling:
-        return [dict(kind=k, num_users=s.num_users, frac=s.frac, partition=s.partition,
-                     image_size=s.image_size, store=stores[s.image_size]) for k in s.kinds]
+        return [dict(kind=k, num_users=s.num_users, frac=s.frac, partition=s.partition, **data(k, s.image_size))
+                for k in s.kinds]
     big, few = max(s.scaling_sizes), min(s.scaling_users)
     grid = [(u, big) for u in s.scaling_users] + [(few, z) for z in s.scaling_sizes if z != big]
     # IID: 10,000 clients of one image each is the extreme the overhead figure is about.
-    return [dict(kind=k, num_users=u, frac=min(1.0, s.scaling_clients / u), partition="iid",
-                 image_size=z, store=stores[z]) for k in s.kinds for u, z in grid]
+    return [dict(kind=k, num_users=u, frac=min(1.0, s.scaling_clients / u), partition="iid", **data(k, z))
+            for k in s.kinds for u, z in grid]
 
 
 def run_points(s: Settings, points: list[dict]) -> list[dict]:
@@ -152,7 +162,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         serve_child(args.child, measure_in_child)
         return {}
     s = settings_from_args(args, parser)
-    stores = prepare_stores(s, sorted(set(s.scaling_sizes)) if s.scaling else [s.image_size])
+    sizes = set(s.scaling_sizes) if s.scaling else {s.image_size}
+    if any(RESIZE in k for k in s.kinds):
+        sizes.add(s.native_size)
+    stores = prepare_stores(s, sorted(sizes))
     results = run_points(s, make_points(s, stores))
     for r in results:
         r["store"] = Path(r["store"]).name  # no paths outside the repository in the results

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional
 
 from benchmarks.measure import MIB, tree_cpu_seconds
 from benchmarks.memory import tree_memory
-from benchmarks.round_settings import Settings
+from benchmarks.round_settings import RESIZE, Settings
 from benchmarks.sampler import Sampler, nvml_handle
 from benchmarks.wrappers import CachedBatch, TimedLoader
 
@@ -24,13 +24,14 @@ def train_config(s: Settings, point: dict, store: str) -> Any:
     from dali_fl.config import TrainConfig
 
     base, _, workers = point["kind"].partition("@")
+    base = base.removesuffix(RESIZE)
     return TrainConfig.from_options(dict(
         alg=s.alg, rounds=s.rounds + 1, num_users=point["num_users"], frac=point["frac"],
         partition=point["partition"], alpha=s.alpha, seed=s.seed, local_ep=s.local_ep,
         local_bs=s.local_bs, lr=s.lr, model=s.model, model_kwargs=s.model_kwargs,
         pretrained=s.pretrained, store=store, loader="dali" if base == "dali-gpu" else base,
         data_on_gpu=base == "dali-gpu", augment=s.augment, device=s.device, amp=s.amp, eval_bs=64,
-        num_workers=int(workers) if workers else s.workers))
+        num_workers=int(workers) if workers else s.workers, resize_to=point.get("resize_to")))
 
 
 def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:

@@ -46,5 +46,7 @@ def markdown(doc: dict) -> str:
     else:
         what += (f" {s['num_users']} clients, frac {s['frac']}, {s['partition']} partition, "
                  f"{s['image_size']} px, memmap workers {s['workers']}.")
+        if any("-resize" in k for k in s["kinds"]):
+            what += f" `-resize` kinds read the {s.get('native_size', 32)} px store and resize on the device."
         rows = table(ROUND_COLUMNS, map(round_row, doc["results"]))
     return "\n".join([f"`{doc['command']}`", "", where, "", what, "", *rows]) + "\n"

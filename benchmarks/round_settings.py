@@ -14,10 +14,11 @@ DEFAULTS = dict(alg="fedavg", model="vit_tiny_patch16_224", model_kwargs="depth=
                 num_train=2000, num_users=10, frac=0.2, local_ep=1, local_bs=32, lr=3e-4,
                 partition="iid", alpha=0.5)
 PRESET_KEYS = tuple(DEFAULTS)  # what a preset may set here (its rounds, eval and weights do not apply)
-KIND_BASES = ("dali", "dali-gpu", "memmap", "memmap-seed")
+RESIZE = "-resize"  # kind suffix: read the --native-size store and resize to the image size on the device
+KIND_BASES = ("dali", "dali-gpu", "memmap", "memmap-seed", "dali-resize", "dali-gpu-resize", "memmap-resize")
 # Taken from the flags as given (the rest is merged with the defaults and the preset).
 AS_GIVEN = ("preset", "pretrained", "workers", "threads", "amp", "augment", "rounds", "seed", "scaling",
-            "scaling_clients")
+            "scaling_clients", "native_size")
 RUN_ONLY = ("data_dir", "out", "in_process", "plot")  # how to run, not what is measured: not recorded
 
 
@@ -51,6 +52,7 @@ class Settings:
     kinds: tuple[str, ...]
     scaling_users: tuple[int, ...]
     scaling_sizes: tuple[int, ...]
+    native_size: int = 32
     data_dir: Path = ROOT / "data" / "bench-round"
     out: Optional[Path] = None
     in_process: bool = False
@@ -112,9 +114,10 @@ def parse_kinds(text: Optional[str], device: str, scaling: bool, parser: argpars
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     for k in kinds:
         base, _, workers = k.partition("@")
-        if base not in KIND_BASES or (workers and (base != "memmap" or not workers.isdigit())):
-            parser.error(f"unknown kind {k!r}; choose from {', '.join(KIND_BASES)} or memmap@N")
-        if base == "dali-gpu" and not on_gpu:
+        workers_ok = not workers or (base in ("memmap", "memmap" + RESIZE) and workers.isdigit())
+        if base not in KIND_BASES or not workers_ok:
+            parser.error(f"unknown kind {k!r}; choose from {', '.join(KIND_BASES)} or memmap[-resize]@N")
+        if base.startswith("dali-gpu") and not on_gpu:
             parser.error("kind dali-gpu (--data-on-gpu) needs a CUDA device")
     return kinds
 

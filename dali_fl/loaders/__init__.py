@@ -3,6 +3,7 @@
 Kinds: `dali` (the point of the project), `memmap` (the strong DataLoader baseline) and
 `memmap-seed` (the per-sample float32 pipeline it replaces, for benchmarks). All follow
 `dali_fl.order`, so the same indices and seed give the same samples, order and augmentation.
+`dali` and `memmap` can also resize each batch on the device (`resize_to`, see `loaders.resize`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers
+from dali_fl.loaders.resize import MAX_RESIZE_TO, check_resize_to, input_size, refuse_resize
 from dali_fl.normalize import Normalization
 from dali_fl.store import Store
 
@@ -22,7 +24,7 @@ _CLASSES = {"dali": "dali_fl.loaders.dali:DaliLoader",
             "memmap": "dali_fl.loaders.memmap:MemmapLoader",
             "memmap-seed": "dali_fl.loaders.memmap_seed:MemmapSeedLoader"}
 
-__all__ = ["LOADER_KINDS", "Loader", "LoaderWorkers", "make_loader"]
+__all__ = ["LOADER_KINDS", "MAX_RESIZE_TO", "Loader", "LoaderWorkers", "check_resize", "input_size", "make_loader"]
 
 
 def loader_class(kind: str) -> type[Loader]:
@@ -33,13 +35,19 @@ def loader_class(kind: str) -> type[Loader]:
     return getattr(importlib.import_module(module), name)
 
 
+def check_resize(kind: str, resize_to: object) -> None:
+    """Refuse a resize target out of range, or one given to a kind without a resize step."""
+    if check_resize_to(resize_to) is not None and not loader_class(kind).supports_resize:
+        raise refuse_resize(kind)
+
+
 def make_loader(kind: str, store: Store, split: str, *, batch_size: int,
                 device: Union[torch.device, str], norm: Normalization, augment: bool = False,
                 out_dtype: torch.dtype = torch.float32, data_on_gpu: bool = False,
-                workers: Optional[LoaderWorkers] = None) -> Loader:
-    """Build the loader once per run; reuse it for every client, epoch and round."""
+                workers: Optional[LoaderWorkers] = None, resize_to: Optional[int] = None) -> Loader:
+    """Build the loader once per run and reuse it; `resize_to=N` serves N x N images, resized on the device."""
     cls = loader_class(kind)
     cfg = LoaderConfig(store=store, split=split, batch_size=batch_size, device=torch.device(device),
                        norm=norm, augment=augment, out_dtype=out_dtype, data_on_gpu=data_on_gpu,
-                       workers=workers if workers is not None else cls.default_workers)
+                       workers=workers if workers is not None else cls.default_workers, resize_to=resize_to)
     return cls(cfg)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dali_fl.errors import DaliFlError
+from dali_fl.loaders.resize import check_resize_to, refuse_resize
 from dali_fl.normalize import Normalization
 from dali_fl.order import Batch, epoch_plan
 from dali_fl.store import Store, open_store
@@ -59,8 +60,10 @@ class LoaderConfig:
     out_dtype: torch.dtype = torch.float32
     data_on_gpu: bool = False
     workers: LoaderWorkers = field(default_factory=LoaderWorkers)
+    resize_to: Optional[int] = None  # serve N x N images, resized on the device before crop/flip
 
     def __post_init__(self) -> None:
+        check_resize_to(self.resize_to)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
                 or self.batch_size < 1:
             raise DaliFlError(f"batch size must be a positive integer, got {self.batch_size!r}")
@@ -75,6 +78,16 @@ class LoaderConfig:
             raise DaliFlError(f"device {self.device} was requested but CUDA is not available here; "
                               "use --device cpu")
         self.store.labels(self.split)  # a missing split is a DaliFlError naming the splits there
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images served: the resize target when set, else the store's."""
+        return self.store.image_size if self.resize_to is None else int(self.resize_to)
+
+    @property
+    def resize(self) -> Optional[int]:
+        """The side to resize each batch to on the device, or None when no resize is needed."""
+        return None if self.image_size == self.store.image_size else self.image_size
 
 
 def check_indices(indices: np.ndarray, n: int, where: str) -> np.ndarray:
@@ -94,16 +107,19 @@ class Loader(ABC):
     """Built once per run; `epoch(indices, seed)` yields normalized NCHW batches on the device.
 
     Each kind states its own facts here: the store dtype it reads, where that store lives
-    relative to the one the user names, its host-side worker defaults, and whether it can
-    keep a split resident in GPU memory.
+    relative to the one the user names, its host-side worker defaults, whether it can
+    keep a split resident in GPU memory, and whether it can resize on the device.
     """
 
     kind: ClassVar[str]
     store_dtype: ClassVar[str] = "uint8"
     default_workers: ClassVar[LoaderWorkers] = LoaderWorkers()
     supports_data_on_gpu: ClassVar[bool] = False
+    supports_resize: ClassVar[bool] = True
 
     def __init__(self, cfg: LoaderConfig) -> None:
+        if cfg.resize_to is not None and not self.supports_resize:  # about the kind, whatever the store
+            raise refuse_resize(self.kind)
         self._check_store(cfg)
         if cfg.data_on_gpu and not self.supports_data_on_gpu:
             raise DaliFlError(f"--data-on-gpu is a feature of the dali loader, not of {self.kind}")

@@ -1,4 +1,4 @@
-"""The strong baseline: one reused DataLoader over the uint8 memmap, transforms on the device."""
+"""The strong baseline: one reused DataLoader over the uint8 memmap, [resize,] transforms on the device."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
+from dali_fl.loaders.resize import interpolation, resize_nhwc
 from dali_fl.loaders.transforms import Uint8Normalizer, batch_params, crop_flip
 from dali_fl.order import Batch
 from dali_fl.store import Store
@@ -64,7 +65,7 @@ def shutdown_workers(loader: Optional[DataLoader]) -> None:
 
 
 class MemmapLoader(Loader):
-    """DataLoader(batch_size=None) over whole-batch gathers; flip/crop/normalize on the device."""
+    """DataLoader(batch_size=None) over whole-batch gathers; [resize,] flip/crop/normalize on the device."""
 
     kind = "memmap"
 
@@ -77,6 +78,7 @@ class MemmapLoader(Loader):
         self._loader = DataLoader(StoreRows(cfg.store, cfg.split), sampler=self._sampler,
                                   batch_size=None, **kw)
         self._normalize = Uint8Normalizer(cfg.norm, cfg.device, cfg.out_dtype)
+        self._method = interpolation(cfg.store)
 
     @classmethod
     def workers_for(cls, num_workers: int) -> LoaderWorkers:
@@ -87,6 +89,8 @@ class MemmapLoader(Loader):
         dev = self.cfg.device
         for batch, (images, labels, read) in zip(plan, self._loader):
             x = images.to(dev, non_blocking=self._pinned)
+            if self.cfg.resize is not None:  # on the device, before the crop: padding keeps its 4 px at N
+                x = resize_nhwc(x, self.cfg.resize, self._method)
             if self.cfg.augment:
                 x = crop_flip(x, *batch_params(batch, dev))
             yield self._normalize(x), labels.to(dev, non_blocking=self._pinned), read.numpy()

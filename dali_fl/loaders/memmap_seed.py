@@ -72,6 +72,7 @@ class MemmapSeedLoader(Loader):
     kind = "memmap-seed"
     store_dtype = "float32"
     default_workers = SEED_WORKERS  # the seed's own settings: what this kind exists to reproduce
+    supports_resize = False  # the seed resized offline only; this kind reproduces that pipeline
 
     def __init__(self, cfg: LoaderConfig) -> None:
         super().__init__(cfg)
