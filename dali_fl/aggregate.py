@@ -71,6 +71,13 @@ class RunningSum:
         self.total = float(flat[offset])
 
 
+@torch.no_grad()
+def update_norm(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> float:
+    """‖y − x‖ over all tensors together (one device sync): a client's drift, DP's clipping norm."""
+    squares = torch.stack([(state[k].float() - start[k].float()).pow(2).sum() for k in start])
+    return float(squares.sum().sqrt())
+
+
 def mean_of(running: RunningSum) -> State:
     """The weighted mean of every exchanged tensor (FedAvg, FedIT and FFA-LoRA all end here)."""
     if running.total <= 0:

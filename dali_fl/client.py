@@ -21,6 +21,7 @@ class ClientResult:
     loss: float
     data_wait_s: float
     compute_s: float
+    steps: int = 0  # optimizer steps taken (SCAFFOLD's K)
 
 
 def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
@@ -32,13 +33,20 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
 
 
 def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig, seed: int,
-                amp: Optional[torch.dtype], device: torch.device) -> ClientResult:
-    """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings."""
+                amp: Optional[torch.dtype], device: torch.device,
+                correction: Optional[list[torch.Tensor]] = None) -> ClientResult:
+    """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings.
+
+    `correction` (SCAFFOLD's c - c_i, one tensor per trainable parameter) is added to every gradient.
+    """
     model.train()
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    # FedProx's anchor: the round-start state the model holds now (none for FedAvg, which stays bitwise as before).
+    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_sum = torch.zeros((), device=device)
-    seen, wait, start = 0, 0.0, time.perf_counter()
+    seen, steps, wait, start = 0, 0, 0.0, time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout and friends: same stream on every run and resume
         for epoch in range(cfg.local_ep):
@@ -52,15 +60,32 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
                 images, labels = batch
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = F.cross_entropy(model(images), labels)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                total = loss if anchor is None else loss + proximal_term(params, anchor, cfg.prox_mu)
+                _step(opt, scaler, total, params, correction)
                 loss_sum += loss.detach().float() * labels.shape[0]
                 seen += labels.shape[0]
+                steps += 1
     mean_loss = float(loss_sum) / max(seen, 1)  # one device sync per client
     elapsed = time.perf_counter() - start
-    return ClientResult(len(indices), mean_loss, wait, elapsed - wait)
+    return ClientResult(len(indices), mean_loss, wait, elapsed - wait, steps)
+
+
+def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+          params: list[torch.Tensor], correction: Optional[list[torch.Tensor]]) -> None:
+    """One optimizer step on `loss`, with SCAFFOLD's gradient correction when given."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if correction is not None:
+        scaler.unscale_(opt)  # the correction is in gradient units, not the loss scaler's
+        for p, c in zip(params, correction):
+            p.grad.add_(c.to(p.grad.dtype))
+    scaler.step(opt)
+    scaler.update()
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al., 2020): (mu/2) * sum ||w - w_round_start||^2 over the trainable tensors."""
+    return 0.5 * mu * sum((p.float() - a.float()).pow(2).sum() for p, a in zip(params, anchor))
 
 
 @torch.no_grad()

@@ -20,11 +20,12 @@ import numpy as np
 
 from dali_fl.aggregate import LORA_AGGREGATORS
 from dali_fl.errors import DaliFlError
-from dali_fl.loaders import LOADER_KINDS
+from dali_fl.loaders import LOADER_KINDS, check_resize
 from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
 from dali_fl.partition import METHODS as PARTITION_METHODS
 
 ALGORITHMS = ("fedavg", "fedlora")
+SERVER_OPTS = ("none", "sgd", "momentum", "adagrad", "adam", "yogi")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("bf16", "fp16", "off", "auto")
 
@@ -110,11 +111,62 @@ class LocalConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    prox_mu: float = 0.0  # FedProx: (mu/2)||w - w_round_start||^2 added to every local step; 0 is FedAvg
+    scaffold: bool = False  # SCAFFOLD: control variates correct every local gradient
 
     def __post_init__(self) -> None:
         check_ints(self, "local_ep", "local_bs")
-        check_numbers(self, positive=("local_ep", "local_bs", "lr"), non_negative=("momentum", "weight_decay"))
+        check_numbers(self, positive=("local_ep", "local_bs", "lr"),
+                      non_negative=("momentum", "weight_decay", "prox_mu"))
         check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        if self.scaffold and self.optimizer != "sgd":
+            raise DaliFlError("--scaffold updates its control variates from plain SGD steps (option II); "
+                              "add --optimizer sgd")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server does with the clients' mean: an optimizer step, and client-level DP."""
+
+    server_opt: str = "none"  # none: the mean becomes the global state (FedAvg)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_betas: tuple[float, float] = (0.9, 0.99)
+    server_tau: float = 1e-3
+    dp_clip: float = 0.0  # > 0 turns DP-FedAvg on: each client's update is clipped to this L2 norm
+    dp_noise: float = 0.0  # Gaussian noise multiplier z: std z * clip on the sum of clipped updates
+    dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_choice(self.server_opt, SERVER_OPTS, "--server-opt")
+        check_numbers(self, positive=("server_lr", "server_tau"), non_negative=("dp_clip", "dp_noise"))
+        betas = tuple(self.server_betas)
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+            raise DaliFlError(f"--server-betas needs two numbers in [0, 1) (got {self.server_betas!r})")
+        object.__setattr__(self, "server_betas", tuple(float(b) for b in betas))  # JSON gives a list
+        if not 0 <= self.server_momentum < 1:
+            raise DaliFlError(f"--server-momentum must be in [0, 1) (got {self.server_momentum})")
+        if not 0 < self.dp_delta < 1:
+            raise DaliFlError(f"--dp-delta must be in (0, 1) (got {self.dp_delta})")
+        self._check_unused()
+
+    def _check_unused(self) -> None:
+        """An option set away from its default for an optimizer or mode that ignores it is a mistake."""
+        uses = {"server_momentum": ("momentum",), "server_betas": ("adam", "yogi", "adagrad"),
+                "server_tau": ("adam", "yogi", "adagrad")}
+        default = ServerConfig.__dataclass_fields__
+        for name, opts in uses.items():
+            if getattr(self, name) != default[name].default and self.server_opt not in opts:
+                raise DaliFlError(f"{_flag(name)} applies to --server-opt {'/'.join(opts)}, "
+                                  f"not {self.server_opt}; add --server-opt {opts[0]} or drop it")
+        if self.server_lr != 1.0 and self.server_opt == "none":
+            raise DaliFlError("--server-lr needs a server optimizer; add --server-opt sgd (or momentum, adam, ...)")
+        if self.dp_clip == 0 and (self.dp_noise > 0 or self.dp_delta != default["dp_delta"].default):
+            raise DaliFlError("--dp-noise and --dp-delta need --dp-clip C > 0 (the L2 bound of each client's update)")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip > 0
 
 
 @dataclass(frozen=True)
@@ -130,15 +182,18 @@ class DataConfig:
     eval_bs: int = 256
     eval_every: int = 1
     num_workers: int = 2
+    resize_to: Optional[int] = None  # resize each batch to N x N on the device; None: the store's size
 
     def __post_init__(self) -> None:
         check_choice(self.loader, LOADER_KINDS, "--loader")
         check_choice(self.amp, AMP_MODES, "--amp")
+        check_resize(self.loader, self.resize_to)
         check_ints(self, "eval_bs", "eval_every", "num_workers")
         check_numbers(self, positive=("eval_bs", "eval_every"), non_negative=("num_workers",))
 
 
-SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig}
+SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig,
+            "server": ServerConfig}
 # Flat option names that differ from their field's name.
 RENAMED = {"model": ("model", "name"), "model_kwargs": ("model", "kwargs")}
 DERIVED = {("model", "lora"), ("model", "freeze_lora_a")}  # set from --alg / --lora-agg, never directly
@@ -181,7 +236,8 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     kwargs = opts["model_kwargs"]
     kwargs = parse_model_kwargs(kwargs) if isinstance(kwargs, str) else dict(kwargs)
     if "img_size" in kwargs:
-        raise DaliFlError("--model-kwargs img_size is taken from the store; prep the store at the size you want")
+        raise DaliFlError("--model-kwargs img_size is taken from the store (or --resize-to); prep the store at the "
+                          "size you want or pass --resize-to N")
     targets = opts["lora_targets"]
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -200,6 +256,7 @@ class TrainConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
     def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
@@ -215,7 +272,11 @@ class TrainConfig:
                 parts[section][name] = opts[flat_name]
         parts["data"]["store"] = str(parts["data"]["store"])
         fed = FederationConfig(**parts["fed"])
-        return cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]))
+        server = ServerConfig(**parts["server"])
+        if server.dp and fed.aggregation == "fedex":
+            raise DaliFlError("--dp-clip does not combine with --lora-agg fedex (its residual is not clipped); "
+                              "use --lora-agg fedit or ffa")
+        return cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]), server)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -225,7 +286,7 @@ class TrainConfig:
         doc = json.loads(text)
         model = dict(doc["model"], lora_targets=tuple(doc["model"]["lora_targets"]))
         return cls(FederationConfig(**doc["fed"]), LocalConfig(**doc["local"]), ModelSpec(**model),
-                   DataConfig(**doc["data"]))
+                   DataConfig(**doc["data"]), ServerConfig(**doc.get("server", {})))  # runs from before it
 
     def replace(self, **parts) -> "TrainConfig":
         """Copy with some fields of the sub-configs replaced, e.g. replace(fed={'rounds': 4})."""

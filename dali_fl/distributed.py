@@ -15,10 +15,9 @@ import torch.distributed as dist
 from dali_fl.aggregate import RunningSum
 from dali_fl.client import evaluate
 from dali_fl.errors import DaliFlError
-from dali_fl.federation import Federation, RoundHooks
+from dali_fl.federation import TOTAL_KEYS, Federation, RoundHooks
 
 log = logging.getLogger(__name__)
-TOTAL_KEYS = ("loss_sum", "data_wait_s", "compute_s")
 
 
 def assign_clients(clients: np.ndarray, sizes: np.ndarray, world_size: int) -> list[np.ndarray]:

@@ -16,15 +16,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dali_fl.aggregate import RunningSum, aggregate
+from dali_fl.aggregate import RunningSum, aggregate, update_norm
 from dali_fl.client import evaluate, local_train
 from dali_fl.config import FederationConfig, TrainConfig, derive_seed
 from dali_fl.device import peak_memory_mb
+from dali_fl.dp import add_noise_, clip_update, epsilon
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import Loader
 from dali_fl.model import load_state_, lora_pairs, trainable_state
 from dali_fl.partition import Partition
+from dali_fl.scaffold import Scaffold
+from dali_fl.server_opt import ServerOptimizer
 from dali_fl.store import Store
+
+# Summed over clients and over processes.
+TOTAL_KEYS = ("loss_sum", "num_samples", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
 
 # --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
 RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
@@ -51,6 +57,19 @@ class Federation:
     eval_loader: Loader
     num_test: int
     amp: Optional[torch.dtype]
+    server: Optional[ServerOptimizer] = None  # made from cfg.server when not given
+    scaffold: Optional[Scaffold] = None  # made when cfg.local.scaffold
+
+    def __post_init__(self) -> None:
+        if self.server is None:
+            self.server = ServerOptimizer(self.cfg.server)
+        if self.scaffold is None and self.cfg.local.scaffold:
+            self.scaffold = Scaffold(self.run_dir, self.cfg.fed.num_users, trainable_state(self.model),
+                                     self.cfg.local.lr)
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """What the server keeps across rounds besides the model: optimizer moments, SCAFFOLD variates."""
+        return {**self.server.state_tensors(), **(self.scaffold.state_tensors() if self.scaffold else {})}
 
     @property
     def uses_products(self) -> bool:
@@ -70,25 +89,49 @@ def add_to_params_(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
         params[name].add_(delta.to(params[name].dtype))
 
 
-def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Loader,
-                  progress: bool) -> tuple[RunningSum, dict]:
-    """Train the given clients in turn from the current global state; returns their running sum and totals."""
-    cfg = fx.cfg
-    global_state = {k: v.clone() for k, v in trainable_state(fx.model).items()}
-    running = RunningSum(lora_pairs(fx.model) if fx.uses_products else (), like=global_state)
-    totals = {"loss_sum": 0.0, "data_wait_s": 0.0, "compute_s": 0.0}
+def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Loader, progress: bool,
+                  start: dict[str, torch.Tensor]) -> tuple[RunningSum, dict]:
+    """Train the given clients in turn from the round-start state; returns their running sum and totals."""
+    cfg, dp = fx.cfg, fx.cfg.server.dp
+    running = RunningSum(lora_pairs(fx.model) if fx.uses_products else (), like=start)
+    totals = {key: 0.0 for key in TOTAL_KEYS}
     for c in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not progress):
-        load_state_(fx.model, global_state)
+        load_state_(fx.model, start)
         res = local_train(fx.model, loader, fx.partition.clients[c], cfg.local,
-                          derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device)
+                          derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device,
+                          fx.scaffold.correction(int(c)) if fx.scaffold else None)
         if not math.isfinite(res.loss):
             raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {int(c)}; "
                               f"nothing of round {round_} was saved; {RESTART_HINT}")
-        running.add(trainable_state(fx.model), res.num_samples)
+        state = trainable_state(fx.model)
+        if fx.scaffold:
+            fx.scaffold.client_done(int(c), start, state, res.steps)
+        if dp:  # equal weights: a client's sample count must not scale its (bounded) influence
+            state, _ = clip_update(state, start, cfg.server.dp_clip)
+        weight, norm = 1 if dp else res.num_samples, update_norm(state, start)
+        running.add(state, weight)
+        totals["drift_sum"] += norm
+        totals["drift_sq_sum"] += weight * norm * norm
         totals["loss_sum"] += res.loss * res.num_samples
+        totals["num_samples"] += res.num_samples
         totals["data_wait_s"] += res.data_wait_s
         totals["compute_s"] += res.compute_s
     return running, totals
+
+
+def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[str, torch.Tensor],
+                  num_clients: int) -> float:
+    """Aggregate, add DP noise, take the server optimizer's step, load the result; returns ‖mean update‖."""
+    server = fx.cfg.server
+    mean, deltas = aggregate(running, fx.cfg.fed.aggregation)
+    mean_norm = update_norm(mean, start)
+    if server.dp:
+        add_noise_(mean, server.dp_clip, server.dp_noise, num_clients, fx.cfg.fed.seed, round_)
+    load_state_(fx.model, fx.server.step(start, mean))
+    add_to_params_(fx.model, deltas)  # FedEx-LoRA's residual goes into the base weights as it is
+    if fx.scaffold:
+        fx.scaffold.finish_round()
+    return mean_norm
 
 
 def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Optional["RoundHooks"] = None,
@@ -99,26 +142,38 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
     compute-only one); by default the clients read through `fx.train_loader`.
     """
     hooks = hooks or RoundHooks()
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     if fx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fx.device)
     clients = sample_clients(fx.cfg.fed, round_)
+    start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     running, totals = train_clients(fx, round_, hooks.mine(clients, fx.partition.sizes()),
-                                    loader or fx.train_loader, progress)
+                                    loader or fx.train_loader, progress, start)
     t_agg = time.perf_counter()
     hooks.reduce(running, totals)  # all_reduce across processes when distributed; nothing otherwise
-    state, deltas = aggregate(running, fx.cfg.fed.aggregation)
-    load_state_(fx.model, state)
-    add_to_params_(fx.model, deltas)
+    mean_norm = server_update(fx, round_, running, start, len(clients))
     if fx.device.type == "cuda":
         torch.cuda.synchronize(fx.device)
     end = time.perf_counter()
-    return {"round": round_, "test_acc": None, "test_loss": None,
-            "train_loss": totals["loss_sum"] / running.total, "num_clients": len(clients),
-            "num_samples": int(running.total), "round_time_s": end - start,
-            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"],
-            "aggregate_s": end - t_agg, "images_per_s": running.total * fx.cfg.local.local_ep / (end - start),
-            "peak_gpu_mem_mb": peak_memory_mb(fx.device)}
+    row = {"round": round_, "test_acc": None, "test_loss": None,
+           "train_loss": totals["loss_sum"] / totals["num_samples"], "num_clients": len(clients),
+           "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,
+           "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
+           "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
+           "client_drift": totals["drift_sum"] / len(clients),
+           # Weighted spread of the clients' updates around their mean: what SCAFFOLD sets out to shrink.
+           "update_spread": math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
+           "peak_gpu_mem_mb": peak_memory_mb(fx.device)}
+    if fx.cfg.server.dp:
+        row["dp_epsilon"] = privacy_spent(fx.cfg, round_)
+    return row
+
+
+def privacy_spent(cfg: TrainConfig, rounds: int) -> Optional[float]:
+    """ε at --dp-delta after `rounds` rounds of DP-FedAvg with this run's sampling rate; None without noise."""
+    fed = cfg.fed
+    eps = epsilon(cfg.server.dp_noise, fed.clients_per_round / fed.num_users, rounds, cfg.server.dp_delta)
+    return eps if math.isfinite(eps) else None
 
 
 @dataclass

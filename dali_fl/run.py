@@ -17,11 +17,14 @@ from dali_fl.config import TrainConfig
 from dali_fl.device import amp_dtype, explain_oom, resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.federation import RESTART_HINT, Federation, RoundHooks, run_round
-from dali_fl.loaders import loader_class, make_loader
-from dali_fl.model import build_model, load_state_, lora_pairs, trainable_state
+from dali_fl.loaders import input_size, loader_class, make_loader
+from dali_fl.model import build_model, expected_image_size, load_state_, lora_pairs, trainable_state
 from dali_fl.normalize import from_model
 from dali_fl.partition import Partition, load_partition, make_partition, save_partition
 from dali_fl.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
+from dali_fl.scaffold import FILE as SCAFFOLD_FILE
+from dali_fl.scaffold import PREFIX as SCAFFOLD_PREFIX
+from dali_fl.server_opt import PREFIX as SERVER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +36,38 @@ def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[
         raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")
     kind = loader_class(cfg.data.loader)
     store = kind.open_store(cfg.data.store)
-    model = build_model(cfg.model, store.num_classes, store.image_size, cfg.fed.seed).to(device)
+    size = _input_size(cfg, store)
+    model = build_model(cfg.model, store.num_classes, size, cfg.fed.seed).to(device)
+    _check_patches(model, size)
     partition = _partition(cfg, store, saved_partition)
     amp = amp_dtype(cfg.data.amp, device)
     common = dict(device=device, norm=from_model(model), data_on_gpu=cfg.data.data_on_gpu,
                   out_dtype=torch.float16 if amp == torch.float16 else torch.float32,
-                  workers=kind.workers_for(cfg.data.num_workers))
+                  workers=kind.workers_for(cfg.data.num_workers), resize_to=cfg.data.resize_to)
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)
     return Federation(cfg, run_dir, store, device, model, partition, train_loader, eval_loader,
                       len(store.labels("test")), amp)
+
+
+def _input_size(cfg: TrainConfig, store) -> int:
+    """The model's input side: --resize-to when set (checked against pretrained weights here), else the store's."""
+    size = input_size(store, cfg.data.resize_to)
+    want = expected_image_size(cfg.model) if cfg.data.resize_to is not None else None
+    if want is not None and want != size:
+        raise DaliFlError(f"--resize-to {size} but pretrained {cfg.model.name} expects {want}px; pass --resize-to "
+                          f"{want} (or train with --no-pretrained)")
+    return size
+
+
+def _check_patches(model: torch.nn.Module, size: int) -> None:
+    """Refuse images smaller than one patch: timm builds such a ViT, which then fails on its first batch."""
+    for m in model.modules():
+        grid, patch = getattr(m, "grid_size", None), getattr(m, "patch_size", None)
+        if grid is not None and patch is not None and min(grid) < 1:
+            raise DaliFlError(f"{size}px images are smaller than the model's {tuple(patch)} patch; pass a larger "
+                              "--resize-to (or prep a larger store, or a smaller patch_size)")
 
 
 def _partition(cfg: TrainConfig, store, saved: Optional[Path]) -> Partition:
@@ -60,10 +84,10 @@ def _partition(cfg: TrainConfig, store, saved: Optional[Path]) -> Partition:
 
 
 def checkpoint_tensors(fx: Federation) -> tuple[dict, dict]:
-    """(global trainable state, base weights FedEx-LoRA changed) as they are now."""
+    """(global trainable state with the server optimizer's moments, base weights FedEx-LoRA changed) as now."""
     params = dict(fx.model.named_parameters())
     base = {p.base: params[p.base] for p in lora_pairs(fx.model)} if fx.uses_products else {}
-    return trainable_state(fx.model), base
+    return {**trainable_state(fx.model), **fx.server_state()}, base
 
 
 def check_finite(tensors: dict[str, torch.Tensor], round_: int) -> None:
@@ -75,15 +99,21 @@ def check_finite(tensors: dict[str, torch.Tensor], round_: int) -> None:
 
 
 def resume_state(fx: Federation, run_dir: Path) -> int:
-    """Load the last finished round's tensors into the model; returns the round to start at."""
+    """Load the last finished round's tensors (and the server optimizer's) into the model; returns the next round."""
     ckpt = load_checkpoint(run_dir)
     if ckpt is None:
         return 1
-    round_, state, base = ckpt
+    round_, saved, base = ckpt
+    server = {k: v for k, v in saved.items() if k.startswith(SERVER_PREFIX)}
+    scaffold = {k: v for k, v in saved.items() if k.startswith(SCAFFOLD_PREFIX)}
+    state = {k: v for k, v in saved.items() if not k.startswith((SERVER_PREFIX, SCAFFOLD_PREFIX))}
     missing = sorted(set(trainable_state(fx.model)) - set(state))
     if missing:
         raise DaliFlError(f"{run_dir / 'checkpoint'} lacks {missing[0]}; it does not belong to this run")
     load_state_(fx.model, {**state, **base})
+    fx.server.load_state_tensors(server, fx.device)
+    if fx.scaffold:
+        fx.scaffold.load_state_tensors(scaffold, round_)
     return round_ + 1
 
 
@@ -91,6 +121,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
     if write and not resume:
         check_fresh(run_dir)
+        (run_dir / SCAFFOLD_FILE).unlink(missing_ok=True)  # left by a run that never finished starting
     fx = build_federation(cfg, run_dir, run_dir / "partition.json" if resume else None)
     try:
         start = resume_state(fx, run_dir) if resume else 1
@@ -113,6 +144,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
           hooks: Optional[RoundHooks] = None) -> dict:
     """Run (or continue) a federation to `cfg.fed.rounds` rounds, holding the run directory; returns the summary."""
     hooks = hooks or RoundHooks()
+    if cfg.local.scaffold and type(hooks) is not RoundHooks:
+        raise DaliFlError("--scaffold keeps its client variates in one process's file; run it without --nproc")
     run_dir = Path(run_dir)
     created = hooks.is_writer and not resume and not run_dir.exists()
     with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
@@ -143,6 +176,8 @@ def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress:
                 if metrics is not None:
                     metrics.log(row)
                     save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed)
+                    if fx.scaffold:
+                        fx.scaffold.commit()  # after the checkpoint that holds the round's rows
                 log.info("round %d: %s", r, row)
     finally:
         fx.close()
@@ -152,10 +187,12 @@ def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress:
 
 
 def write_summary(run_dir: Path, rows: list[dict]) -> dict:
-    """summary.json: final and best accuracy, rounds done, total time."""
+    """summary.json: final and best accuracy, rounds done, total time (and ε under DP)."""
     accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
     summary = {"final_test_acc": accs[-1] if accs else None, "best_test_acc": max(accs) if accs else None,
                "rounds": rows[-1]["round"] if rows else 0,
                "total_time_s": sum(r["round_time_s"] + r.get("eval_s", 0.0) for r in rows)}
+    if rows and "dp_epsilon" in rows[-1]:
+        summary["dp_epsilon"] = rows[-1]["dp_epsilon"]  # ε at the run's --dp-delta after the last round
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary

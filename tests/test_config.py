@@ -100,6 +100,6 @@ def test_bad_options_are_one_clear_error(options, words):
 
 def test_option_names_are_unique_and_cover_every_section():
     fields = option_fields()
-    assert {section for section, _ in fields.values()} == {"fed", "local", "model", "data"}
+    assert {section for section, _ in fields.values()} == {"fed", "local", "model", "data", "server"}
     assert fields["model"] == ("model", "name") and fields["model_kwargs"] == ("model", "kwargs")
     assert "lora" not in fields and "freeze_lora_a" not in fields

@@ -17,6 +17,7 @@ from dali_fl.config import (
     OPTIMIZERS,
     PARTITION_METHODS,
     PRESETS,
+    SERVER_OPTS,
     TrainConfig,
     load_config,
     merge_options,
@@ -68,6 +69,24 @@ def _options(f):
         o("--momentum", type=float, default=d["momentum"], show_default=True, help="SGD momentum."),
         o("--weight-decay", "--weight_decay", type=float, default=d["weight_decay"], show_default=True,
           help="Weight decay."),
+        o("--prox-mu", type=float, default=d["prox_mu"], show_default=True,
+          help="FedProx: (mu/2)||w - w_round_start||^2 in every local step; 0 is FedAvg."),
+        o("--scaffold/--no-scaffold", default=d["scaffold"], show_default=True,
+          help="SCAFFOLD control variates (option II; needs --optimizer sgd; one process)."),
+        o("--server-opt", type=click.Choice(SERVER_OPTS), default=d["server_opt"], show_default=True,
+          help="Server step on the round's mean update (Reddi et al.); none: the mean is the new model."),
+        o("--server-lr", type=float, default=d["server_lr"], show_default=True, help="Server learning rate."),
+        o("--server-momentum", type=float, default=d["server_momentum"], show_default=True,
+          help="--server-opt momentum (FedAvgM): beta."),
+        o("--server-betas", type=float, nargs=2, default=d["server_betas"], show_default=True,
+          help="--server-opt adam/yogi/adagrad: beta1 beta2."),
+        o("--server-tau", type=float, default=d["server_tau"], show_default=True,
+          help="--server-opt adam/yogi/adagrad: adaptivity tau."),
+        o("--dp-clip", type=float, default=d["dp_clip"], show_default=True,
+          help="DP-FedAvg: clip each client's update to this L2 norm (0: off); clients weigh equally."),
+        o("--dp-noise", type=float, default=d["dp_noise"], show_default=True,
+          help="DP-FedAvg: Gaussian noise multiplier z (std z*clip on the sum); epsilon is reported."),
+        o("--dp-delta", type=float, default=d["dp_delta"], show_default=True, help="DP-FedAvg: delta for epsilon."),
         o("--model", default=d["model"], show_default=True,
           help="timm model name; `vit` means ViT-B/16 (vit_base_patch16_224)."),
         o("--model-variant", "--model_variant", type=click.Choice(["pretrained", "scratch"]),
@@ -89,6 +108,9 @@ def _options(f):
         o("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
           help="Copy the whole split to GPU memory once (dali, GPU only)."),
         o("--augment/--no-augment", default=d["augment"], show_default=True, help="Random flip + 4-px padded crop."),
+        o("--resize-to", type=int, default=d["resize_to"],
+          help="Resize each batch to N x N on the training device before crop/flip (dali, memmap); the model "
+               "takes N px. Default: the store's size."),
         o("--gpu", type=int, help="Train on cuda:N."),
         o("--device", help="cpu, cuda or cuda:N (default: cuda:0 if present, else cpu)."),
         o("--amp", type=click.Choice(AMP_MODES), default=d["amp"], show_default=True,
@@ -237,6 +259,8 @@ def _argv(ctx: click.Context) -> list[str]:
         if getattr(param, "is_flag", False):
             names = param.opts if value else param.secondary_opts
             words += names[:1]
+        elif isinstance(value, tuple):  # nargs=2 (--server-betas)
+            words += [param.opts[0], *map(str, value)]
         else:
             words += [param.opts[0], str(value)]
     return words
