@@ -7,7 +7,9 @@ from typing import Mapping, Sequence
 import torch
 
 State = dict[str, torch.Tensor]
-LORA_AGGREGATORS = ("fedit", "ffa", "fedex")
+LORA_AGGREGATORS = ("fedit", "ffa", "fedex", "zero-pad", "stack")
+PRODUCT_AGGREGATORS = ("fedex", "stack")  # they need each client's B @ A, and change the base weights
+MIXED_RANK_AGGREGATORS = ("fedex", "zero-pad", "stack")  # defined for clients of different ranks
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,12 @@ class RunningSum:
                                                          dtype=torch.float32) for p in self.pairs}
 
     @torch.no_grad()
-    def add(self, state: Mapping[str, torch.Tensor], num_samples: int) -> None:
-        """Add one client's trainable tensors, weighted by its sample count."""
+    def add(self, state: Mapping[str, torch.Tensor], num_samples: int, product_scale: float = 1.0) -> None:
+        """Add one client's trainable tensors, weighted by its sample count.
+
+        `product_scale` (a client's LoRA scale over the model's) weighs its B @ A, so that mixed
+        ranks, each at scale alpha / r, sum to their exact effective weights.
+        """
         for name, value in state.items():
             if name in self.sums:
                 self.sums[name].add_(value.float(), alpha=float(num_samples))
@@ -50,9 +56,9 @@ class RunningSum:
         for p in self.pairs:
             ba = state[p.b].float() @ state[p.a].float()
             if p.base in self.products:
-                self.products[p.base].add_(ba, alpha=float(num_samples))
+                self.products[p.base].add_(ba, alpha=float(num_samples) * product_scale)
             else:
-                self.products[p.base] = ba * float(num_samples)
+                self.products[p.base] = ba * (float(num_samples) * product_scale)
         self.total += float(num_samples)
 
     def flat(self) -> torch.Tensor:
@@ -91,10 +97,22 @@ def fedex_base_deltas(mean: Mapping[str, torch.Tensor], mean_products: Mapping[s
     return {p.base: p.scale * (mean_products[p.base] - mean[p.b] @ mean[p.a]) for p in pairs}
 
 
+def stack_base_deltas(mean_products: Mapping[str, torch.Tensor], pairs: Sequence[LoraPair]) -> State:
+    """FLoRA: B_stack @ A_stack = sum_i p_i s_i B_i A_i, folded whole into the base weights."""
+    return {p.base: p.scale * mean_products[p.base] for p in pairs}
+
+
 def aggregate(running: RunningSum, method: str) -> tuple[State, State]:
-    """Turn a round's running sum into (new global trainable state, deltas to add to base weights)."""
+    """Turn a round's running sum into (new global trainable state, deltas to add to base weights).
+
+    fedavg, fedit, ffa and zero-pad (HetLoRA: factors zero-padded to the largest rank) are the
+    weighted mean; fedex adds its residual; stack folds the exact product and the caller then
+    re-initialises the adapters.
+    """
     mean = mean_of(running)
-    if method != "fedex":
+    if method not in PRODUCT_AGGREGATORS:
         return mean, {}
     products = {k: v / running.total for k, v in running.products.items()}
+    if method == "stack":
+        return mean, stack_base_deltas(products, running.pairs)
     return mean, fedex_base_deltas(mean, products, running.pairs)

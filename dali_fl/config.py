@@ -18,9 +18,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from dali_fl.aggregate import LORA_AGGREGATORS
+from dali_fl.aggregate import LORA_AGGREGATORS, MIXED_RANK_AGGREGATORS, PRODUCT_AGGREGATORS
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, check_resize
+from dali_fl.lora_ranks import parse_ranks
 from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
 from dali_fl.partition import METHODS as PARTITION_METHODS
 
@@ -75,6 +76,7 @@ class FederationConfig:
     shards: int = 2
     seed: int = 0
     lora_agg: str = "fedit"
+    lora_ranks: str = ""  # one rank per client: "2,4,8" cycled, or "uniform:2,4,8,16" drawn; "" = all --lora-r
 
     def __post_init__(self) -> None:
         check_choice(self.alg, ALGORITHMS, "--alg")
@@ -85,6 +87,23 @@ class FederationConfig:
                       non_negative=("min_size", "seed"))
         if not 0 < self.frac <= 1:
             raise DaliFlError(f"--frac {self.frac} must be in (0, 1]: the fraction of clients sampled per round")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        """--lora-ranks parses, and mixed ranks meet an aggregation defined for them."""
+        ranks = self.client_ranks()
+        if ranks is None:
+            return
+        if self.alg != "fedlora":
+            raise DaliFlError("--lora-ranks applies to --alg fedlora")
+        if len(set(ranks.tolist())) > 1 and self.lora_agg not in MIXED_RANK_AGGREGATORS:
+            hint = "its padded form is zero-pad" if self.lora_agg == "fedit" else "it rests on one shared A and scale"
+            raise DaliFlError(f"--lora-agg {self.lora_agg} needs one rank for all clients ({hint}); for mixed ranks "
+                              f"use {', '.join(MIXED_RANK_AGGREGATORS)}")
+
+    def client_ranks(self) -> Optional[np.ndarray]:
+        """Each client's LoRA rank, or None when all train at --lora-r."""
+        return parse_ranks(self.lora_ranks, self.num_users, self.seed) if self.lora_ranks else None
 
     @property
     def clients_per_round(self) -> int:
@@ -244,8 +263,14 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     weights = opts["weights"]
     return ModelSpec(name=MODEL_ALIASES.get(opts["model"], opts["model"]), kwargs=kwargs, pretrained=pretrained,
                      weights=None if weights is None else str(weights), lora=fed.alg == "fedlora",
-                     lora_r=opts["lora_r"], lora_alpha=opts["lora_alpha"], lora_targets=tuple(targets),
+                     lora_r=_model_rank(opts, fed), lora_alpha=opts["lora_alpha"], lora_targets=tuple(targets),
                      freeze_lora_a=fed.variant == "fedlora-ffa")
+
+
+def _model_rank(opts: Mapping[str, Any], fed: FederationConfig) -> int:
+    """The persistent model's LoRA rank: --lora-r, or the largest of --lora-ranks (which overrides it)."""
+    ranks = fed.client_ranks()
+    return int(ranks.max()) if ranks is not None else opts["lora_r"]
 
 
 @dataclass(frozen=True)
@@ -273,10 +298,20 @@ class TrainConfig:
         parts["data"]["store"] = str(parts["data"]["store"])
         fed = FederationConfig(**parts["fed"])
         server = ServerConfig(**parts["server"])
-        if server.dp and fed.aggregation == "fedex":
-            raise DaliFlError("--dp-clip does not combine with --lora-agg fedex (its residual is not clipped); "
-                              "use --lora-agg fedit or ffa")
-        return cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]), server)
+        if server.dp and fed.aggregation in PRODUCT_AGGREGATORS:
+            raise DaliFlError(f"--dp-clip does not combine with --lora-agg {fed.aggregation} (what it folds into the "
+                              "base weights is not clipped); use --lora-agg fedit, ffa or zero-pad")
+        local = LocalConfig(**parts["local"])
+        if local.scaffold and fed.lora_ranks:
+            raise DaliFlError("--scaffold's corrections would train the components a lower-rank client leaves out; "
+                              "drop --lora-ranks or --scaffold")
+        if server.dp and fed.lora_ranks:
+            raise DaliFlError("--dp-clip bounds updates from the global state, which a lower-rank client's truncated "
+                              "adapter is not; drop --lora-ranks or --dp-clip")
+        if fed.aggregation == "stack" and server.server_opt != "none":
+            raise DaliFlError("--lora-agg stack re-initialises the adapters every round, so a server optimizer "
+                              "would only step the head; drop --server-opt")
+        return cls(fed, local, _model_spec(opts, fed), DataConfig(**parts["data"]), server)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

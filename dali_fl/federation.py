@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dali_fl.aggregate import RunningSum, aggregate, update_norm
+from dali_fl.aggregate import PRODUCT_AGGREGATORS, RunningSum, aggregate, update_norm
 from dali_fl.client import evaluate, local_train
 from dali_fl.config import FederationConfig, TrainConfig, derive_seed
 from dali_fl.device import peak_memory_mb
 from dali_fl.dp import add_noise_, clip_update, epsilon
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import Loader
+from dali_fl.lora_ranks import reinit_adapters_, set_scale, truncate_, upload_values
 from dali_fl.model import load_state_, lora_pairs, trainable_state
 from dali_fl.partition import Partition
 from dali_fl.scaffold import Scaffold
@@ -30,7 +31,8 @@ from dali_fl.server_opt import ServerOptimizer
 from dali_fl.store import Store
 
 # Summed over clients and over processes.
-TOTAL_KEYS = ("loss_sum", "num_samples", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
+TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
+STACK_STREAM = 13  # the seeded stream of FLoRA's re-initialised adapters
 
 # --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
 RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
@@ -66,6 +68,32 @@ class Federation:
         if self.scaffold is None and self.cfg.local.scaffold:
             self.scaffold = Scaffold(self.run_dir, self.cfg.fed.num_users, trainable_state(self.model),
                                      self.cfg.local.lr)
+        self.ranks = self.cfg.fed.client_ranks()  # None: every client trains the model's own rank
+        self.pairs = lora_pairs(self.model) if self.cfg.model.lora else []
+
+    def start_client(self, client: int, start: dict[str, torch.Tensor]) -> float:
+        """Load the round-start state for `client` (at its rank); returns its LoRA scale over the model's."""
+        load_state_(self.model, start)
+        if self.ranks is None:
+            return 1.0
+        rank = int(self.ranks[client])
+        truncate_(self.model, self.pairs, rank, self.cfg.model.lora_alpha)  # also sets its scale alpha / rank
+        return self.cfg.model.lora_r / rank  # (alpha / rank) / (alpha / R)
+
+    def end_clients(self) -> None:
+        """Back to the model's own rank and scale, for aggregation and evaluation."""
+        if self.ranks is not None:
+            set_scale(self.model, self.cfg.model.lora_alpha / self.cfg.model.lora_r)
+
+    def upload_values(self, client: int) -> int:
+        """Values `client` sends the server each round: the trainable tensors, LoRA blocks at its rank."""
+        state = trainable_state(self.model)
+        if not self.pairs:
+            return sum(t.numel() for t in state.values())
+        lora = {n for p in self.pairs for n in (p.a, p.b)}
+        rank = self.cfg.model.lora_r if self.ranks is None else int(self.ranks[client])
+        return upload_values(self.pairs, {n: tuple(t.shape) for n, t in state.items()}, rank,
+                             sum(t.numel() for n, t in state.items() if n not in lora))
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """What the server keeps across rounds besides the model: optimizer moments, SCAFFOLD variates."""
@@ -73,8 +101,8 @@ class Federation:
 
     @property
     def uses_products(self) -> bool:
-        """Whether the aggregation needs each client's B @ A (FedEx-LoRA's residual)."""
-        return self.cfg.fed.aggregation == "fedex"
+        """Whether the aggregation needs each client's B @ A (FedEx-LoRA's residual, FLoRA's stack)."""
+        return self.cfg.fed.aggregation in PRODUCT_AGGREGATORS
 
     def close(self) -> None:
         for loader in (self.train_loader, self.eval_loader):
@@ -93,10 +121,12 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
                   start: dict[str, torch.Tensor]) -> tuple[RunningSum, dict]:
     """Train the given clients in turn from the round-start state; returns their running sum and totals."""
     cfg, dp = fx.cfg, fx.cfg.server.dp
-    running = RunningSum(lora_pairs(fx.model) if fx.uses_products else (), like=start)
+    running = RunningSum(fx.pairs if fx.uses_products else (), like=start)
     totals = {key: 0.0 for key in TOTAL_KEYS}
     for c in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not progress):
-        load_state_(fx.model, start)
+        product_scale = fx.start_client(int(c), start)
+        # A lower-rank client starts from the truncated state: its drift is measured from there.
+        own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
         res = local_train(fx.model, loader, fx.partition.clients[c], cfg.local,
                           derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device,
                           fx.scaffold.correction(int(c)) if fx.scaffold else None)
@@ -108,14 +138,16 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
             fx.scaffold.client_done(int(c), start, state, res.steps)
         if dp:  # equal weights: a client's sample count must not scale its (bounded) influence
             state, _ = clip_update(state, start, cfg.server.dp_clip)
-        weight, norm = 1 if dp else res.num_samples, update_norm(state, start)
-        running.add(state, weight)
+        weight, norm = 1 if dp else res.num_samples, update_norm(state, own_start)
+        running.add(state, weight, product_scale)
+        totals["upload_values"] += fx.upload_values(int(c))
         totals["drift_sum"] += norm
         totals["drift_sq_sum"] += weight * norm * norm
         totals["loss_sum"] += res.loss * res.num_samples
         totals["num_samples"] += res.num_samples
         totals["data_wait_s"] += res.data_wait_s
         totals["compute_s"] += res.compute_s
+    fx.end_clients()
     return running, totals
 
 
@@ -129,6 +161,8 @@ def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[
         add_noise_(mean, server.dp_clip, server.dp_noise, num_clients, fx.cfg.fed.seed, round_)
     load_state_(fx.model, fx.server.step(start, mean))
     add_to_params_(fx.model, deltas)  # FedEx-LoRA's residual goes into the base weights as it is
+    if fx.cfg.fed.aggregation == "stack":  # FLoRA: the product is in the base; every client starts afresh
+        reinit_adapters_(fx.model, fx.pairs, derive_seed(fx.cfg.fed.seed, round_, STACK_STREAM))
     if fx.scaffold:
         fx.scaffold.finish_round()
     return mean_norm
@@ -160,6 +194,7 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
            "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,
            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
+           "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
            "client_drift": totals["drift_sum"] / len(clients),
            # Weighted spread of the clients' updates around their mean: what SCAFFOLD sets out to shrink.
            "update_spread": math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),

@@ -132,6 +132,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
             if not resume:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
+                if fx.ranks is not None:  # derived from the seed, written for the reader
+                    atomic_write_text(run_dir / "client_ranks.json", json.dumps(fx.ranks.tolist()))
             # Written last: a directory with config.json is a run that --resume can continue.
             atomic_write_text(run_dir / "config.json", cfg.to_json())
     except BaseException:

@@ -207,9 +207,9 @@ def test_dp_clients_weigh_equally_and_their_updates_are_clipped(store, tmp_path,
     seen = []
     real_add = fed.RunningSum.add
 
-    def add(self, state, weight):
+    def add(self, state, weight, *rest):
         seen.append((state, weight))
-        return real_add(self, state, weight)
+        return real_add(self, state, weight, *rest)
 
     monkeypatch.setattr(fed.RunningSum, "add", add)
     fx, _ = prepare(_config(store, dp_clip=0.05), tmp_path / "r", resume=False, write=False)

@@ -122,7 +122,7 @@ def test_fedlora_exchanges_only_lora_and_head(stores, tmp_path, monkeypatch):
     sent = []
     real_add = fed.RunningSum.add
     monkeypatch.setattr(fed.RunningSum, "add",
-                        lambda self, state, n: (sent.append(set(state)), real_add(self, state, n)))
+                        lambda self, state, n, *rest: (sent.append(set(state)), real_add(self, state, n, *rest)))
     run_round(fx, 1)
     assert sent and all(keys == set(names) for keys in sent)
     for n, p in fx.model.named_parameters():

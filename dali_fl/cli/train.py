@@ -101,8 +101,12 @@ def _options(f):
         o("--lora-alpha", type=int, default=d["lora_alpha"], show_default=True, help="LoRA alpha (scale = alpha / r)."),
         o("--lora-targets", default=d["lora_targets"], show_default=True,
           help="Comma-separated module names or regexes to adapt."),
+        o("--lora-ranks", default=d["lora_ranks"],
+          help="Per-client LoRA ranks: 2,4,8 (cycled over clients) or uniform:2,4,8,16 (drawn from --seed); "
+               "overrides --lora-r. Mixed ranks need --lora-agg fedex, zero-pad or stack."),
         o("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default=d["lora_agg"], show_default=True,
-          help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual."),
+          help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual; "
+               "zero-pad: HetLoRA, pad to the largest rank and average; stack: FLoRA, fold the exact product."),
         o("--loader", type=click.Choice(LOADER_KINDS), default=d["loader"], show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
         o("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
