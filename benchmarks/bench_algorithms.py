@@ -1,10 +1,11 @@
-"""FedAvg, FedProx, FedAdam and SCAFFOLD on one non-IID federation: test accuracy and client drift per round.
+"""FL algorithms on one non-IID federation: test accuracy, client drift and upload per round.
 
     python -m benchmarks.bench_algorithms                       # Dirichlet 0.1, tiny ViT, 32 px, 20 rounds
+    python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
     python -m benchmarks.bench_algorithms --rounds 3 --out /tmp/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
-options differ (ALGORITHMS). Writes algorithms-<px>px.{json,md,png} to the results folder.
+options differ (ALGORITHMS). Writes algorithms-32px-alpha<a>-frac<f>.{json,md,png} to the results folder.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import command_line, machine_info
-from benchmarks.report import fmt, results_dir, table, write_results
+from benchmarks.report import fmt, results_dir, table, with_ext, write_results
 
 # Each paper's knob at a value its authors use for small models: mu 0.01 (FedProx), server lr 0.01 with
 # tau 1e-3 (FedAdam, Reddi et al.), option II (SCAFFOLD).
@@ -26,6 +27,15 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
     "fedadam": {"server_opt": "adam", "server_lr": 0.01},
     "scaffold": {"scaffold": True},
 }
+# FedLoRA with clients of ranks drawn from 2..16 (fedit at one rank 8 for reference): FedEx-LoRA and FLoRA's
+# stack are exact for mixed ranks, HetLoRA's zero-padding is not.
+LORA_RANKS: dict[str, dict[str, Any]] = {
+    "fedit-r8": {"alg": "fedlora", "lora_agg": "fedit", "lora_r": 8},
+    "zero-pad": {"alg": "fedlora", "lora_agg": "zero-pad", "lora_ranks": "uniform:2,4,8,16"},
+    "fedex": {"alg": "fedlora", "lora_agg": "fedex", "lora_ranks": "uniform:2,4,8,16"},
+    "stack": {"alg": "fedlora", "lora_agg": "stack", "lora_ranks": "uniform:2,4,8,16"},
+}
+SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (SCAFFOLD needs plain SGD)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--loader", default="dali")
-    p.add_argument("--only", nargs="*", choices=sorted(ALGORITHMS), help="run only these algorithms")
+    p.add_argument("--suite", choices=sorted(SUITES), default="algorithms",
+                   help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD; lora-ranks: FedLoRA with mixed client ranks")
+    p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     return p.parse_args(argv)
 
@@ -56,8 +68,9 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
                   partition="dirichlet", alpha=args.alpha, min_size=5, optimizer="sgd", momentum=0.0,
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
     out = {}
-    for name in args.only or ALGORITHMS:
-        cfg = TrainConfig.from_options({**common, **ALGORITHMS[name]}, preset="tiny-32")
+    suite = SUITES[args.suite]
+    for name in args.only or suite:
+        cfg = TrainConfig.from_options({**common, **suite[name]}, preset="tiny-32")
         logging.getLogger(__name__).warning("%s: %d rounds", name, args.rounds)
         train(cfg, work / name, progress=sys.stderr.isatty())
         out[name] = read_metrics(work / name)
@@ -72,12 +85,14 @@ def markdown(doc: dict) -> str:
         drift = sum(r["client_drift"] for r in metrics) / len(metrics)
         spread = sum(r["update_spread"] for r in metrics) / len(metrics)
         secs = sum(r["round_time_s"] for r in metrics) / len(metrics)
-        opts = ", ".join(f"{k}={v}" for k, v in ALGORITHMS[name].items()) or "-"
+        upload = sum(r["upload_mb"] for r in metrics) / len(metrics)
+        opts = ", ".join(f"{k}={v}" for k, v in SUITES[doc["settings"]["suite"]][name].items()) or "-"
         rows.append([name, opts, fmt(accs[-1], ".3f"), fmt(max(accs), ".3f"), fmt(drift, ".3f"), fmt(spread, ".3f"),
-                     fmt(secs, ".2f")])
-    cols = ["algorithm", "options", "final acc", "best acc", "client drift", "update spread", "s / round"]
+                     fmt(upload, ".2f"), fmt(secs, ".2f")])
+    cols = ["run", "options", "final acc", "best acc", "client drift", "update spread", "upload MB / round",
+            "s / round"]
     s = doc["settings"]
-    return "\n".join([f"# Algorithms on a non-IID federation ({doc['machine']['cpu']}, "
+    return "\n".join([f"# {s['suite']} on a non-IID federation ({doc['machine']['cpu']}, "
                       f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
                       f"`{doc['command']}`", "",
                       f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']}, {s['rounds']} "
@@ -111,14 +126,17 @@ def plot(doc: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(SUITES[args.suite]))
+    if unknown:
+        sys.exit(f"error: --only {unknown[0]} is not in the {args.suite} suite ({', '.join(SUITES[args.suite])})")
     with tempfile.TemporaryDirectory() as work:
         results = run_all(args, Path(work))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     doc = {"machine": machine_info(args.device), "settings": settings,
            "command": command_line("benchmarks.bench_algorithms", argv), "results": results}
-    stem = results_dir(doc["machine"], args.out) / "algorithms-32px"
+    stem = results_dir(doc["machine"], args.out) / f"{args.suite}-32px-alpha{args.alpha:g}-frac{args.frac:g}"
     write_results(stem, doc, markdown(doc))
-    plot(doc, stem.with_suffix(".png"))
+    plot(doc, with_ext(stem, ".png"))
     print(markdown(doc))
     print(f"wrote {stem}.json, .md and .png")
 

@@ -32,7 +32,7 @@ from typing import Optional
 from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import ROOT, command_line, machine_info
 from benchmarks.plot import plot
-from benchmarks.report import results_dir, write_results
+from benchmarks.report import results_dir, with_ext, write_results
 from benchmarks.round_point import measure_point
 from benchmarks.round_report import markdown
 from benchmarks.round_settings import DEFAULTS, RESIZE, Settings, settings_from_args
@@ -148,7 +148,7 @@ def write_all(doc: dict, s: Settings) -> Path:
     name = f"round-scaling-{s.alg}" if s.scaling else f"round-{s.alg}-{s.image_size}px"
     stem = write_results(results_dir(doc["machine"], s.out) / name, doc, markdown(doc))
     if s.plot:
-        plot(doc, stem.with_suffix(".png"))
+        plot(doc, with_ext(stem, ".png"))
     return stem
 
 

@@ -27,9 +27,14 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+def with_ext(stem: Path, ext: str) -> Path:
+    """`stem` + `ext`; unlike Path.with_suffix, a dot inside the stem (alpha0.1) is kept."""
+    return stem.parent / (stem.name + ext)
+
+
 def write_results(stem: Path, doc: dict, md: str) -> Path:
     """`stem`.json (the document) and `stem`.md (its tables); returns `stem`."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-    stem.with_suffix(".md").write_text(md)
+    with_ext(stem, ".json").write_text(json.dumps(doc, indent=2))
+    with_ext(stem, ".md").write_text(md)
     return stem

@@ -14,26 +14,19 @@ from dali_fl.config import TrainConfig
 from dali_fl.lora_ranks import parse_ranks
 from dali_fl.model import trainable_state
 from dali_fl.run import prepare
-from dali_fl.sources import load_synthetic
-from dali_fl.store import write_store
+from tests.tiny import tiny_args, tiny_config, tiny_store
 
-TINY = ["--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2", "--no-pretrained", "--num-users", "3",
-        "--frac", "1", "--partition", "iid", "--device", "cpu", "--quiet", "--loader", "memmap",
-        "--num-workers", "0", "--alg", "fedlora", "--lr", "5e-3"]
+TINY = tiny_args(num_users=3, frac=1, alg="fedlora", lr=5e-3)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    path, _ = write_store(load_synthetic(150, 30, seed=0), tmp_path_factory.mktemp("stores"), 16, progress=False)
-    return path
+    return tiny_store(tmp_path_factory.mktemp("stores"), num_train=150, num_test=30)
 
 
 def _config(store: Path, **options) -> TrainConfig:
-    return TrainConfig.from_options({**dict(model="vit_tiny_patch16_224", pretrained=False, alg="fedlora",
-                                            model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
-                                            num_users=3, frac=1.0, partition="iid", local_bs=25, store=store,
-                                            loader="memmap", num_workers=0, augment=False, lr=5e-3,
-                                            lora_ranks="2,4,8"), **options})
+    return tiny_config(store, **{"num_users": 3, "frac": 1.0, "alg": "fedlora", "local_bs": 25, "lr": 5e-3,
+                                 "lora_ranks": "2,4,8", **options})
 
 
 def test_rank_specs():

@@ -17,17 +17,14 @@ from dali_fl.errors import DaliFlError
 from dali_fl.rundir import RunLock
 from dali_fl.sources import load_synthetic
 from dali_fl.store import write_store
+from tests.tiny import tiny_args, tiny_store
 
-TINY = ["--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2", "--no-pretrained", "--num-users", "4",
-        "--frac", "0.5", "--partition", "iid", "--device", "cpu", "--quiet", "--loader", "memmap",
-        "--num-workers", "0", "--alg", "fedlora", "--lora-r", "2"]
+TINY = tiny_args(alg="fedlora", lora_r=2)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stores")
-    path, _ = write_store(load_synthetic(200, 50, seed=0), root, 16, progress=False)
-    return path
+    return tiny_store(tmp_path_factory.mktemp("stores"))
 
 
 def _train(invoke, store, out, *extra):
@@ -113,7 +110,7 @@ def test_non_finite_weights_with_a_finite_loss_are_not_saved(invoke, assert_user
     (("--model-kwargs", "patch_size=0"), ("patch_size=0", "positive")),
     (("--model-kwargs", "patch_size=4,depth=-1"), ("depth=-1", "positive")),
     (("--model-kwargs", "patch_size=4,embed_dim=0"), ("embed_dim=0", "positive")),
-    (("--model-kwargs", "patch_size=4,embed_dim=30,num_heads=4"), ("vit_base_patch16_224",)),
+    (("--model-kwargs", "patch_size=4,embed_dim=30,num_heads=4"), ("vit_tiny_patch16_224",)),
     (("--lora-targets", "["), ("'['", "regular expression")),
     (("--lora-targets", ","), ("--lora-targets", "no module")),
     (("--nproc", "0"), ("--nproc", "x>=1")),

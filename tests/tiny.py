@@ -1,0 +1,36 @@
+"""The tiny federation the tests train: a one-block ViT on a 16 px synthetic store, seconds on a CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dali_fl.config import TrainConfig
+from dali_fl.sources import load_synthetic
+from dali_fl.store import write_store
+
+TINY: dict[str, Any] = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
+                            pretrained=False, num_users=4, frac=0.5, partition="iid", device="cpu", loader="memmap",
+                            num_workers=0)
+
+
+def tiny_store(root: Path, num_train: int = 200, num_test: int = 50) -> Path:
+    """A seeded synthetic store at 16 px."""
+    path, _ = write_store(load_synthetic(num_train, num_test, seed=0), root, 16, progress=False)
+    return path
+
+
+def tiny_config(store: Path, **options: Any) -> TrainConfig:
+    """The tiny run's config, with `options` (flat names) on top; no augmentation, so tests compare exactly."""
+    return TrainConfig.from_options({**TINY, "augment": False, "store": store, **options})
+
+
+def tiny_args(**options: Any) -> list[str]:
+    """The tiny run as `dali-fl train` flags, with `options` on top (True/False: a flag or its --no- form)."""
+    words = ["--quiet"]
+    for key, value in {**TINY, **options}.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    return words
