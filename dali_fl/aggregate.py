@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import torch
 
 State = dict[str, torch.Tensor]
-LORA_AGGREGATORS = ("fedit", "ffa", "fedex", "zero-pad", "stack")
+LORA_AGGREGATORS = ("fedit", "ffa", "fedex", "zero-pad", "stack", "shared-a")
 PRODUCT_AGGREGATORS = ("fedex", "stack")  # they need each client's B @ A, and change the base weights
 MIXED_RANK_AGGREGATORS = ("fedex", "zero-pad", "stack")  # defined for clients of different ranks
 
@@ -105,8 +105,9 @@ def stack_base_deltas(mean_products: Mapping[str, torch.Tensor], pairs: Sequence
 def aggregate(running: RunningSum, method: str) -> tuple[State, State]:
     """Turn a round's running sum into (new global trainable state, deltas to add to base weights).
 
-    fedavg, fedit, ffa and zero-pad (HetLoRA: factors zero-padded to the largest rank) are the
-    weighted mean; fedex adds its residual; stack folds the exact product and the caller then
+    fedavg, fedit, ffa, zero-pad (HetLoRA: factors zero-padded to the largest rank) and shared-a
+    (FedSA-LoRA: the mean B is the global model's; each client keeps its own) are the weighted
+    mean; fedex adds its residual; stack folds the exact product and the caller then
     re-initialises the adapters.
     """
     mean = mean_of(running)

@@ -28,6 +28,7 @@ from dali_fl.model import load_state_, lora_pairs, trainable_state
 from dali_fl.partition import Partition
 from dali_fl.scaffold import Scaffold
 from dali_fl.server_opt import ServerOptimizer
+from dali_fl.shared_a import SharedA
 from dali_fl.store import Store
 
 # Summed over clients and over processes.
@@ -61,6 +62,7 @@ class Federation:
     amp: Optional[torch.dtype]
     server: Optional[ServerOptimizer] = None  # made from cfg.server when not given
     scaffold: Optional[Scaffold] = None  # made when cfg.local.scaffold
+    holdout_loader: Optional[Loader] = None  # FedSA-LoRA: the train split, unaugmented, for personal accuracy
 
     def __post_init__(self) -> None:
         if self.server is None:
@@ -70,10 +72,22 @@ class Federation:
                                      self.cfg.local.lr)
         self.ranks = self.cfg.fed.client_ranks()  # None: every client trains the model's own rank
         self.pairs = lora_pairs(self.model) if self.cfg.model.lora else []
+        self.shared_a = (SharedA(self.run_dir, self.partition.clients, self.model, self.pairs, self.cfg.fed.seed)
+                         if self.cfg.fed.aggregation == "shared-a" else None)
+
+    def train_indices(self, client: int) -> np.ndarray:
+        """The samples the client trains on (all of its share, but for FedSA-LoRA's held-out fifth)."""
+        return self.shared_a.train[client] if self.shared_a else self.partition.clients[client]
+
+    def client_tables(self) -> list:
+        """The per-client state kept on disk (SCAFFOLD's variates, FedSA-LoRA's B)."""
+        return [t for t in (self.scaffold, self.shared_a) if t is not None]
 
     def start_client(self, client: int, start: dict[str, torch.Tensor]) -> float:
         """Load the round-start state for `client` (at its rank); returns its LoRA scale over the model's."""
         load_state_(self.model, start)
+        if self.shared_a:
+            self.shared_a.load_b_(self.model, client)
         if self.ranks is None:
             return 1.0
         rank = int(self.ranks[client])
@@ -96,8 +110,9 @@ class Federation:
                              sum(t.numel() for n, t in state.items() if n not in lora))
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        """What the server keeps across rounds besides the model: optimizer moments, SCAFFOLD variates."""
-        return {**self.server.state_tensors(), **(self.scaffold.state_tensors() if self.scaffold else {})}
+        """What the server keeps across rounds besides the model: optimizer moments, per-client rows."""
+        tables = {k: v for t in self.client_tables() for k, v in t.state_tensors().items()}
+        return {**self.server.state_tensors(), **tables}
 
     @property
     def uses_products(self) -> bool:
@@ -105,8 +120,9 @@ class Federation:
         return self.cfg.fed.aggregation in PRODUCT_AGGREGATORS
 
     def close(self) -> None:
-        for loader in (self.train_loader, self.eval_loader):
-            loader.close()
+        for loader in (self.train_loader, self.eval_loader, self.holdout_loader):
+            if loader is not None:
+                loader.close()
 
 
 @torch.no_grad()
@@ -127,7 +143,7 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
         product_scale = fx.start_client(int(c), start)
         # A lower-rank client starts from the truncated state: its drift is measured from there.
         own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
-        res = local_train(fx.model, loader, fx.partition.clients[c], cfg.local,
+        res = local_train(fx.model, loader, fx.train_indices(int(c)), cfg.local,
                           derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device,
                           fx.scaffold.correction(int(c)) if fx.scaffold else None)
         if not math.isfinite(res.loss):
@@ -136,6 +152,8 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
         state = trainable_state(fx.model)
         if fx.scaffold:
             fx.scaffold.client_done(int(c), start, state, res.steps)
+        if fx.shared_a:
+            fx.shared_a.keep_b(int(c), state)
         if dp:  # equal weights: a client's sample count must not scale its (bounded) influence
             state, _ = clip_update(state, start, cfg.server.dp_clip)
         weight, norm = 1 if dp else res.num_samples, update_norm(state, own_start)

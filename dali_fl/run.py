@@ -23,8 +23,8 @@ from dali_fl.normalize import from_model
 from dali_fl.partition import Partition, load_partition, make_partition, save_partition
 from dali_fl.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
 from dali_fl.scaffold import FILE as SCAFFOLD_FILE
-from dali_fl.scaffold import PREFIX as SCAFFOLD_PREFIX
 from dali_fl.server_opt import PREFIX as SERVER_PREFIX
+from dali_fl.shared_a import FILE as SHARED_A_FILE
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)
+    holdout = (make_loader(cfg.data.loader, store, "train", batch_size=cfg.data.eval_bs, augment=False, **common)
+               if cfg.fed.aggregation == "shared-a" else None)
     return Federation(cfg, run_dir, store, device, model, partition, train_loader, eval_loader,
-                      len(store.labels("test")), amp)
+                      len(store.labels("test")), amp, holdout_loader=holdout)
 
 
 def _input_size(cfg: TrainConfig, store) -> int:
@@ -105,15 +107,14 @@ def resume_state(fx: Federation, run_dir: Path) -> int:
         return 1
     round_, saved, base = ckpt
     server = {k: v for k, v in saved.items() if k.startswith(SERVER_PREFIX)}
-    scaffold = {k: v for k, v in saved.items() if k.startswith(SCAFFOLD_PREFIX)}
-    state = {k: v for k, v in saved.items() if not k.startswith((SERVER_PREFIX, SCAFFOLD_PREFIX))}
+    state = {k: v for k, v in saved.items() if "::" not in k}  # the model's own tensors carry no prefix
     missing = sorted(set(trainable_state(fx.model)) - set(state))
     if missing:
         raise DaliFlError(f"{run_dir / 'checkpoint'} lacks {missing[0]}; it does not belong to this run")
     load_state_(fx.model, {**state, **base})
     fx.server.load_state_tensors(server, fx.device)
-    if fx.scaffold:
-        fx.scaffold.load_state_tensors(scaffold, round_)
+    for table in fx.client_tables():
+        table.load_state_tensors(saved, round_)
     return round_ + 1
 
 
@@ -121,7 +122,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
     if write and not resume:
         check_fresh(run_dir)
-        (run_dir / SCAFFOLD_FILE).unlink(missing_ok=True)  # left by a run that never finished starting
+        for leftover in (SCAFFOLD_FILE, SHARED_A_FILE):  # left by a run that never finished starting
+            (run_dir / leftover).unlink(missing_ok=True)
     fx = build_federation(cfg, run_dir, run_dir / "partition.json" if resume else None)
     try:
         start = resume_state(fx, run_dir) if resume else 1
@@ -146,8 +148,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
           hooks: Optional[RoundHooks] = None) -> dict:
     """Run (or continue) a federation to `cfg.fed.rounds` rounds, holding the run directory; returns the summary."""
     hooks = hooks or RoundHooks()
-    if cfg.local.scaffold and type(hooks) is not RoundHooks:
-        raise DaliFlError("--scaffold keeps its client variates in one process's file; run it without --nproc")
+    if (cfg.local.scaffold or cfg.fed.aggregation == "shared-a") and type(hooks) is not RoundHooks:
+        raise DaliFlError("--scaffold and --lora-agg shared-a keep per-client state in one process's file; "
+                          "run them without --nproc")
     run_dir = Path(run_dir)
     created = hooks.is_writer and not resume and not run_dir.exists()
     with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
@@ -171,6 +174,8 @@ def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress:
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
                     t0 = time.perf_counter()
                     row["test_acc"], row["test_loss"] = hooks.evaluate(fx)
+                    if fx.shared_a:
+                        row["personal_acc"] = fx.shared_a.accuracy(fx.model, fx.holdout_loader, fx.amp, fx.device)
                     row["eval_s"] = time.perf_counter() - t0
                     bar.set_postfix(acc=f"{row['test_acc']:.3f}")
                 state, base = checkpoint_tensors(fx)
@@ -178,8 +183,8 @@ def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress:
                 if metrics is not None:
                     metrics.log(row)
                     save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed)
-                    if fx.scaffold:
-                        fx.scaffold.commit()  # after the checkpoint that holds the round's rows
+                    for table in fx.client_tables():
+                        table.commit()  # after the checkpoint that holds the round's rows
                 log.info("round %d: %s", r, row)
     finally:
         fx.close()

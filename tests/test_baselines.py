@@ -291,8 +291,8 @@ def test_scaffold_variates_follow_option_two(tmp_path):
     new = {i: -c + (flat(x) - flat(y)) / (5 * 0.1) for i, y in ys.items()}  # c_i was 0
     torch.testing.assert_close(s.c, c + (new[1] + new[3]) / 4)
     s.commit()
-    torch.testing.assert_close(torch.from_numpy(s.table[3].copy()), new[3])
-    assert not s.table[0].any() and not s.table[2].any()
+    torch.testing.assert_close(s.table.row(3), new[3])
+    assert not s.table.row(0).any() and not s.table.row(2).any()
 
 
 SCAFFOLD = ("--scaffold", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0")
@@ -332,11 +332,11 @@ def test_scaffold_refuses_a_foreign_or_lost_variates_file(invoke, assert_user_er
 
 
 def test_scaffold_that_would_not_fit_on_disk_is_one_line(invoke, assert_user_error, store, tmp_path, monkeypatch):
-    import dali_fl.scaffold as scaffold
+    import dali_fl.client_table as client_table
 
-    monkeypatch.setattr(scaffold.shutil, "disk_usage", lambda path: shutil_usage(total=10, used=9, free=1))
+    monkeypatch.setattr(client_table.shutil, "disk_usage", lambda path: shutil_usage(total=10, used=9, free=1))
     assert_user_error(invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, *SCAFFOLD),
-                      "control variate per client", "GiB", "--alg fedlora")
+                      "client variates take one row per client", "GiB", "--alg fedlora")
 
 
 def shutil_usage(**fields):

@@ -154,7 +154,68 @@ def test_mixed_rank_runs_resume_bitwise_and_record_the_ranks(invoke, store, tmp_
     (("--lora-agg", "stack", "--dp-clip", "1"), ("stack", "not clipped")),
     (("--lora-ranks", "2,4", "--lora-agg", "zero-pad", "--dp-clip", "1"), ("--dp-clip", "--lora-ranks")),
     (("--lora-ranks", "2,4", "--lora-agg", "stack", "--scaffold", "--optimizer", "sgd"), ("--scaffold",)),
+    (("--lora-ranks", "2,4", "--lora-agg", "shared-a"), ("shared-a", "one rank")),
 ])
 def test_bad_rank_options_are_one_line(invoke, assert_user_error, store, tmp_path, args, words):
     assert_user_error(invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, *args), *words)
     assert not (tmp_path / "r").exists()
+
+
+# --- shared A (FedSA-LoRA) -------------------------------------------------------------------
+
+def test_shared_a_averages_a_and_gives_each_client_back_its_own_b(store, tmp_path, monkeypatch):
+    fx, _ = prepare(_config(store, lora_agg="shared-a", lora_ranks="", frac=0.67), tmp_path / "r", resume=False,
+                    write=True)
+    starts, ends, real = [], [], fed.local_train
+
+    def recording(model, loader, indices, *args):
+        state = trainable_state(model)
+        starts.append({k: v.clone() for k, v in state.items()})
+        res = real(model, loader, indices, *args)
+        ends.append(({k: v.clone() for k, v in trainable_state(model).items()}, res.num_samples, set(indices)))
+        return res
+
+    monkeypatch.setattr(fed, "local_train", recording)
+    first = fed.sample_clients(fx.cfg.fed, 1).tolist()
+    fed.run_round(fx, 1)
+    for table in fx.client_tables():
+        table.commit()
+    total = sum(n for _, n, _ in ends)
+    for p in fx.pairs:  # the global A is the clients' weighted mean
+        want = sum(s[p.a] * n for s, n, _ in ends) / total
+        torch.testing.assert_close(trainable_state(fx.model)[p.a], want)
+    trained_b = {c: {p.b: s[p.b] for p in fx.pairs} for c, (s, _, _) in zip(first, ends)}
+    second = fed.sample_clients(fx.cfg.fed, 2).tolist()
+    fed.run_round(fx, 2)
+    for c, start in zip(second, starts[len(first):]):
+        for p in fx.pairs:  # a returning client starts from its own B, a new one from zero
+            want = trained_b[c][p.b] if c in trained_b else torch.zeros_like(start[p.b])
+            torch.testing.assert_close(start[p.b], want, rtol=0, atol=0)
+    for c, (_, _, seen) in zip(first, ends):  # nobody trains on its held-out fifth
+        assert not seen & set(fx.shared_a.holdout[c].tolist()) and len(fx.shared_a.holdout[c]) >= 1
+    fx.close()
+
+
+def test_shared_a_reports_personal_accuracy_and_resumes_bitwise(invoke, store, tmp_path, monkeypatch):
+    extra = ("--lora-agg", "shared-a", "--frac", "0.67")
+    result = invoke("train", "--store", store, "--out", tmp_path / "full", *TINY, "--rounds", "3", *extra)
+    assert result.exit_code == 0, result.output
+    real, calls = fed.local_train, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 2, second client
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fed, "local_train", dying)
+    assert invoke("train", "--store", store, "--out", tmp_path / "half", *TINY, "--rounds", "3", *extra).exit_code == 2
+    monkeypatch.undo()
+    assert invoke("train", "--resume", tmp_path / "half", "--quiet").exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["personal_acc"] <= 1 for r in rows)
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys() and "shared_a::rows" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "client_b.f32").read_bytes() == (tmp_path / "half" / "client_b.f32").read_bytes()

@@ -106,7 +106,8 @@ def _options(f):
                "overrides --lora-r. Mixed ranks need --lora-agg fedex, zero-pad or stack."),
         o("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default=d["lora_agg"], show_default=True,
           help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual; "
-               "zero-pad: HetLoRA, pad to the largest rank and average; stack: FLoRA, fold the exact product."),
+               "zero-pad: HetLoRA, pad to the largest rank and average; stack: FLoRA, fold the exact product; "
+               "shared-a: FedSA-LoRA, average A, each client keeps its B (personal_acc is reported)."),
         o("--loader", type=click.Choice(LOADER_KINDS), default=d["loader"], show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
         o("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
