@@ -21,7 +21,7 @@ $(STAMP_RUN): pyproject.toml | $(PY)
 
 $(STAMP_TEST): pyproject.toml | $(PY)
 	rm -f $(VENV)/.stamp-test-* $(VENV)/.stamp-run-*
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,flower]'
 	touch $@ $(STAMP_RUN)
 
 install: $(STAMP_RUN)

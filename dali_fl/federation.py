@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dali_fl.aggregate import PRODUCT_AGGREGATORS, RunningSum, aggregate, update_norm
-from dali_fl.client import evaluate, local_train
+from dali_fl.client import ClientResult, evaluate, local_train
 from dali_fl.config import FederationConfig, TrainConfig, derive_seed
 from dali_fl.device import peak_memory_mb
 from dali_fl.dp import add_noise_, clip_update, epsilon
@@ -133,38 +133,66 @@ def add_to_params_(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
         params[name].add_(delta.to(params[name].dtype))
 
 
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's round as the server adds it: its trained state and what it reports."""
+
+    state: dict[str, torch.Tensor]
+    result: ClientResult
+    product_scale: float  # its LoRA scale over the model's, weighing its B @ A
+    drift: float  # ‖y_i − x‖ from its own (possibly truncated) start
+    upload_values: int
+
+
+def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.Tensor],
+              loader: Loader) -> ClientUpdate:
+    """The client side of a round: train `client` from the round-start state (the Flower client calls it too)."""
+    cfg = fx.cfg
+    product_scale = fx.start_client(client, start)
+    # A lower-rank client starts from the truncated state: its drift is measured from there.
+    own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
+    res = local_train(fx.model, loader, fx.train_indices(client), cfg.local, derive_seed(cfg.fed.seed, round_, client),
+                      fx.amp, fx.device, fx.scaffold.correction(client) if fx.scaffold else None)
+    if not math.isfinite(res.loss):
+        raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {client}; "
+                          f"nothing of round {round_} was saved; {RESTART_HINT}")
+    state = trainable_state(fx.model)
+    if fx.scaffold:
+        fx.scaffold.client_done(client, start, state, res.steps)
+    if fx.shared_a:
+        fx.shared_a.keep_b(client, state)
+    return ClientUpdate(state, res, product_scale, update_norm(state, own_start), fx.upload_values(client))
+
+
+def new_sums(fx: Federation, start: dict[str, torch.Tensor]) -> tuple[RunningSum, dict]:
+    """An empty running sum (and totals) for a round starting from `start`."""
+    return RunningSum(fx.pairs if fx.uses_products else (), like=start), {key: 0.0 for key in TOTAL_KEYS}
+
+
+def add_update(fx: Federation, running: RunningSum, totals: dict, update: ClientUpdate,
+               start: dict[str, torch.Tensor]) -> None:
+    """The server side of a client: clip (DP), weigh and add its state; count its totals."""
+    state, norm, res = update.state, update.drift, update.result
+    if fx.cfg.server.dp:  # equal weights: a client's sample count must not scale its (bounded) influence
+        state, _ = clip_update(state, start, fx.cfg.server.dp_clip)
+        norm = update_norm(state, start)
+    weight = 1 if fx.cfg.server.dp else res.num_samples
+    running.add(state, weight, update.product_scale)
+    totals["upload_values"] += update.upload_values
+    totals["drift_sum"] += norm
+    totals["drift_sq_sum"] += weight * norm * norm
+    totals["loss_sum"] += res.loss * res.num_samples
+    totals["num_samples"] += res.num_samples
+    totals["data_wait_s"] += res.data_wait_s
+    totals["compute_s"] += res.compute_s
+
+
 def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Loader, progress: bool,
                   start: dict[str, torch.Tensor]) -> tuple[RunningSum, dict]:
     """Train the given clients in turn from the round-start state; returns their running sum and totals."""
-    cfg, dp = fx.cfg, fx.cfg.server.dp
-    running = RunningSum(fx.pairs if fx.uses_products else (), like=start)
-    totals = {key: 0.0 for key in TOTAL_KEYS}
+    running, totals = new_sums(fx, start)
     for c in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not progress):
-        product_scale = fx.start_client(int(c), start)
-        # A lower-rank client starts from the truncated state: its drift is measured from there.
-        own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
-        res = local_train(fx.model, loader, fx.train_indices(int(c)), cfg.local,
-                          derive_seed(cfg.fed.seed, round_, int(c)), fx.amp, fx.device,
-                          fx.scaffold.correction(int(c)) if fx.scaffold else None)
-        if not math.isfinite(res.loss):
-            raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {int(c)}; "
-                              f"nothing of round {round_} was saved; {RESTART_HINT}")
-        state = trainable_state(fx.model)
-        if fx.scaffold:
-            fx.scaffold.client_done(int(c), start, state, res.steps)
-        if fx.shared_a:
-            fx.shared_a.keep_b(int(c), state)
-        if dp:  # equal weights: a client's sample count must not scale its (bounded) influence
-            state, _ = clip_update(state, start, cfg.server.dp_clip)
-        weight, norm = 1 if dp else res.num_samples, update_norm(state, own_start)
-        running.add(state, weight, product_scale)
-        totals["upload_values"] += fx.upload_values(int(c))
-        totals["drift_sum"] += norm
-        totals["drift_sq_sum"] += weight * norm * norm
-        totals["loss_sum"] += res.loss * res.num_samples
-        totals["num_samples"] += res.num_samples
-        totals["data_wait_s"] += res.data_wait_s
-        totals["compute_s"] += res.compute_s
+        add_update(fx, running, totals, train_one(fx, round_, int(c), start, loader), start)
     fx.end_clients()
     return running, totals
 
@@ -207,13 +235,20 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
     if fx.device.type == "cuda":
         torch.cuda.synchronize(fx.device)
     end = time.perf_counter()
+    return round_row(fx, round_, len(clients), running, totals, mean_norm, (t0, t_agg, end))
+
+
+def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum, totals: dict, mean_norm: float,
+              times: tuple[float, float, float]) -> dict:
+    """The round's metrics row from its totals; `times` are when it started, aggregated and ended."""
+    t0, t_agg, end = times
     row = {"round": round_, "test_acc": None, "test_loss": None,
-           "train_loss": totals["loss_sum"] / totals["num_samples"], "num_clients": len(clients),
+           "train_loss": totals["loss_sum"] / totals["num_samples"], "num_clients": num_clients,
            "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,
            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
            "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
-           "client_drift": totals["drift_sum"] / len(clients),
+           "client_drift": totals["drift_sum"] / num_clients,
            # Weighted spread of the clients' updates around their mean: what SCAFFOLD sets out to shrink.
            "update_spread": math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
            "peak_gpu_mem_mb": peak_memory_mb(fx.device)}

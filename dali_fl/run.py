@@ -7,7 +7,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -160,17 +160,21 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
             if created and not (run_dir / "config.json").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)  # nothing of this run exists yet: leave no directory
             raise
-        return _loop(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
+        return run_rounds(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
 
 
-def _loop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress: bool, hooks: RoundHooks) -> dict:
-    """Rounds `start`..`cfg.fed.rounds`: train, evaluate, log and checkpoint each; then the summary."""
+def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress: bool, hooks: RoundHooks,
+               play: Optional[Callable[[Federation, int], dict]] = None) -> dict:
+    """Rounds `start`..`cfg.fed.rounds`: train, evaluate, log and checkpoint each; then the summary.
+
+    `play(fx, round)` replaces dali-fl's own round (the Flower server plays it over the network).
+    """
     metrics = MetricsLog(run_dir, start) if hooks.is_writer else None
     bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", unit="round", disable=not progress)
     try:
         with explain_oom(fx.device):
             for r in bar:
-                row = run_round(fx, r, progress, hooks)
+                row = play(fx, r) if play else run_round(fx, r, progress, hooks)
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
                     t0 = time.perf_counter()
                     row["test_acc"], row["test_loss"] = hooks.evaluate(fx)

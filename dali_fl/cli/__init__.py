@@ -45,7 +45,7 @@ def _register() -> None:
     """Attach the commands; each lives in its own module so the parts stay small."""
     import importlib
 
-    for name in ("prep", "partition", "train"):
+    for name in ("prep", "partition", "train", "flower"):
         try:
             module = importlib.import_module(f"dali_fl.cli.{name}")
         except ModuleNotFoundError as err:

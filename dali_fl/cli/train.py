@@ -33,7 +33,7 @@ RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
 o = click.option
 
 
-def _options(f):
+def train_options(f):
     """All train options; defaults come from the config dataclasses, the seed's underscore spellings are aliases."""
     d = option_defaults()
     opts = [
@@ -136,7 +136,8 @@ def _options(f):
     return f
 
 
-def _explicit(ctx: click.Context) -> set[str]:
+def explicit_options(ctx: click.Context) -> set[str]:
+    """The options given on the command line (not defaults)."""
     return {k for k in ctx.params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
 
 
@@ -144,9 +145,9 @@ CLI_ONLY = ("store", "dataset", "image_size", "data_dir", "use_offline_data", "o
             "resume", "quiet", "nproc")
 
 
-def _merged(ctx: click.Context, p: dict) -> dict:
+def merged_options(ctx: click.Context, p: dict) -> dict:
     """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
-    explicit = {k: v for k, v in p.items() if k in _explicit(ctx)}
+    explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
     return {**p, **merge_options(explicit, p["preset"])}
 
 
@@ -169,7 +170,7 @@ def _resolve_store(p: dict) -> str:
     return str(Path(p["store"]).absolute())  # so --resume works from any working directory
 
 
-def _config(p: dict, device: str) -> TrainConfig:
+def cli_config(p: dict, device: str) -> TrainConfig:
     """The resolved TrainConfig of a new run."""
     flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
     return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device})
@@ -177,13 +178,13 @@ def _config(p: dict, device: str) -> TrainConfig:
 
 def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:
     """The saved config of --resume RUN_DIR, with only rounds and device allowed to change."""
-    fixed = sorted(_explicit(ctx) - RESUMABLE)
+    fixed = sorted(explicit_options(ctx) - RESUMABLE)
     if fixed:
         raise DaliFlError(f"--resume keeps the run's settings; drop --{fixed[0].replace('_', '-')} "
                           "(only --rounds, --gpu/--device and --quiet may change)")
     cfg = load_config(p["resume"])
     changes: dict = {}
-    if "rounds" in _explicit(ctx):
+    if "rounds" in explicit_options(ctx):
         changes["fed"] = {"rounds": p["rounds"]}
     if p["gpu"] is not None or p["device"] is not None:
         changes["data"] = {"device": str(resolve_device(p["gpu"], p["device"]))}
@@ -191,7 +192,7 @@ def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:
 
 
 @click.command()
-@_options
+@train_options
 @click.pass_context
 def train(ctx: click.Context, **p) -> None:
     """Run a federated FedAvg or FedLoRA simulation on a timm ViT.
@@ -209,16 +210,16 @@ def train(ctx: click.Context, **p) -> None:
     from dali_fl.run import train as run_federation
 
     if p["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(ctx, _merged(ctx, p))  # the preset may set --alg, which names the run
+        return _launch(ctx, merged_options(ctx, p))  # the preset may set --alg, which names the run
     hooks, device = _join_world(p)
     if p["resume"] is not None:
         cfg, run_dir, resume = _resumed_config(ctx, p), p["resume"], True
         if hooks is not None:
             cfg = cfg.replace(data={"device": str(device)})
     else:
-        p = _merged(ctx, p)
+        p = merged_options(ctx, p)
         device = device or resolve_device(p["gpu"], p["device"])  # fail fast, before any heavy work
-        cfg, resume = _config(p, str(device)), False
+        cfg, resume = cli_config(p, str(device)), False
         run_dir = p["out"] or _default_run_dir(cfg.fed.alg)
         if hooks is not None:
             from dali_fl.distributed import broadcast_str
@@ -256,7 +257,7 @@ def _join_world(p: dict):
 def _argv(ctx: click.Context) -> list[str]:
     """The explicit options of this invocation as command-line words (to relaunch under torchrun)."""
     words: list[str] = []
-    explicit = _explicit(ctx)
+    explicit = explicit_options(ctx)
     for param in ctx.command.params:
         if param.name not in explicit or param.name == "nproc":
             continue

@@ -1,0 +1,109 @@
+"""`dali-fl flower`: the same federation as a Flower app, simulated here (`run`) or written for `flwr run` (`app`)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+# The same options, resolved and validated by the same code, as `dali-fl train`.
+from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, train_options
+from dali_fl.device import resolve_device
+from dali_fl.errors import DaliFlError
+
+NOT_HERE = ("resume", "nproc")  # Flower runs start fresh and place their own client workers
+
+
+def _engine_options(f):
+    f = click.option("--client-gpus", type=float, default=0.0, show_default=True,
+                     help="GPUs per simulated client worker (a fraction shares one GPU).")(f)
+    return click.option("--client-cpus", type=float, default=1.0, show_default=True,
+                        help="CPUs per simulated client worker: Ray runs (CPUs / this) workers.")(f)
+
+
+def _run_config(ctx: click.Context, p: dict, client_gpus: float) -> tuple[dict, int]:
+    """(Flower run config, clients) from `dali-fl train` options; refused ones stop here with train's message."""
+    given = sorted(set(NOT_HERE) & explicit_options(ctx))
+    if given:
+        raise DaliFlError(f"--{given[0]} is not available with `dali-fl flower`; use `dali-fl train --{given[0]}`")
+    from dali_fl.flower.options import config_from_run_config, run_config_from_options
+
+    p = merged_options(ctx, p)
+    device = str(resolve_device(p["gpu"], p["device"]))
+    cfg = cli_config(p, device)  # the store check, then TrainConfig.from_options: train's order and words
+    if device.startswith("cuda") and client_gpus <= 0:
+        raise DaliFlError(f"--device {device} needs --client-gpus > 0 (e.g. 1, or 0.5 to share a GPU): Ray hides the "
+                          "GPUs from client workers given none")
+    flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
+    out = p["out"] or Path("runs") / f"flower-{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_config = run_config_from_options({**flat, "store": cfg.data.store, "device": device}, Path(out).absolute())
+    config_from_run_config(run_config)  # what the ServerApp will check: the round trip holds
+    return run_config, cfg.fed.num_users
+
+
+@click.group()
+def flower() -> None:
+    """The same federation as a Flower app (needs `pip install 'dali-fl[flower]'`).
+
+    \b
+    Examples:
+      dali-fl flower run --store data/cifar10-224 --alg fedlora --lora-agg fedex --out runs/flower-lora
+      dali-fl flower app flower-app --store data/cifar10-224 --alg fedlora --out runs/flower-lora
+      dali-fl flower compare --preset tiny-32 --store demo/data/synthetic-32 --out runs/engines
+      flwr run flower-app local --stream --federation-config "num-supernodes=100 client-resources-num-cpus=1"
+    """
+    import logging
+
+    from dali_fl.flower import require_flwr
+
+    require_flwr()
+    # Flower logs through its own console handler (INFO); passed on to ours as well, its DEBUG lines would show.
+    logging.getLogger("flwr").propagate = False
+
+
+@flower.command("run")
+@train_options
+@_engine_options
+@click.pass_context
+def run(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None:
+    """Simulate the federation on Flower's engine (Ray), one SuperNode per client, writing a dali-fl run directory."""
+    run_config, _ = _run_config(ctx, p, client_gpus)
+    from dali_fl.flower.app import simulate
+
+    [summary] = simulate(run_config, client_cpus=client_cpus, client_gpus=client_gpus)
+    acc = summary.get("final_test_acc")
+    click.echo(f"{summary.get('rounds')} rounds on Flower, final test accuracy "
+               f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_config['out']}")
+
+
+@flower.command("app")
+@click.argument("app_dir", type=click.Path(file_okay=False, path_type=Path))
+@train_options
+@_engine_options
+@click.pass_context
+def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: float, **p) -> None:
+    """Write APP_DIR/pyproject.toml, a Flower app with these options as its run config, and print `flwr run`."""
+    from dali_fl.flower.options import flwr_command, write_app
+
+    run_config, clients = _run_config(ctx, p, client_gpus)
+    path = write_app(app_dir, run_config)
+    click.echo(f"wrote {path}; run it with:")
+    click.echo(flwr_command(app_dir, clients, client_cpus, client_gpus))
+
+
+@flower.command("compare")
+@train_options
+@_engine_options
+@click.pass_context
+def compare(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None:
+    """Run the federation on dali-fl's engine (OUT/dali-fl), then on Flower's (OUT/flower); print both costs."""
+    from dali_fl.flower.compare import compare as run_both
+    from dali_fl.flower.compare import report
+    from dali_fl.flower.options import options_from_run_config
+
+    run_config, _ = _run_config(ctx, p, client_gpus)
+    options, out, _ = options_from_run_config(run_config)
+    click.echo(report(run_both(options, Path(out), client_cpus=client_cpus, client_gpus=client_gpus)))
+
+
+COMMANDS = [flower]

@@ -1,0 +1,79 @@
+"""The Flower ServerApp and ClientApp of dali-fl, and a run on Flower's simulation engine from Python.
+
+`server_app` reads the run config Flower hands it (`flwr run` of an app written by `dali-fl flower app`);
+`make_server_app(run_configs)` bakes configs in, which the Python simulation API needs because
+`flwr.simulation.run_simulation` passes none. `client_app` takes its config from each instruction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from dali_fl.errors import DaliFlError
+from dali_fl.flower.client import handle_query, handle_train
+from dali_fl.flower.options import config_from_run_config
+from dali_fl.flower.server import serve
+from dali_fl.rundir import check_fresh
+
+log = logging.getLogger("flwr.dali_fl")
+
+
+def _main(grid: Grid, context: Context, run_configs: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
+    """The ServerApp: validate each config as `dali-fl train` would, then serve its rounds."""
+    try:
+        for run_config in run_configs if run_configs is not None else [context.run_config]:
+            cfg, run_dir = config_from_run_config(run_config)
+            serve(grid, cfg, run_dir)
+    except DaliFlError as err:
+        log.error("error: %s", err)  # the one line `dali-fl train` would print, in Flower's log stream
+        raise
+
+
+def make_server_app(run_configs: Optional[Sequence[Mapping[str, Any]]] = None) -> ServerApp:
+    """A ServerApp running these federations in turn; None: the one in the run config Flower hands it."""
+    app = ServerApp()
+    app.main()(partial(_main, run_configs=None if run_configs is None else [dict(c) for c in run_configs]))
+    return app
+
+
+server_app = make_server_app()
+# The clients take their config from the server's instructions, so one ClientApp serves every run.
+client_app = ClientApp()
+client_app.train()(handle_train)
+client_app.query()(handle_query)
+
+
+def simulate(*run_configs: Mapping[str, Any], client_cpus: float = 1.0, client_gpus: float = 0.0,
+             num_cpus: Optional[int] = None) -> list[dict]:
+    """Run federations in turn on Flower's simulation engine (Ray workers, one SuperNode per client).
+
+    Every config is checked first, so a refused one stops in one line before Ray starts; several share one
+    engine start (about 10 s of Ray on a 2-core machine). Returns each run's summary.
+    """
+    from flwr.simulation import run_simulation
+
+    checked = [config_from_run_config(c) for c in run_configs]
+    for _, run_dir in checked:
+        check_fresh(run_dir)
+    if len({run_dir.absolute() for _, run_dir in checked}) < len(checked):
+        raise DaliFlError("two of the federations share one run directory; give each its own `out`")
+    backend: dict = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}
+    if num_cpus is not None:
+        backend["init_args"] = {"num_cpus": num_cpus}
+    run_simulation(make_server_app(run_configs), client_app, num_supernodes=max(c.fed.num_users for c, _ in checked),
+                   backend_config=backend)
+    return [_summary(run_dir) for _, run_dir in checked]
+
+
+def _summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    if not path.is_file():  # the engine logs a ServerApp failure it could not hand back
+        raise DaliFlError(f"the Flower simulation ended without finishing {run_dir}; see Flower's log above")
+    return json.loads(path.read_text())

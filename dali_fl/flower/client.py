@@ -1,0 +1,98 @@
+"""The ClientApp's work: one federation per process (model, store, loader), built once, training each client sent.
+
+A simulation runs many SuperNodes in a few worker processes; each process keeps the Federation of the run's
+config (sent by the server with every instruction) and serves every client it is handed with it, as
+`dali-fl train` does within one process.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from dali_fl.client import ClientResult
+from dali_fl.config import TrainConfig
+from dali_fl.errors import DaliFlError
+from dali_fl.federation import Federation, train_one
+from dali_fl.flower.wire import ARRAYS, BASE, CONFIG, at_rank, config_of, from_record, pad_like, reply_content
+from dali_fl.model import load_state_, trainable_state
+from dali_fl.run import build_federation
+
+PARTITION_KEY = "partition-id"  # set per SuperNode by the simulation engine, or by --node-config in deployment
+_FEDERATIONS: dict[str, Federation] = {}  # this process's federation per run config (normally one)
+# Federations this process built per config: the evidence that it builds one and reuses it for every client.
+_BUILT: Counter[str] = Counter()
+
+
+def federation_for(cfg: TrainConfig, run_dir: Path) -> Federation:
+    """This process's Federation for `cfg`, built on first use and kept for every later client."""
+    key = cfg.to_json()
+    if key not in _FEDERATIONS:
+        for old in _FEDERATIONS.values():  # another run's loaders: this process serves one run at a time
+            old.close()
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = build_federation(cfg, run_dir)
+        _BUILT[key] += 1
+    return _FEDERATIONS[key]
+
+
+def train_client(fx: Federation, start: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor], round_: int,
+                 client: int) -> tuple[dict[str, torch.Tensor], ClientResult, dict[str, float]]:
+    """Train `client` from the round-start state with dali-fl's own client step (federation.train_one).
+
+    Returns its trainable state, its result, and what the server adds besides: its LoRA scale over the
+    model's (weighing B @ A), its drift, and the values it uploads.
+    """
+    load_state_(fx.model, base)  # base weights FedEx-LoRA and FLoRA changed, sent by the server
+    update = train_one(fx, round_, client, start, fx.train_loader)
+    state = {k: v.clone() for k, v in update.state.items()}
+    fx.end_clients()
+    extra = {"product-scale": update.product_scale, "drift": update.drift, "upload-values": update.upload_values}
+    return state, update.result, extra
+
+
+def client_rank(fx: Federation, client: int) -> Optional[int]:
+    """The LoRA rank `client` trains at, or None when every client trains the model's own."""
+    return None if fx.ranks is None else int(fx.ranks[client])
+
+
+def node_partition(context: Context) -> int:
+    """The dali-fl client this SuperNode holds (its partition-id)."""
+    value = context.node_config.get(PARTITION_KEY)
+    if value is None:
+        raise DaliFlError(f"this SuperNode has no {PARTITION_KEY}; start it with --node-config '{PARTITION_KEY}=N'")
+    return int(value)
+
+
+def worker_config(cfg: TrainConfig) -> TrainConfig:
+    """The config on this worker: Ray shows a worker only its own GPUs, so the server's cuda:N is its cuda:0."""
+    device = torch.device(cfg.data.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() > 0:
+        return cfg.replace(data={"device": "cuda:0"})
+    return cfg
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    """Train this node's client from the message's state; reply with its trainable tensors and metrics."""
+    cfg, run_dir, round_, client = config_of(message.content)
+    cfg = worker_config(cfg)
+    if client != node_partition(context):
+        raise DaliFlError(f"round {round_}: asked to train client {client} on the node holding "
+                          f"{node_partition(context)}")
+    fx = federation_for(cfg, run_dir)
+    start = pad_like(from_record(message.content[ARRAYS], fx.device), trainable_state(fx.model))
+    base = from_record(message.content[BASE], fx.device) if BASE in message.content else {}
+    state, res, extra = train_client(fx, start, base, round_, client)
+    extra.update({"pid": os.getpid(), "federations-built": _BUILT[cfg.to_json()]})
+    sent = at_rank(state, fx.pairs, client_rank(fx, client))
+    return Message(reply_content(sent, res, extra), reply_to=message)
+
+
+def handle_query(message: Message, context: Context) -> Message:
+    """Tell the server which dali-fl client this node holds."""
+    reply = RecordDict({CONFIG: ConfigRecord({"client": node_partition(context), "pid": os.getpid()})})
+    return Message(reply, reply_to=message)

@@ -1,0 +1,58 @@
+"""The same federation on dali-fl's engine and on Flower's simulation engine, side by side: cost and agreement."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from dali_fl.config import TrainConfig
+from dali_fl.flower.app import simulate
+from dali_fl.flower.options import run_config_from_options
+from dali_fl.run import train
+from dali_fl.rundir import read_metrics
+
+
+def compare(options: Mapping[str, Any], out: Path, client_cpus: float = 1.0, client_gpus: float = 0.0) -> dict:
+    """Run OUT/dali-fl (dali_fl.run.train) then OUT/flower (simulate) with the same options; what each cost.
+
+    Both engines get the threads of one Flower worker (Ray gives a worker `client_cpus` of them): on a busy
+    machine two spinning OpenMP threads can cost several times one, which would swamp the comparison.
+    """
+    out, saved = Path(out), torch.get_num_threads()
+    torch.set_num_threads(max(1, int(client_cpus)))
+    try:
+        t0 = time.perf_counter()
+        train(TrainConfig.from_options(options), out / "dali-fl", progress=False)
+        t1 = time.perf_counter()
+        simulate(run_config_from_options(options, out / "flower"), client_cpus=client_cpus, client_gpus=client_gpus)
+        t2 = time.perf_counter()
+    finally:
+        torch.set_num_threads(saved)
+    dali, flower = (load_file(str(out / name / "checkpoint" / "state.safetensors")) for name in ("dali-fl", "flower"))
+    rows = {name: read_metrics(out / name) for name in ("dali-fl", "flower")}
+    return {"wall_s": {"dali-fl": t1 - t0, "flower": t2 - t1}, "rows": rows, "threads": max(1, int(client_cpus)),
+            "max_abs_diff": max(float((dali[k] - flower[k]).abs().max()) for k in dali),
+            "same_accuracies": [r["test_acc"] for r in rows["dali-fl"]] == [r["test_acc"] for r in rows["flower"]]}
+
+
+def report(result: dict) -> str:
+    """A Markdown table of one comparison: per-round time and accuracy of each engine, then the totals."""
+    lines = ["| round | dali-fl s | Flower s | dali-fl acc | Flower acc | Flower bytes down / up |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for a, b in zip(result["rows"]["dali-fl"], result["rows"]["flower"]):
+        lines.append(f"| {a['round']} | {a['round_time_s']:.3f} | {b['round_time_s']:.3f} | {a['test_acc']} | "
+                     f"{b['test_acc']} | {b['bytes_down']:,} / {b['bytes_up']:,} |")
+    wall, later = result["wall_s"], {k: [r["round_time_s"] for r in v[1:]] for k, v in result["rows"].items()}
+    if later["flower"]:
+        lines += ["", f"median round after the first: dali-fl {statistics.median(later['dali-fl']):.3f} s, "
+                  f"Flower {statistics.median(later['flower']):.3f} s"]
+    lines += ["", f"torch threads per engine process: {result['threads']}",
+              f"wall time, start to summary: dali-fl {wall['dali-fl']:.1f} s, Flower {wall['flower']:.1f} s "
+              "(Ray start, worker imports and model builds included)",
+              f"final weights: max |dali-fl - Flower| = {result['max_abs_diff']:.3g}; "
+              f"accuracies {'equal' if result['same_accuracies'] else 'DIFFER'} in every round"]
+    return "\n".join(lines)

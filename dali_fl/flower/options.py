@@ -1,0 +1,129 @@
+"""A Flower run config is `dali-fl train`'s options as one flat table, validated by TrainConfig.from_options."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from dali_fl.config import TrainConfig, option_defaults
+from dali_fl.errors import DaliFlError
+
+Scalar = Union[bool, int, float, str]
+# Options whose default is None: a TOML table cannot hold None, so "" stands for it.
+NULLABLE = frozenset({"model_variant", *(k for k, v in option_defaults().items() if v is None)})
+# Keys a Flower run config has besides the run's options: where the server writes, and a named preset.
+OUT, PRESET = "out", "preset"
+MARKER = "# Written by `dali-fl flower app`"
+COMPONENTS = {"serverapp": "dali_fl.flower.app:server_app", "clientapp": "dali_fl.flower.app:client_app"}
+
+
+def _scalar(value: Any) -> Scalar:
+    """One option value as a TOML scalar: tuples as comma-separated text, paths as text, None as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, Scalar]:
+    """Every option (defaults filled in) under its flag's name without `--`, plus `out`, the run directory."""
+    merged = {**option_defaults(), **options}
+    config = {name.replace("_", "-"): _scalar(value) for name, value in merged.items()}
+    config[OUT] = str(out)
+    return config
+
+
+def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str], Optional[str]]:
+    """(flat options for TrainConfig.from_options, run directory, preset) from a Flower run config."""
+    opts: dict[str, Any] = {}
+    for key, value in run_config.items():
+        name = str(key).replace("-", "_")
+        if name in NULLABLE and value == "":
+            value = None
+        elif name == "server_betas" and isinstance(value, str):
+            value = _floats(value)
+        opts[name] = value
+    out, preset = opts.pop(OUT, None), opts.pop(PRESET, None) or None
+    return opts, None if out in (None, "") else str(out), preset
+
+
+def _floats(text: str) -> Any:
+    """"0.9,0.99" -> (0.9, 0.99); anything else is returned as it is, for ServerConfig to refuse in its words."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        return text
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, Path]:
+    """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError."""
+    opts, out, preset = options_from_run_config(run_config)
+    cfg = TrainConfig.from_options(opts, preset)
+    if cfg.local.scaffold or cfg.fed.aggregation == "shared-a":
+        raise DaliFlError("--scaffold and --lora-agg shared-a keep per-client state in one process's file; the Flower "
+                          "app does not run them; use `dali-fl train`")
+    if out is None:
+        raise DaliFlError("the Flower run config has no `out` (the run directory); add out = \"RUN_DIR\" to "
+                          "[tool.flwr.app.config] or write the app with `dali-fl flower app DIR --out RUN_DIR`")
+    return cfg, Path(out)
+
+
+def _toml_value(value: Scalar) -> str:
+    """A TOML scalar; JSON's string escapes are valid TOML basic-string escapes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def app_toml(run_config: Mapping[str, Scalar]) -> str:
+    """The pyproject.toml of a Flower app whose components are dali-fl's and whose run config is `run_config`."""
+    config = "\n".join(f"{key} = {_toml_value(value)}" for key, value in run_config.items())
+    components = "\n".join(f"{key} = {json.dumps(value)}" for key, value in COMPONENTS.items())
+    return f"""{MARKER}: the Flower ServerApp and ClientApp of dali-fl.
+# Every `dali-fl train` option is in [tool.flwr.app.config]; edit it here or override one with
+# `flwr run DIR --run-config 'key=value'`. The server validates it exactly as `dali-fl train` would.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "dali-fl-flower"
+version = "1.0.0"
+description = "dali-fl's federation (FedAvg / FedLoRA) as a Flower app"
+license = "Apache-2.0"
+# Empty on purpose: flwr installs an app's dependencies into a fresh environment in front of its own, and
+# dali-fl, torch and DALI come from the environment that runs flwr.
+dependencies = []
+
+[tool.flwr.app]
+publisher = "dali-fl"
+
+[tool.flwr.app.components]
+{components}
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def write_app(app_dir: Path, run_config: Mapping[str, Scalar]) -> Path:
+    """Write APP_DIR/pyproject.toml (replacing only one this command wrote); returns its path."""
+    path = Path(app_dir) / "pyproject.toml"
+    if path.exists() and not path.read_text(errors="replace").startswith(MARKER):
+        raise DaliFlError(f"{path} exists and was not written by `dali-fl flower app`; choose another directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(app_toml(run_config))
+    except OSError as err:
+        raise DaliFlError(f"cannot write {path} ({err.strerror})") from None
+    return path
+
+
+def flwr_command(app_dir: Path, num_supernodes: int, client_cpus: float = 1, client_gpus: float = 0) -> str:
+    """The `flwr run` line for a local simulation with one SuperNode per dali-fl client."""
+    gpus = f" client-resources-num-gpus={client_gpus:g}" if client_gpus else ""
+    return (f"flwr run {app_dir} local --stream --federation-config "
+            f"\"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus:g}{gpus}\"")

@@ -1,0 +1,171 @@
+"""The ServerApp's work: dali-fl's server loop with Flower messages in place of the in-process client loop.
+
+Sampling (`sample_clients`), the weighted running sum, aggregation, the server optimizer, evaluation, the
+metrics and the checkpoint are dali-fl's own, so a Flower run writes a dali-fl run directory.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from dali_fl.aggregate import RunningSum
+from dali_fl.client import ClientResult
+from dali_fl.config import TrainConfig
+from dali_fl.errors import DaliFlError
+from dali_fl.federation import (
+    ClientUpdate,
+    Federation,
+    RoundHooks,
+    add_update,
+    new_sums,
+    round_row,
+    sample_clients,
+    server_update,
+)
+from dali_fl.flower.client import client_rank
+from dali_fl.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    at_rank,
+    from_record,
+    num_bytes,
+    pad_like,
+    to_record,
+    train_content,
+)
+from dali_fl.model import trainable_state
+from dali_fl.run import checkpoint_tensors, prepare, run_rounds
+from dali_fl.rundir import RunLock
+
+NODE_WAIT_S = 120.0  # how long to wait for every SuperNode to connect
+NODE_SETTLE_S = 5.0  # ...or for their number to stop changing, when fewer than needed came
+
+
+def wait_for_nodes(grid: Grid, want: int) -> list[int]:
+    """The connected node ids, once `want` are there or their number has settled."""
+    start = changed = time.monotonic()
+    ids: list[int] = []
+    while True:
+        now_ids = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if len(now_ids) >= want:
+            return now_ids
+        if len(now_ids) != len(ids):
+            ids, changed = now_ids, now
+        if now - start > NODE_WAIT_S or (ids and now - changed > NODE_SETTLE_S):
+            return ids
+        time.sleep(0.1)
+
+
+def client_nodes(grid: Grid, num_users: int) -> dict[int, int]:
+    """dali-fl client id -> the node holding it, asked of every node; each client needs one."""
+    ids = wait_for_nodes(grid, num_users)
+    asks = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
+    nodes: dict[int, int] = {}
+    for reply in grid.send_and_receive(asks):
+        if reply.has_error():
+            raise DaliFlError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds "
+                              f"({reply.error.reason.strip().splitlines()[-1][:300]})")
+        nodes[int(reply.content[CONFIG]["client"])] = reply.metadata.src_node_id
+    missing = sorted(set(range(num_users)) - set(nodes))
+    if missing:
+        raise DaliFlError(f"no Flower SuperNode holds client {missing[0]} ({num_users - len(missing)} of "
+                          f"{num_users} clients have one); run one SuperNode per client: num-supernodes={num_users}")
+    return nodes
+
+
+def collect(replies: Iterable[Message], clients: Mapping[int, int], round_: int,
+            device: torch.device) -> dict[int, tuple[dict, Mapping]]:
+    """client -> (trained state, metrics) from the round's replies; a failed or missing client stops the run."""
+    out = {}
+    for reply in replies:
+        client = clients[reply.metadata.src_node_id]
+        if reply.has_error():
+            reason = reply.error.reason.strip().splitlines()[-1][:300]
+            raise DaliFlError(f"client {client} failed in round {round_} ({reason}); nothing of round {round_} "
+                              "was saved")
+        metrics = {**reply.content[METRICS], "bytes": num_bytes(reply.content)}
+        out[client] = (from_record(reply.content[ARRAYS], device), metrics)
+    missing = sorted(set(clients.values()) - set(out))
+    if missing:
+        raise DaliFlError(f"client {missing[0]} sent no reply in round {round_}; nothing of round {round_} was saved")
+    return out
+
+
+def add_replies(fx: Federation, replies: list[tuple[dict, Mapping]], start: dict) -> tuple[RunningSum, dict]:
+    """The running sum and totals of the clients' states, added in client order as dali-fl's loop adds them."""
+    running, totals = new_sums(fx, start)
+    for received, m in replies:
+        result = ClientResult(int(m["num-examples"]), float(m["train-loss"]), float(m["data-wait-s"]),
+                              float(m["compute-s"]))
+        # A lower-rank client's factors go back to the model's rank; its drift it measured from its own start.
+        update = ClientUpdate(pad_like(received, start), result, float(m["product-scale"]), float(m["drift"]),
+                              int(m["upload-values"]))
+        add_update(fx, running, totals, update, start)
+    return running, totals
+
+
+def instructions(fx: Federation, nodes: Mapping[int, int], clients: np.ndarray, round_: int) -> list[Message]:
+    """One train message per sampled client: the global trainable state at its rank (and the base weights)."""
+    state = trainable_state(fx.model)
+    base = to_record(checkpoint_tensors(fx)[1]) if fx.uses_products else None
+    records: dict[Optional[int], ArrayRecord] = {}  # serialized once per rank, shared by the round's messages
+    messages = []
+    for c in (int(c) for c in clients):
+        rank = client_rank(fx, c)
+        if rank not in records:
+            records[rank] = to_record(at_rank(state, fx.pairs, rank))
+        content = train_content(records[rank], base, round_, c, fx.cfg, fx.run_dir)
+        messages.append(Message(content, dst_node_id=nodes[c], message_type="train", group_id=str(round_)))
+    return messages
+
+
+def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: int) -> dict:
+    """One round: send the sampled clients the state, aggregate their replies as dali-fl does; the metrics row."""
+    t0 = time.perf_counter()
+    clients = sample_clients(fx.cfg.fed, round_)
+    start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
+    messages = instructions(fx, nodes, clients, round_)
+    bytes_down = sum(num_bytes(m.content) for m in messages)
+    by_node = {nodes[int(c)]: int(c) for c in clients}
+    replies = collect(grid.send_and_receive(messages), by_node, round_, fx.device)
+    t_agg = time.perf_counter()
+    running, totals = add_replies(fx, [replies[int(c)] for c in clients], start)
+    mean_norm = server_update(fx, round_, running, start, len(clients))
+    end = time.perf_counter()
+    metrics = [m for _, m in replies.values()]
+    row = round_row(fx, round_, len(clients), running, totals, mean_norm, (t0, t_agg, end))
+    # What crossed Flower's wire: tensor bytes (and their names) in the instructions and the replies.
+    row.update(bytes_down=bytes_down, bytes_up=sum(int(m["bytes"]) for m in metrics),
+               client_processes=len({int(m["pid"]) for m in metrics}),
+               federations_built=max(int(m["federations-built"]) for m in metrics))
+    return row
+
+
+def serve(grid: Grid, cfg: TrainConfig, run_dir: Path) -> dict:
+    """Run a whole federation over `grid`, writing RUN_DIR as `dali-fl train` does; returns the summary."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    with RunLock(run_dir):
+        try:
+            fx, _ = prepare(cfg, run_dir, resume=False)  # the same checks, partition.json and config.json
+            try:
+                nodes = client_nodes(grid, cfg.fed.num_users)
+            except BaseException:
+                fx.close()
+                raise
+            # dali-fl's own loop (evaluation, metrics, checkpoint, summary) with Flower playing each round.
+            return run_rounds(cfg, fx, run_dir, 1, False, RoundHooks(),
+                              play=lambda fx, r: flower_round(grid, fx, nodes, r))
+        except BaseException:
+            if created and not (run_dir / "checkpoint").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # no round finished: leave nothing of this run behind
+            raise

@@ -1,0 +1,179 @@
+"""The Flower app: run config <-> options, the wire, refusals before any round, and equality with dali-fl's engine."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: flwr brings tomli
+    import tomli as tomllib
+
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from dali_fl.config import TrainConfig  # noqa: E402
+from dali_fl.errors import DaliFlError  # noqa: E402
+from dali_fl.flower.app import server_app, simulate  # noqa: E402
+from dali_fl.flower.options import COMPONENTS, app_toml, config_from_run_config, run_config_from_options  # noqa: E402
+from dali_fl.flower.wire import at_rank, from_record, pad_like, to_record  # noqa: E402
+from dali_fl.model import build_model, lora_pairs, trainable_state  # noqa: E402
+from dali_fl.run import train  # noqa: E402
+from dali_fl.rundir import BASE_PREFIX, read_metrics  # noqa: E402
+from dali_fl.sources import load_synthetic  # noqa: E402
+from dali_fl.store import write_store  # noqa: E402
+
+TINY = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
+            pretrained=False, num_users=4, frac=0.5, partition="iid", local_bs=25, rounds=2, lr=2e-3, lora_r=2,
+            device="cpu")  # the default loader: dali, on the CPU
+FLAGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
+         "--no-pretrained", "--num-users", "4", "--frac", "0.5", "--partition", "iid", "--rounds", "2",
+         "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    path, _ = write_store(load_synthetic(200, 50, seed=0), tmp_path_factory.mktemp("stores"), 16, progress=False)
+    return path
+
+
+def test_the_run_config_is_every_train_option_and_builds_the_same_config(store, tmp_path):
+    options = {**TINY, "store": str(store), "alg": "fedlora", "lora_agg": "fedex", "server_opt": "adam",
+               "server_betas": (0.8, 0.95), "resize_to": None}
+    run_config = run_config_from_options(options, tmp_path / "run")
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())  # what Flower can carry
+    cfg, out = config_from_run_config(run_config)
+    assert cfg.to_json() == TrainConfig.from_options(options).to_json() and out == tmp_path / "run"
+    doc = tomllib.loads(app_toml(run_config))
+    assert doc["tool"]["flwr"]["app"]["config"] == run_config
+    assert doc["tool"]["flwr"]["app"]["components"] == COMPONENTS
+    assert doc["project"]["dependencies"] == []  # flwr would otherwise install them into a fresh environment
+    module, attr = COMPONENTS["serverapp"].split(":")
+    assert isinstance(getattr(importlib.import_module(module), attr), ServerApp)
+    module, attr = COMPONENTS["clientapp"].split(":")
+    assert isinstance(getattr(importlib.import_module(module), attr), ClientApp)
+
+
+@pytest.mark.parametrize("bad", [dict(frac=0), dict(lora_agg="fedavg"), dict(alg="fedavg", lora_ranks="2,4"),
+                                 dict(server_lr=0.5), dict(server_betas="0.9,x", server_opt="adam"),
+                                 dict(scaffold=True, optimizer="sgd"), dict(alg="fedlora", lora_agg="shared-a")])
+def test_a_refused_config_stops_before_any_round_in_train_s_words(store, tmp_path, monkeypatch, bad):
+    options = {**TINY, "store": str(store), **bad}
+    run_config = run_config_from_options(options, tmp_path / "run")
+    if "scaffold" in bad or "shared-a" in bad.values():  # dali-fl runs them; the Flower app refuses, in one line
+        want = "--scaffold and --lora-agg shared-a keep per-client state in one process's file"
+    else:
+        with pytest.raises(DaliFlError) as refused:
+            TrainConfig.from_options(options)
+        want = str(refused.value)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(DaliFlError) as got:  # `flwr run`: the ServerApp touches no grid (an object() here)
+        server_app(object(), context)
+    assert str(got.value).startswith(want) and "\n" not in str(got.value)
+    monkeypatch.setattr("flwr.simulation.run_simulation", lambda *a, **k: pytest.fail("the engine started"))
+    with pytest.raises(DaliFlError) as got:  # the Python API: before Ray starts
+        simulate(run_config)
+    assert str(got.value).startswith(want)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra", [["--frac", "0"], ["--lora-ranks", "2,4"], ["--server-lr", "0.5"]])
+def test_the_cli_refuses_in_one_line_like_train(store, tmp_path, invoke, assert_user_error, extra):
+    args = ["--store", store, *FLAGS, *extra]
+    line = assert_user_error(invoke("train", *args, "--out", tmp_path / "t"))
+    assert assert_user_error(invoke("flower", "run", *args, "--out", tmp_path / "f")) == line
+    assert assert_user_error(invoke("flower", "app", tmp_path / "app", *args, "--out", tmp_path / "f")) == line
+    assert not (tmp_path / "app").exists() and not (tmp_path / "f").exists()
+    assert_user_error(invoke("flower", "run", *args, "--nproc", "2"), "not available")
+
+
+def test_without_flwr_the_command_says_which_extra_to_install(invoke, assert_user_error, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr", None)  # what an environment without the extra looks like
+    assert_user_error(invoke("flower", "run", "--help"), "pip install 'dali-fl[flower]'")
+
+
+def test_flower_app_writes_an_app_and_the_flwr_command(store, tmp_path, invoke):
+    result = invoke("flower", "app", tmp_path / "app", "--store", store, *FLAGS, "--alg", "fedlora",
+                    "--out", tmp_path / "run", "--client-cpus", "2")
+    assert result.exit_code == 0, result.output
+    assert (f"flwr run {tmp_path / 'app'} local --stream --federation-config "
+            "\"num-supernodes=4 client-resources-num-cpus=2\"") in result.output
+    run_config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg, out = config_from_run_config(run_config)
+    assert out == tmp_path / "run" and cfg.fed.alg == "fedlora" and cfg.data.store == str(store.absolute())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "pyproject.toml").write_text("[project]\n")
+    assert invoke("flower", "app", tmp_path / "other", "--store", store, *FLAGS).exit_code == 2  # not ours
+
+
+def test_tensors_cross_the_wire_exactly_and_at_a_client_s_rank():
+    gen = torch.Generator().manual_seed(0)
+    state = {"l.lora_A.default.weight": torch.randn(4, 6, generator=gen),
+             "l.lora_B.default.weight": torch.randn(5, 4, generator=gen), "head.weight": torch.randn(3, 2)}
+    back = from_record(to_record(state), torch.device("cpu"))
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    pair = type("Pair", (), {"a": "l.lora_A.default.weight", "b": "l.lora_B.default.weight"})
+    cut = at_rank(state, [pair], 2)
+    assert cut[pair.a].shape == (2, 6) and cut[pair.b].shape == (5, 2) and cut["head.weight"] is state["head.weight"]
+    padded = pad_like(cut, state)
+    assert torch.equal(padded[pair.a][:2], state[pair.a][:2]) and not padded[pair.a][2:].any()
+    assert torch.equal(padded[pair.b][:, :2], state[pair.b][:, :2]) and not padded[pair.b][:, 2:].any()
+
+
+@pytest.mark.parametrize("alg, values, base", [("fedavg", 85_806_346, 0), ("fedlora", 450_058, 28_311_552)])
+def test_vit_b16_parameter_counts_behind_the_readme_s_bytes_per_round(alg, values, base):
+    cfg = TrainConfig.from_options(dict(model="vit", pretrained=False, alg=alg, lora_agg="fedex", store="x"))
+    with torch.device("meta"):  # shapes only
+        model = build_model(cfg.model, 10, 224, 0)
+    params = dict(model.named_parameters())
+    assert sum(t.numel() for t in trainable_state(model).values()) == values
+    pairs = lora_pairs(model) if alg == "fedlora" else []  # FedEx-LoRA's download adds these base weights
+    assert sum(params[p.base].numel() for p in pairs) == base
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+def _wire_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return to_record(tensors).count_bytes() if tensors else 0
+
+
+@pytest.mark.slow
+def test_flower_s_simulation_engine_reaches_dali_fl_s_weights_and_accuracies(store, tmp_path):
+    modes = {"fedavg": dict(alg="fedavg"), "fedex": dict(alg="fedlora", lora_agg="fedex")}
+    runs = [run_config_from_options({**TINY, "store": str(store), **m}, tmp_path / f"flower-{k}")
+            for k, m in modes.items()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what Ray gives the one client worker below (client_cpus=2)
+    try:
+        simulate(*runs, client_cpus=2)  # Ray, 4 SuperNodes, one client worker; both federations, one engine start
+        for name, mode in modes.items():
+            train(TrainConfig.from_options({**TINY, "store": str(store), **mode}), tmp_path / f"dali-{name}",
+                  progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for name in modes:
+        flower, dali = _state(tmp_path / f"flower-{name}"), _state(tmp_path / f"dali-{name}")
+        assert flower.keys() == dali.keys()
+        for k in dali:  # as tests/test_distributed.py: only the threads' summation order may differ
+            torch.testing.assert_close(flower[k], dali[k], rtol=1e-4, atol=1e-5)
+        rows, ref = read_metrics(tmp_path / f"flower-{name}"), read_metrics(tmp_path / f"dali-{name}")
+        assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in ref]
+        assert [r["upload_mb"] for r in rows] == [r["upload_mb"] for r in ref]
+        assert all(r["federations_built"] == 1 and r["client_processes"] == 1 for r in rows)  # built once, reused
+        trainable = {k: v for k, v in dali.items() if not k.startswith(BASE_PREFIX)}
+        base = {k: v for k, v in dali.items() if k.startswith(BASE_PREFIX)}
+        assert all(r["bytes_up"] == 2 * _wire_bytes(trainable) for r in rows)  # 2 clients a round
+        names = {k[len(BASE_PREFIX):]: v for k, v in base.items()}
+        assert all(r["bytes_down"] == 2 * (_wire_bytes(trainable) + _wire_bytes(names)) for r in rows)
+    assert json.loads((tmp_path / "flower-fedex" / "config.json").read_text())["fed"]["lora_agg"] == "fedex"
