@@ -83,7 +83,8 @@ def markdown(doc: dict) -> str:
     for name, metrics in doc["results"].items():
         accs = [r["test_acc"] for r in metrics]
         drift = sum(r["client_drift"] for r in metrics) / len(metrics)
-        spread = sum(r["update_spread"] for r in metrics) / len(metrics)
+        spreads = [r["update_spread"] for r in metrics if r.get("update_spread") is not None]
+        spread = sum(spreads) / len(spreads) if spreads else None  # undefined for mixed ranks
         secs = sum(r["round_time_s"] for r in metrics) / len(metrics)
         upload = sum(r["upload_mb"] for r in metrics) / len(metrics)
         opts = ", ".join(f"{k}={v}" for k, v in SUITES[doc["settings"]["suite"]][name].items()) or "-"
@@ -113,7 +114,8 @@ def plot(doc: dict, path: Path) -> None:
         rounds = [r["round"] for r in metrics]
         ax_a.plot(rounds, [r["test_acc"] for r in metrics], label=name)
         ax_d.plot(rounds, [r["client_drift"] for r in metrics], label=name)
-        ax_s.plot(rounds, [r["update_spread"] for r in metrics], label=name)
+        spread = [float("nan") if r.get("update_spread") is None else r["update_spread"] for r in metrics]
+        ax_s.plot(rounds, spread, label=name)
     ax_a.set(xlabel="round", ylabel="test accuracy", title=f"Dirichlet alpha {doc['settings']['alpha']}")
     ax_d.set(xlabel="round", ylabel="mean ||y_i - x||", title="client drift")
     ax_s.set(xlabel="round", ylabel="weighted std of y_i - x", title="update spread around the mean")
