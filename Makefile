@@ -8,7 +8,7 @@ STAMP_TEST := $(VENV)/.stamp-test-$(HASH)
 STAMP_RUN := $(VENV)/.stamp-run-$(HASH)
 DEMO_DIR ?= demo
 
-.PHONY: demo test test-fast lint install clean bench
+.PHONY: demo test test-fast lint install clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: lint
 # The edit loop: everything but the tests marked slow (multi-process, subprocess CLI runs).
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -m "not slow"
+
+# On a GPU machine: environment, GPU tests, loader and round benchmarks, summary.md (issue 9).
+gpu-check: $(STAMP_TEST)
+	$(PY) -m benchmarks.gpu_check
 
 lint: $(STAMP_TEST)
 	$(PY) -m ruff check .
