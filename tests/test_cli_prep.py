@@ -400,7 +400,7 @@ def test_make_test_installs_test_extras_and_ci_runs_only_make_test():
         return any(d == "$(STAMP_TEST)" or (d in deps and d != target and needs_stamp(d)) for d in deps[target])
     assert needs_stamp("test"), "test must depend on the test stamp"
     assert "pytest" in rules["test"]
-    assert re.search(r"pip install .*-e '\.\[test\]'", rules["$(STAMP_TEST)"])
+    assert re.search(r"pip install .*-e '\.\[test(,[a-z]+)*\]'", rules["$(STAMP_TEST)"])
     assert "test =" in (ROOT / "pyproject.toml").read_text()
     ci = ROOT / ".ci" / "run"
     assert os.access(ci, os.X_OK)
