@@ -18,7 +18,7 @@ from dali_fl.errors import DaliFlError
 from dali_fl.model import lora_pairs, trainable_state
 from dali_fl.run import prepare
 from dali_fl.server_opt import ServerOptimizer
-from tests.tiny import tiny_args, tiny_config, tiny_store
+from tests.tiny import kill_at_client, tiny_args, tiny_config, tiny_store
 
 TINY = tiny_args(local_bs=25, lr=2e-3)
 
@@ -300,15 +300,7 @@ SCAFFOLD = ("--scaffold", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0
 
 def test_scaffold_resume_after_a_kill_mid_round_is_bitwise_exact(invoke, store, tmp_path, monkeypatch):
     _train(invoke, store, tmp_path / "full", "--rounds", "3", *SCAFFOLD)
-    real, calls = fed.local_train, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # round 2, second client: its first client's new row must not reach the file
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fed, "local_train", dying)
+    kill_at_client(monkeypatch, 4)  # round 2, second client: its first client's new row must not reach the file
     assert invoke("train", "--store", store, "--out", tmp_path / "half", *TINY, "--rounds", "3",
                   *SCAFFOLD).exit_code == 2
     monkeypatch.undo()

@@ -14,7 +14,7 @@ from dali_fl.config import TrainConfig
 from dali_fl.lora_ranks import parse_ranks
 from dali_fl.model import trainable_state
 from dali_fl.run import prepare
-from tests.tiny import tiny_args, tiny_config, tiny_store
+from tests.tiny import kill_at_client, tiny_args, tiny_config, tiny_store
 
 TINY = tiny_args(num_users=3, frac=1, alg="fedlora", lr=5e-3)
 
@@ -201,15 +201,7 @@ def test_shared_a_reports_personal_accuracy_and_resumes_bitwise(invoke, store, t
     extra = ("--lora-agg", "shared-a", "--frac", "0.67")
     result = invoke("train", "--store", store, "--out", tmp_path / "full", *TINY, "--rounds", "3", *extra)
     assert result.exit_code == 0, result.output
-    real, calls = fed.local_train, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # round 2, second client
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fed, "local_train", dying)
+    kill_at_client(monkeypatch, 4)  # round 2, second client
     assert invoke("train", "--store", store, "--out", tmp_path / "half", *TINY, "--rounds", "3", *extra).exit_code == 2
     monkeypatch.undo()
     assert invoke("train", "--resume", tmp_path / "half", "--quiet").exit_code == 0

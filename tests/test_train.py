@@ -16,6 +16,7 @@ from dali_fl.model import trainable_names
 from dali_fl.run import prepare
 from dali_fl.sources import load_synthetic
 from dali_fl.store import write_store
+from tests.tiny import kill_at_client
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
              "--no-pretrained", "--num-users", "4", "--frac", "0.5", "--local-ep", "1", "--local-bs", "32",
@@ -82,22 +83,12 @@ def test_resume_matches_uninterrupted_run(invoke, stores, tmp_path):
 
 
 def test_killed_mid_round_resumes_from_round_before(invoke, stores, tmp_path, monkeypatch):
-    import dali_fl.federation as fed
-
-    real, calls = fed.local_train, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # round 3, first client
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fed, "local_train", dying)
+    kill_at_client(monkeypatch, 6)  # round 3, first client
     result = invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS, "--rounds", "4",
                     "--loader", "memmap")
     assert result.exit_code == 2 and "--resume" in result.output
     assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["round"] == 2
-    monkeypatch.setattr(fed, "local_train", real)
+    monkeypatch.undo()
     assert invoke("train", "--resume", tmp_path / "run", "--quiet").exit_code == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     full = train(invoke, stores, tmp_path / "full", "--rounds", "4", "--loader", "memmap")

@@ -34,3 +34,18 @@ def tiny_args(**options: Any) -> list[str]:
         else:
             words += [flag, str(value)]
     return words
+
+
+def kill_at_client(monkeypatch, n: int) -> None:
+    """Make the n-th client trained from now on die as a kill would (KeyboardInterrupt), mid-round."""
+    import dali_fl.federation as fed
+
+    real, calls = fed.local_train, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fed, "local_train", dying)
