@@ -91,15 +91,17 @@ def summary(env: dict, tests: dict, rounds: list[dict]) -> str:
     lines = ["# GPU check", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in env.items()), "",
              f"GPU tests (`pytest -m gpu`): {tests['summary']} (exit {tests['returncode']}); see gpu-tests.txt.", ""]
     cols = ["kind", "round s", "bound s", "data stall", "busy cores", "CPU core-s / 1k img", "GPU util %",
-            "peak RSS MiB", "peak GPU MiB"]
+            "peak RSS MiB", "peak GPU MiB", "TFLOP/s", "MFU"]
     for doc in rounds:
         s = doc["settings"]
         lines += [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}", ""]
         rows = [[r["kind"], fmt(r["round_time_s"]), fmt(r["bound_round_time_s"]), fmt(100 * r["data_stall"], ".1f"),
                  fmt(r["busy_cores"]), fmt(r["cpu_core_s_per_1k_images"]), fmt(r.get("gpu_util_pct"), ".0f"),
-                 fmt(r["peak_rss_mib"], ".0f"), fmt(r.get("peak_gpu_mem_mib"), ".0f")] for r in doc["results"]]
+                 fmt(r["peak_rss_mib"], ".0f"), fmt(r.get("peak_gpu_mem_mib"), ".0f"),
+                 fmt(r.get("achieved_tflops"), ".3f"), fmt(r.get("mfu"), ".1%")] for r in doc["results"]]
         lines += [*table(cols, rows), ""]
-    lines += ["Achieved TFLOP/s and MFU are not counted yet (issue 9 keeps them open).", ""]
+    lines += ["TFLOP/s: model training FLOPs per image (torch's FlopCounterMode on one step) x images / compute "
+              "time of the median round; MFU against the device's dense bf16 peak (benchmarks/flops.py).", ""]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from benchmarks.flops import peak_tflops, train_flops_per_image
 from benchmarks.measure import MIB, tree_cpu_seconds
 from benchmarks.memory import tree_memory
 from benchmarks.round_settings import RESIZE, Settings
@@ -71,6 +72,7 @@ def measure_point(s: Settings, point: dict) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         fx, _ = prepare(train_config(s, point, point["store"]), Path(run_dir), resume=False, write=False)
     build_s = time.perf_counter() - t0
+    flops = train_flops_per_image(fx.model, point["image_size"], fx.device)  # the size the model sees
     real = fx.train_loader
     try:
         bound = CachedBatch.from_loader(real, s.local_bs)
@@ -85,7 +87,18 @@ def measure_point(s: Settings, point: dict) -> dict:
         sampler.stop()
     mem = {**{f"base_{k}_mib": v / MIB for k, v in base.items()},
            **{f"peak_{k}_mib": v / MIB for k, v in sampler.peak.items()}}
-    return summarize(point, build_s, warm, rounds, bounds, mem)
+    return {**summarize(point, build_s, warm, rounds, bounds, mem), **compute_figures(flops, rounds, s.device)}
+
+
+def compute_figures(flops_per_image: float, rounds: list[dict], device: str) -> dict:
+    """Achieved model TFLOP/s over the compute time of the median round, and MFU against the device's bf16 peak."""
+    import torch
+
+    m = median_row(rounds)
+    achieved = flops_per_image * m["images"] / m["compute_s"] / 1e12 if m["compute_s"] > 0 else None
+    peak = peak_tflops(torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None)
+    return {"train_gflops_per_image": flops_per_image / 1e9, "achieved_tflops": achieved, "peak_tflops": peak,
+            "mfu": achieved / peak if achieved is not None and peak else None}
 
 
 def median_row(rows: list[dict]) -> dict:

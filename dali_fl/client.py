@@ -29,7 +29,10 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(params)
+    # One fused kernel per step on the GPU; the CPU keeps torch's default (and its bitwise results).
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig, seed: int,

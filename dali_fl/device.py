@@ -32,6 +32,9 @@ def resolve_device(gpu: Optional[int], device: Optional[str]) -> torch.device:
     if not 0 <= index < count:
         names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(count))
         raise DaliFlError(f"--gpu {index}: this machine has {count} GPU(s) ({names}); pick one of 0..{count - 1}")
+    # TF32 matmuls and convolutions: the speed any Ampere-or-newer user expects; bf16 autocast covers the rest.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda", index)
 
 

@@ -45,6 +45,7 @@ def test_round_benchmark_reports_every_kind(tmp_path: Path) -> None:
         assert 0 < r["peak_pss_anon_mib"] < r["peak_pss_mib"] <= r["peak_rss_mib"] * 1.1
         assert 0 < r["peak_pss_store_mib"] <= store_mib, (r["peak_pss_store_mib"], store_mib)  # one copy
         assert r["gpu_util_pct"] is None and r["peak_gpu_mem_mib"] is None  # CPU run: no GPU figures
+        assert r["train_gflops_per_image"] > 0 and r["achieved_tflops"] > 0 and r["mfu"] is None  # no GPU peak
         assert r["client_switch_ms"] is not None and r["client_switch_ms"] > 0  # 2 clients: one switch
         assert r["store"] == "synthetic-16"
 
@@ -66,3 +67,14 @@ def test_help_lists_the_options() -> None:
     for flag in ("--model", "--model-kwargs", "--alg", "--preset", "--image-size", "--num-train", "--num-users",
                  "--frac", "--local-ep", "--local-bs", "--kinds", "--device", "--rounds", "--out", "--scaling"):
         assert flag in text
+
+
+def test_flops_are_counted_per_trained_image_and_peaks_are_known() -> None:
+    from benchmarks.flops import peak_tflops, train_flops_per_image
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10))
+    # forward 2*48*10, weight gradient 2*48*10; the input needs no gradient
+    assert train_flops_per_image(model, 4, "cpu") == 4 * 48 * 10
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind for the next step
+    assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops(None) is None and peak_tflops("Some New GPU") is None

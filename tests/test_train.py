@@ -150,6 +150,26 @@ def test_nothing_accumulates_across_rounds(stores, tmp_path, loader):
     assert after == before
 
 
+def test_adam_on_the_cpu_keeps_the_default_kernel():
+    from dali_fl.client import make_optimizer
+    from dali_fl.config import LocalConfig
+
+    assert not make_optimizer([torch.nn.Parameter(torch.zeros(2))], LocalConfig()).defaults.get("fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_runs_use_fused_adamw_and_tf32():
+    from dali_fl.client import make_optimizer
+    from dali_fl.config import LocalConfig
+    from dali_fl.device import resolve_device
+
+    device = resolve_device(0, None)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2, device=device))], LocalConfig())
+    assert opt.defaults["fused"] is True
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def test_missing_store(invoke, assert_user_error, tmp_path):

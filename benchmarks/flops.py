@@ -1,0 +1,28 @@
+"""Model FLOPs per trained image (torch's FlopCounterMode over one step) and device peaks, for TFLOP/s and MFU."""
+from __future__ import annotations
+
+from typing import Optional
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), by a word of the device name.
+PEAK_BF16_TFLOPS = {"h200": 989.4, "h100": 989.4, "a100": 312.0, "l40s": 362.1, "l4": 121.0, "a10": 125.0}
+
+
+def train_flops_per_image(model, image_size: int, device) -> float:
+    """Forward and backward FLOPs of one image through `model`, counted on a batch of two (no optimizer step)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(0)  # not the global stream the run's seeds leave alone
+    images = torch.randn(2, 3, image_size, image_size, generator=gen).to(device)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def peak_tflops(device_name: Optional[str]) -> Optional[float]:
+    """The device's dense bf16 peak, or None for a CPU or a GPU this table does not know."""
+    name = (device_name or "").lower()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
