@@ -199,21 +199,30 @@ def test_each_index_exactly_once_per_epoch(stores, pixels, kind):
         assert run_epoch(ld, np.array([], dtype=np.int64), 0) == ([], [])
 
 
-@pytest.mark.parametrize("kind,switches", [("dali", 20), ("memmap", 20), ("memmap-seed", 4)])
-def test_reused_loader_never_serves_another_clients_samples(stores, pixels, kind, switches):
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("kind,switches,gpu", [
+    ("dali", 20, {}), ("memmap", 20, {}), ("memmap-seed", 4, {}),
+    pytest.param("dali", 20, {"device": "cuda"}, marks=ON_GPU, id="dali-cuda"),
+    pytest.param("dali", 20, {"device": "cuda", "data_on_gpu": True}, marks=ON_GPU, id="dali-data-on-gpu"),
+    pytest.param("memmap", 20, {"device": "cuda"}, marks=ON_GPU, id="memmap-cuda"),
+])
+def test_reused_loader_never_serves_another_clients_samples(stores, pixels, kind, switches, gpu):
     rng = np.random.default_rng(1)
     perm = rng.permutation(N_TRAIN)
     clients = {"A": perm[:45], "B": perm[45:115]}  # awkward sizes: partial last batches
     labels = stores["uint8"].labels("train")
-    with loader(stores, kind, workers=LoaderWorkers(num_workers=2, prefetch_factor=3)) as ld:
+    gpu = {k: torch.device(v) if k == "device" else v for k, v in gpu.items()}
+    with loader(stores, kind, workers=LoaderWorkers(num_workers=2, prefetch_factor=3), **gpu) as ld:
         for i in range(switches):
             name = "AB"[i % 2]
             if i % 5 == 3:  # abandon an epoch of the other client with batches still prefetched
                 next(iter(ld.epoch(clients["AB"[(i + 1) % 2]], seed=100 + i)))
             xs, ys = run_epoch(ld, clients[name], seed=i)
-            got = rows_of(torch.cat(xs), pixels)
+            got = rows_of(torch.cat(xs).cpu(), pixels)
             assert sorted(got) == sorted(clients[name]), (kind, i, name)
-            assert np.array_equal(torch.cat(ys).numpy(), labels[got]), (kind, i, name)
+            assert np.array_equal(torch.cat(ys).cpu().numpy(), labels[got]), (kind, i, name)
 
 
 def test_abandoned_generator_cannot_steal_the_next_epoch(stores):
