@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", help="cpu, cuda or cuda:N (default cuda:0 when present, else cpu)")
     a("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
     a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto = bf16 on GPU, off on CPU")
+    a("--compile", action="store_true", help="torch.compile the model (the warm-up round pays the compile)")
     a("--augment", action=argparse.BooleanOptionalAction, default=True, help="flip + padded crop, as in training")
     a("--rounds", type=int, default=3, help="measured rounds after one warm-up round (median reported)")
     a("--seed", type=int, default=0)

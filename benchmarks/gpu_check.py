@@ -82,8 +82,11 @@ def round_args(out: Path, data: Path, device: str, quick: bool) -> list[list[str
     kinds = "dali,dali-gpu,memmap,memmap@4,memmap@8,memmap-seed" if device.startswith("cuda") else "dali,memmap"
     shape = (["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5", "--rounds", "1",
               *TINY_MODEL, "--in-process", "--no-plot"] if quick else SEED_ROUND)
-    return [[*shape, "--alg", alg, "--kinds", kinds, "--device", device, "--out", str(out),
-             "--data-dir", str(data / "round")] for alg in ("fedlora", "fedavg")]
+    runs = [[*shape, "--alg", alg, "--kinds", kinds, "--device", device] for alg in ("fedlora", "fedavg")]
+    # torch.compile against eager in the same check: FedLoRA through dali, compiled (its own results folder).
+    runs.append([*shape, "--alg", "fedlora", "--kinds", "dali", "--device", device, "--compile"])
+    return [[*r, "--out", str(out / "compiled" if "--compile" in r else out), "--data-dir", str(data / "round")]
+            for r in runs]
 
 
 def summary(env: dict, tests: dict, rounds: list[dict]) -> str:
@@ -94,7 +97,8 @@ def summary(env: dict, tests: dict, rounds: list[dict]) -> str:
             "peak RSS MiB", "peak GPU MiB", "TFLOP/s", "MFU"]
     for doc in rounds:
         s = doc["settings"]
-        lines += [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}", ""]
+        compiled = ", torch.compile" if s.get("compile") else ""
+        lines += [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}{compiled}", ""]
         rows = [[r["kind"], fmt(r["round_time_s"]), fmt(r["bound_round_time_s"]), fmt(100 * r["data_stall"], ".1f"),
                  fmt(r["busy_cores"]), fmt(r["cpu_core_s_per_1k_images"]), fmt(r.get("gpu_util_pct"), ".0f"),
                  fmt(r["peak_rss_mib"], ".0f"), fmt(r.get("peak_gpu_mem_mib"), ".0f"),

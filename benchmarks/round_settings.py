@@ -18,7 +18,7 @@ RESIZE = "-resize"  # kind suffix: read the --native-size store and resize to th
 KIND_BASES = ("dali", "dali-gpu", "memmap", "memmap-seed", "dali-resize", "dali-gpu-resize", "memmap-resize")
 # Taken from the flags as given (the rest is merged with the defaults and the preset).
 AS_GIVEN = ("preset", "pretrained", "workers", "threads", "amp", "augment", "rounds", "seed", "scaling",
-            "scaling_clients", "native_size")
+            "scaling_clients", "native_size", "compile")
 RUN_ONLY = ("data_dir", "out", "in_process", "plot")  # how to run, not what is measured: not recorded
 
 
@@ -53,6 +53,7 @@ class Settings:
     scaling_users: tuple[int, ...]
     scaling_sizes: tuple[int, ...]
     native_size: int = 32
+    compile: bool = False
     data_dir: Path = ROOT / "data" / "bench-round"
     out: Optional[Path] = None
     in_process: bool = False

@@ -201,6 +201,7 @@ class DataConfig:
     eval_bs: int = 256
     eval_every: int = 1
     num_workers: int = 2
+    compile: bool = False  # torch.compile the model once per run (names and checkpoints are unchanged)
     resize_to: Optional[int] = None  # resize each batch to N x N on the device; None: the store's size
 
     def __post_init__(self) -> None:

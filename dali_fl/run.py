@@ -39,6 +39,8 @@ def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[
     size = _input_size(cfg, store)
     model = build_model(cfg.model, store.num_classes, size, cfg.fed.seed).to(device)
     _check_patches(model, size)
+    if cfg.data.compile:
+        model.compile()  # in place, once per run: every client reuses the compiled graphs
     partition = _partition(cfg, store, saved_partition)
     amp = amp_dtype(cfg.data.amp, device)
     common = dict(device=device, norm=from_model(model), data_on_gpu=cfg.data.data_on_gpu,

@@ -18,6 +18,8 @@ def test_quick_gpu_check_writes_every_result_and_the_summary(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## fedlora" in summary and "## fedavg" in summary and "| dali |" in summary and "| memmap |" in summary
     assert "GPU tests (`pytest -m gpu`)" in summary
+    assert "## fedlora, vit_tiny_patch16_224 at 16 px on cpu, torch.compile" in summary  # compiled beside eager
+    assert (out / "compiled" / "round-fedlora-16px.json").exists()
     env = json.loads((out / "environment.json").read_text())
     assert env["torch"] and "dali" in env
 

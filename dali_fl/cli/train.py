@@ -120,6 +120,8 @@ def train_options(f):
         o("--device", help="cpu, cuda or cuda:N (default: cuda:0 if present, else cpu)."),
         o("--amp", type=click.Choice(AMP_MODES), default=d["amp"], show_default=True,
           help="Mixed precision; auto = bf16 on GPU, off on CPU."),
+        o("--compile/--no-compile", default=d["compile"], show_default=True,
+          help="torch.compile the model once per run (the first round pays the compile time)."),
         o("--num-workers", type=int, default=d["num_workers"], show_default=True,
           help="DataLoader workers (memmap kind)."),
         o("--eval-every", type=int, default=d["eval_every"], show_default=True,
