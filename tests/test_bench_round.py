@@ -37,8 +37,11 @@ def test_round_benchmark_reports_every_kind(tmp_path: Path) -> None:
     for r in doc["results"]:
         assert set(PER_KIND) <= set(r), set(PER_KIND) - set(r)
         assert r["images_per_round"] == 100  # 2 of 4 IID clients x 50 images x 1 local epoch
-        for key in ("round_time_s", "compute_s", "aggregate_s", "bound_round_time_s", "cpu_core_s", "busy_cores"):
+        for key in ("round_time_s", "compute_s", "aggregate_s", "bound_round_time_s"):
             assert r[key] > 0 and math.isfinite(r[key]), (r["kind"], key, r[key])
+        # CPU time is a difference of 10-ms-granular counters less the sampler's own share: on a round this tiny
+        # it can dip just below zero, so only its presence is checked here (the benchmarks report the figure).
+        assert math.isfinite(r["cpu_core_s"]) and math.isfinite(r["busy_cores"])
         assert 0 <= r["data_wait_s"] < r["round_time_s"]
         assert 0.0 <= r["data_stall"] < 1.0  # clamped at 0; data_stall_raw keeps the sign of the noise
         assert r["busy_cores"] <= len(__import__("os").sched_getaffinity(0)) + 1  # + sampling slack
