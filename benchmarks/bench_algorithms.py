@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_algorithms                       # Dirichlet 0.1, tiny ViT, 32 px, 20 rounds
     python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
-    python -m benchmarks.bench_algorithms --rounds 3 --out /tmp/algs
+    python -m benchmarks.bench_algorithms --rounds 3 --out runs/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
 options differ (ALGORITHMS). Writes algorithms-32px-alpha<a>-frac<f>.{json,md,png} to the results folder.

@@ -1,7 +1,7 @@
 """The GPU check in one command: environment, GPU tests, loader and round benchmarks, one summary page.
 
     make gpu-check                                          # a GPU machine: python -m benchmarks.gpu_check
-    python -m benchmarks.gpu_check --quick --out /tmp/chk   # every step tiny, on the CPU when there is no GPU
+    python -m benchmarks.gpu_check --quick --out runs/chk   # every step tiny, on the CPU when there is no GPU
 
 Writes the loader and round results, `gpu-tests.txt` and `summary.md` to --out (default
 benchmarks/results/<gpu>-<date>/). `make test` runs --quick, so the harness works before a GPU arrives.
