@@ -18,7 +18,7 @@ from dali_fl.device import amp_dtype, explain_oom, resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.federation import RESTART_HINT, Federation, RoundHooks, run_round
 from dali_fl.loaders import input_size, loader_class, make_loader
-from dali_fl.model import build_model, expected_image_size, load_state_, lora_pairs, trainable_state
+from dali_fl.model import build_model, expected_image_size, load_state_, trainable_state
 from dali_fl.normalize import from_model
 from dali_fl.partition import Partition, load_partition, make_partition, save_partition
 from dali_fl.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
@@ -90,7 +90,7 @@ def _partition(cfg: TrainConfig, store, saved: Optional[Path]) -> Partition:
 def checkpoint_tensors(fx: Federation) -> tuple[dict, dict]:
     """(global trainable state with the server optimizer's moments, base weights FedEx-LoRA changed) as now."""
     params = dict(fx.model.named_parameters())
-    base = {p.base: params[p.base] for p in lora_pairs(fx.model)} if fx.uses_products else {}
+    base = {p.base: params[p.base] for p in fx.pairs} if fx.uses_products else {}
     return {**trainable_state(fx.model), **fx.server_state()}, base
 
 

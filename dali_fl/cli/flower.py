@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 # The same options, resolved and validated by the same code, as `dali-fl train`.
-from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, train_options
+from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, summary_line, train_options
 from dali_fl.device import resolve_device
 from dali_fl.errors import DaliFlError
 
@@ -71,9 +71,7 @@ def run(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None
     from dali_fl.flower.app import simulate
 
     [summary] = simulate(run_config, client_cpus=client_cpus, client_gpus=client_gpus)
-    acc = summary.get("final_test_acc")
-    click.echo(f"{summary.get('rounds')} rounds on Flower, final test accuracy "
-               f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_config['out']}")
+    click.echo(summary_line(summary, run_config["out"], engine=" on Flower"))
 
 
 @flower.command("app")

@@ -233,9 +233,14 @@ def train(ctx: click.Context, **p) -> None:
         raise DaliFlError(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
     if hooks is not None and not hooks.is_writer:
         return
+    click.echo(summary_line(summary, run_dir))
+
+
+def summary_line(summary: dict, run_dir: object, engine: str = "") -> str:
+    """The one line a finished run prints: rounds, final and best accuracy, where it is."""
     acc = summary.get("final_test_acc")
-    click.echo(f"{summary.get('rounds')} rounds, final test accuracy "
-               f"{'n/a' if acc is None else f'{acc:.4f}'}, best {summary.get('best_test_acc')}: {run_dir}")
+    return (f"{summary.get('rounds')} rounds{engine}, final test accuracy {'n/a' if acc is None else f'{acc:.4f}'}, "
+            f"best {summary.get('best_test_acc')}: {run_dir}")
 
 
 def _default_run_dir(alg: str) -> Path:

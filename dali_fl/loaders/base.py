@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dali_fl.errors import DaliFlError
-from dali_fl.loaders.resize import check_resize_to, refuse_resize
+from dali_fl.loaders.resize import check_resize_to, input_size, refuse_resize
 from dali_fl.normalize import Normalization
 from dali_fl.order import Batch, epoch_plan
 from dali_fl.store import Store, open_store
@@ -82,7 +82,7 @@ class LoaderConfig:
     @property
     def image_size(self) -> int:
         """The side of the images served: the resize target when set, else the store's."""
-        return self.store.image_size if self.resize_to is None else int(self.resize_to)
+        return input_size(self.store, self.resize_to)
 
     @property
     def resize(self) -> Optional[int]:
