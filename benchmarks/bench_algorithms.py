@@ -2,10 +2,11 @@
 
     python -m benchmarks.bench_algorithms                       # Dirichlet 0.1, tiny ViT, 32 px, 20 rounds
     python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
+    python -m benchmarks.bench_algorithms --suite resize-to     # 224 px store vs 32 px store + --resize-to 224
     python -m benchmarks.bench_algorithms --rounds 3 --out runs/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
-options differ (ALGORITHMS). Writes algorithms-32px-alpha<a>-frac<f>.{json,md,png} to the results folder.
+options differ (ALGORITHMS). Writes <suite>-<px>px-alpha<a>-frac<f>.{json,md,png} to the results folder.
 """
 from __future__ import annotations
 
@@ -35,7 +36,15 @@ LORA_RANKS: dict[str, dict[str, Any]] = {
     "fedex": {"alg": "fedlora", "lora_agg": "fedex", "lora_ranks": "uniform:2,4,8,16"},
     "stack": {"alg": "fedlora", "lora_agg": "stack", "lora_ranks": "uniform:2,4,8,16"},
 }
-SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS}
+# FedAvg from a store prep resized to 224 px against the native 32 px store resized by the loader (issue 12);
+# a second seed on the 224 store shows what "within noise" means. Patch 56 keeps tiny-32's 16 tokens at 224 px.
+AT_224 = {"model_kwargs": "patch_size=56,depth=4,embed_dim=96,num_heads=3"}
+RESIZE_TO: dict[str, dict[str, Any]] = {
+    "store-224": {**AT_224, "store_size": 224},
+    "native-32+resize-224": {**AT_224, "store_size": 32, "resize_to": 224},
+    "store-224-seed1": {**AT_224, "store_size": 224, "seed": 1},
+}
+SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,34 +52,46 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (0.1: strongly non-IID)")
     p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-test", type=int, default=1000)
     p.add_argument("--num-users", type=int, default=20)
     p.add_argument("--frac", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate (SCAFFOLD needs plain SGD)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--loader", default="dali")
     p.add_argument("--suite", choices=sorted(SUITES), default="algorithms",
-                   help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD; lora-ranks: FedLoRA with mixed client ranks")
+                   help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD; lora-ranks: FedLoRA with mixed client ranks; "
+                        "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     return p.parse_args(argv)
 
 
+def store_px(suite: str) -> int:
+    """The image size the suite's models see (the name of its results)."""
+    return max(spec.get("resize_to", spec.get("store_size", 32)) for spec in SUITES[suite].values())
+
+
 def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
-    """Train every algorithm on one store; returns its metrics rows."""
+    """Train every algorithm on the same images (one store per image size); returns its metrics rows."""
     from dali_fl.config import TrainConfig
     from dali_fl.run import train
     from dali_fl.rundir import read_metrics
     from dali_fl.sources import load_synthetic
     from dali_fl.store import write_store
 
-    store, _ = write_store(load_synthetic(args.num_train, 1000, seed=0), work / "data", 32, progress=False)
-    common = dict(store=str(store), rounds=args.rounds, num_users=args.num_users, frac=args.frac,
+    source = load_synthetic(args.num_train, args.num_test, seed=0)
+    stores: dict[int, str] = {}
+    common = dict(rounds=args.rounds, num_users=args.num_users, frac=args.frac,
                   partition="dirichlet", alpha=args.alpha, min_size=5, optimizer="sgd", momentum=0.0,
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
     out = {}
     suite = SUITES[args.suite]
     for name in args.only or suite:
-        cfg = TrainConfig.from_options({**common, **suite[name]}, preset="tiny-32")
+        spec = dict(suite[name])
+        size = spec.pop("store_size", 32)
+        if size not in stores:
+            stores[size] = str(write_store(source, work / "data", size, progress=False)[0])
+        cfg = TrainConfig.from_options({**common, "store": stores[size], **spec}, preset="tiny-32")
         logging.getLogger(__name__).warning("%s: %d rounds", name, args.rounds)
         train(cfg, work / name, progress=sys.stderr.isatty())
         out[name] = read_metrics(work / name)
@@ -78,28 +99,32 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
 
 
 def markdown(doc: dict) -> str:
-    """One row per algorithm: its options, final and best accuracy, mean drift, time per round."""
+    """One row per run: options, final and best accuracy, per-round accuracy gap to the first run, drift, time."""
     rows = []
+    first_name, first = next(iter(doc["results"].items()))
     for name, metrics in doc["results"].items():
         accs = [r["test_acc"] for r in metrics]
+        gaps = [abs(a - r["test_acc"]) for a, r in zip(accs, first)]
         drift = sum(r["client_drift"] for r in metrics) / len(metrics)
         spreads = [r["update_spread"] for r in metrics if r.get("update_spread") is not None]
         spread = sum(spreads) / len(spreads) if spreads else None  # undefined for mixed ranks
         secs = sum(r["round_time_s"] for r in metrics) / len(metrics)
         upload = sum(r["upload_mb"] for r in metrics) / len(metrics)
         opts = ", ".join(f"{k}={v}" for k, v in SUITES[doc["settings"]["suite"]][name].items()) or "-"
-        rows.append([name, opts, fmt(accs[-1], ".3f"), fmt(max(accs), ".3f"), fmt(drift, ".3f"), fmt(spread, ".3f"),
-                     fmt(upload, ".2f"), fmt(secs, ".2f")])
-    cols = ["run", "options", "final acc", "best acc", "client drift", "update spread", "upload MB / round",
-            "s / round"]
+        rows.append([name, opts, fmt(accs[-1], ".3f"), fmt(max(accs), ".3f"),
+                     f"{sum(gaps) / len(gaps):.3f} / {max(gaps):.3f}", fmt(drift, ".3f"),
+                     fmt(spread, ".3f"), fmt(upload, ".2f"), fmt(secs, ".2f")])
+    cols = ["run", "options", "final acc", "best acc", f"mean / max round gap to {first_name}", "client drift",
+            "update spread", "upload MB / round", "s / round"]
     s = doc["settings"]
     return "\n".join([f"# {s['suite']} on a non-IID federation ({doc['machine']['cpu']}, "
                       f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
                       f"`{doc['command']}`", "",
                       f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']}, {s['rounds']} "
-                      f"rounds, tiny ViT (tiny-32 preset), local SGD lr {s['lr']}, 2 local epochs. Means over "
-                      "rounds of the client drift (mean L2 norm of a client's update) and the update spread (weighted "
-                      "standard deviation of the clients' updates around their mean).", "", *table(cols, rows), ""])
+                      f"rounds, tiny ViT (tiny-32 preset, {store_px(s['suite'])} px), local SGD lr {s['lr']}, "
+                      "2 local epochs. Means over rounds of the client drift (mean L2 norm of a client's update) "
+                      "and the update spread (weighted standard deviation of the clients' updates around their "
+                      "mean).", "", *table(cols, rows), ""])
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -136,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     doc = {"machine": machine_info(args.device), "settings": settings,
            "command": command_line("benchmarks.bench_algorithms", argv), "results": results}
-    stem = results_dir(doc["machine"], args.out) / f"{args.suite}-32px-alpha{args.alpha:g}-frac{args.frac:g}"
+    name = f"{args.suite}-{store_px(args.suite)}px-alpha{args.alpha:g}-frac{args.frac:g}"
+    stem = results_dir(doc["machine"], args.out) / name
     write_results(stem, doc, markdown(doc))
     plot(doc, with_ext(stem, ".png"))
     print(markdown(doc))

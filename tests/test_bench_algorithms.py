@@ -1,0 +1,25 @@
+"""bench_algorithms: each suite trains its runs on the same images and writes one comparable table."""
+from __future__ import annotations
+
+import json
+
+from benchmarks.bench_algorithms import RESIZE_TO, main, store_px
+
+
+def test_resize_to_suite_trains_from_both_stores(tmp_path, capsys):
+    main(["--suite", "resize-to", "--rounds", "2", "--num-train", "40", "--num-test", "20", "--num-users", "2",
+          "--frac", "1", "--alpha", "10", "--out", str(tmp_path)])
+    stem = tmp_path / "resize-to-224px-alpha10-frac1"
+    doc = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert list(doc["results"]) == list(RESIZE_TO)
+    assert all([r["round"] for r in rows] == [1, 2] for rows in doc["results"].values())
+    md = stem.with_name(stem.name + ".md").read_text()
+    assert "mean / max round gap to store-224" in md and "resize_to=224" in md
+    first_row = next(line for line in md.splitlines() if line.startswith("| store-224 |"))
+    assert "| 0.000 / 0.000 |" in first_row  # the first run's gap to itself
+    assert stem.with_name(stem.name + ".png").stat().st_size > 0
+
+
+def test_suites_name_their_image_size():
+    assert store_px("algorithms") == store_px("lora-ranks") == 32
+    assert store_px("resize-to") == 224
