@@ -35,8 +35,16 @@ test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -m "not slow"
 
 # On a GPU machine: environment, GPU tests, loader and round benchmarks, summary.md (issue 9).
-gpu-check: $(STAMP_TEST)
-	$(PY) -m benchmarks.gpu_check
+# A machine that cannot install packages (DALI unpacked onto PYTHONPATH, see README) runs it with its
+# own $(PYTHON) when that already imports everything; anywhere else it sets up the venv as test does.
+# GPU_CHECK_ARGS passes options through, e.g. make gpu-check GPU_CHECK_ARGS=--quick.
+GPU_NEEDS := import torch, torchvision, timm, peft, click, tqdm, safetensors, psutil, pytest, nvidia.dali
+gpu-check:
+	@if $(PYTHON) -c '$(GPU_NEEDS)' 2>/dev/null; then \
+		$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS); \
+	else \
+		$(MAKE) --no-print-directory $(STAMP_TEST) && $(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS); \
+	fi
 
 lint: $(STAMP_TEST)
 	$(PY) -m ruff check .

@@ -5,6 +5,8 @@
 
 Writes the loader and round results, `gpu-tests.txt` and `summary.md` to --out (default
 benchmarks/results/<gpu>-<date>/). `make test` runs --quick, so the harness works before a GPU arrives.
+A GPU is lent for minutes at a time, so a step that fails is recorded (its traceback in `errors.txt`,
+its name in the summary) and the check goes on to the next; the exit status is 1 if any step failed.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import argparse
 import json
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from benchmarks import bench_loader, bench_round
 from benchmarks.measure import ROOT, machine_info
@@ -89,13 +93,47 @@ def round_args(out: Path, data: Path, device: str, quick: bool) -> list[list[str
             for r in runs]
 
 
-def summary(env: dict, tests: dict, rounds: list[dict]) -> str:
-    """One page: the environment, the GPU tests, and per round benchmark a row per loader kind."""
+class Steps:
+    """Runs the check's steps one after another, timing each and recording failures instead of stopping."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.rows = out, []  # rows: (name, seconds, "ok" or the error's last line)
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, or None when it raised (SystemExit included: the benchmarks exit on bad settings)."""
+        t0 = time.perf_counter()
+        try:
+            result, status = fn(*args), "ok"
+        except (Exception, SystemExit) as err:  # the next step still deserves its minutes
+            result, status = None, f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            with open(self.out / "errors.txt", "a") as f:
+                f.write(f"## {name}\n{traceback.format_exc()}\n")
+        self.rows.append((name, time.perf_counter() - t0, status))
+        print(f"gpu-check: {name}: {status} ({self.rows[-1][1]:.0f} s)", file=sys.stderr, flush=True)
+        return result
+
+    def mark_failed(self, why: str) -> None:
+        """The last step ran to its end but its outcome is a failure (e.g. a GPU test failed)."""
+        name, secs, _ = self.rows[-1]
+        self.rows[-1] = (name, secs, f"failed: {why}")
+
+    @property
+    def failed(self) -> bool:
+        return any(status != "ok" for *_, status in self.rows)
+
+    def markdown(self) -> list[str]:
+        rows = [[name, fmt(secs, ".0f"), status] for name, secs, status in self.rows]
+        return ["## Steps", "", *table(["step", "s", "status"], rows), ""]
+
+
+def summary(env: dict, tests: Optional[dict], rounds: list[dict], steps: Optional[Steps] = None) -> str:
+    """One page: the environment, the steps, the GPU tests, and per round benchmark a row per loader kind."""
+    tested = (f"{tests['summary']} (exit {tests['returncode']}); see gpu-tests.txt" if tests else "did not run")
     lines = ["# GPU check", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in env.items()), "",
-             f"GPU tests (`pytest -m gpu`): {tests['summary']} (exit {tests['returncode']}); see gpu-tests.txt.", ""]
+             *(steps.markdown() if steps else []), f"GPU tests (`pytest -m gpu`): {tested}.", ""]
     cols = ["kind", "round s", "bound s", "data stall", "busy cores", "CPU core-s / 1k img", "GPU util %",
             "peak RSS MiB", "peak GPU MiB", "TFLOP/s", "MFU"]
-    for doc in rounds:
+    for doc in filter(None, rounds):
         s = doc["settings"]
         compiled = ", torch.compile" if s.get("compile") else ""
         lines += [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}{compiled}", ""]
@@ -109,25 +147,53 @@ def summary(env: dict, tests: dict, rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STEPS = ("tests", "loader", "round", "compile")
+
+
+def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> list[tuple[str, Callable, list]]:
+    """The check's steps as (name, function, argv), in order, keeping the kinds of step asked for."""
+    steps: list[tuple[str, Callable, list]] = [("pytest -m gpu", gpu_tests, out)] if "tests" in wanted else []
+    if "loader" in wanted:
+        steps += [("bench_loader " + " ".join(r[r.index("--kinds"):r.index("--out")]), bench_loader.main, r)
+                  for r in loader_args(out, data, device, quick)]
+    for r in round_args(out, data, "cuda:0" if device == "cuda" else "cpu", quick):
+        if ("compile" if "--compile" in r else "round") in wanted:
+            name = f"bench_round {r[r.index('--alg') + 1]}{' --compile' if '--compile' in r else ''}"
+            steps.append((name, bench_round.main, r))
+    return steps
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
-    """Run every step; returns the folder written."""
+    """Run every step; returns the folder written (exits 1 after writing it if a step failed)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="every step tiny, on the CPU when there is no GPU")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<gpu>-<date>/)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "gpu-check", help="where the stores are made")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"comma-separated kinds of step to run, of {','.join(STEPS)} (default: all)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    wanted = set(args.steps.split(","))
+    if not wanted <= set(STEPS):
+        p.error(f"--steps {args.steps}: choose from {','.join(STEPS)}")
     env = environment(args.quick)
     device = "cuda" if env["cuda_available"] else "cpu"
     out = args.out or results_dir(machine_info(device))
     out.mkdir(parents=True, exist_ok=True)
-    tests = gpu_tests(out)
-    for run in loader_args(out, args.data_dir, device, args.quick):
-        bench_loader.main(run)
-    rounds = [bench_round.main(run)
-              for run in round_args(out, args.data_dir, "cuda:0" if device == "cuda" else "cpu", args.quick)]
     (out / "environment.json").write_text(json.dumps(env, indent=2))
-    (out / "summary.md").write_text(summary(env, tests, rounds))
+    steps, tests, rounds = Steps(out), None, []
+    for name, fn, arg in plan(out, args.data_dir, device, args.quick, wanted):
+        result = steps.run(name, fn, arg)
+        if fn is gpu_tests:
+            tests = result
+            if tests and tests["returncode"] != 0:
+                steps.mark_failed(tests["summary"])
+        elif fn is bench_round.main:
+            rounds.append(result)
+        # After every step: a check cut short by its time limit still leaves a summary of what ran.
+        (out / "summary.md").write_text(summary(env, tests, rounds, steps))
     print(f"wrote {out}/summary.md")
+    if steps.failed:
+        sys.exit(f"error: {sum(st != 'ok' for *_, st in steps.rows)} step(s) failed; see {out}/errors.txt")
     return out
 
 

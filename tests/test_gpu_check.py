@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -30,3 +31,53 @@ def test_a_full_check_without_cuda_stops_with_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="^error: the GPU check needs CUDA; install it or run with --quick$"):
         gpu_check.environment(quick=False)
+
+
+def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_loader, bench_round
+
+    calls = []
+
+    def boom(argv):
+        calls.append(argv)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda out: {"returncode": 1, "summary": "1 failed, 12 passed"})
+    monkeypatch.setattr(bench_loader, "main", boom)
+    monkeypatch.setattr(bench_round, "main", lambda argv: sys.exit("error: --kinds has no kind"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^error: 5 step\(s\) failed; see .*errors.txt$"):
+        gpu_check.main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data")])
+    assert len(calls) == 1  # every loader run was attempted (one on the CPU) ...
+    summary = (out / "summary.md").read_text()  # ... and so was every round run, and the page still written
+    assert "| pytest -m gpu |" in summary and "failed: 1 failed, 12 passed" in summary
+    assert summary.count("failed: SystemExit: error: --kinds has no kind") == 3  # fedlora, fedavg, compiled
+    assert "failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in summary
+    errors = (out / "errors.txt").read_text()
+    assert "more detail" in errors and "Traceback" in errors
+
+
+def test_a_check_with_no_failures_returns_its_folder(tmp_path, monkeypatch):
+    from benchmarks import bench_loader, bench_round
+
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda out: {"returncode": 0, "summary": "13 skipped"})
+    monkeypatch.setattr(bench_loader, "main", lambda argv: None)
+    monkeypatch.setattr(bench_round, "main", lambda argv: None)
+    out = gpu_check.main(["--quick", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+    assert not (out / "errors.txt").exists()
+    assert "| bench_round fedlora --compile |" in (out / "summary.md").read_text()
+
+
+def test_steps_picks_the_kinds_of_step_to_rerun(tmp_path, monkeypatch):
+    from benchmarks import bench_loader, bench_round
+
+    ran = []
+    monkeypatch.setattr(gpu_check, "gpu_tests", lambda out: ran.append("tests"))
+    monkeypatch.setattr(bench_loader, "main", lambda argv: ran.append("loader"))
+    monkeypatch.setattr(bench_round, "main", lambda argv: ran.append("compile" if "--compile" in argv else "round"))
+    out = gpu_check.main(["--quick", "--steps", "round,compile", "--out", str(tmp_path / "out")])
+    assert ran == ["round", "round", "compile"]  # fedlora, fedavg, then compiled fedlora; no tests, no loader
+    assert "pytest -m gpu" not in (out / "summary.md").read_text().split("## Steps")[1].split("GPU tests")[0]
+    with pytest.raises(SystemExit) as err:
+        gpu_check.main(["--quick", "--steps", "round,gpu"])
+    assert err.value.code == 2
