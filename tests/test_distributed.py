@@ -1,4 +1,4 @@
-"""Several processes with gloo on CPU: client assignment, 1-vs-2-process equality, a dying rank."""
+"""Several processes (gloo on CPU, NCCL on 2 GPUs): client assignment, 1-vs-2-process equality, a dying rank."""
 from __future__ import annotations
 
 import json
@@ -61,10 +61,17 @@ def _accs(run: Path) -> list:
     return [json.loads(x)["test_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+GPUS = torch.cuda.device_count()
+NCCL = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    GPUS < 2, reason=f"NCCL between 2 processes needs 2 GPUs; this machine has {GPUS}")])
+
+
 @pytest.mark.slow
-def test_one_and_two_processes_reach_the_same_weights(store, tmp_path):
-    _run("--store", store, "--out", tmp_path / "one", "--rounds", "2", *ARGS)
-    _run("--store", store, "--out", tmp_path / "two", "--rounds", "2", "--nproc", "2", *ARGS)
+@pytest.mark.parametrize("device", ["cpu", NCCL])
+def test_one_and_two_processes_reach_the_same_weights(store, tmp_path, device):
+    args = [device if prev == "--device" else a for prev, a in zip(["", *ARGS], ARGS)] + ["--amp", "off"]
+    _run("--store", store, "--out", tmp_path / "one", "--rounds", "2", *args)
+    _run("--store", store, "--out", tmp_path / "two", "--rounds", "2", "--nproc", "2", *args)
     a = load_file(str(tmp_path / "one" / "checkpoint" / "state.safetensors"))
     b = load_file(str(tmp_path / "two" / "checkpoint" / "state.safetensors"))
     assert a.keys() == b.keys()
