@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Pack DALI and its small pure-Python dependencies, for Python 3.12 on x86_64 Linux, into
+# parts small enough to move one at a time to a machine that cannot install packages itself.
+#   usage: tools/pack_dali.sh [OUT_DIR=.carry] [PART_MB=56] [DALI_SPEC=nvidia-dali-cuda120==2.4.0]
+# Writes OUT_DIR/dali-1/part .. OUT_DIR/dali-K/part and OUT_DIR/dali-1/unpack.sh, and adds
+# OUT_DIR to .git/info/exclude when run inside a git checkout. Takes about 5 minutes on 2 cores.
+# On the other machine, once every part is there:  bash OUT_DIR/dali-1/unpack.sh /tmp/site
+# then: export PYTHONPATH=/tmp/site:$PWD
+set -euo pipefail
+out=${1:-.carry}; part_mb=${2:-56}; spec=${3:-nvidia-dali-cuda120==2.4.0}
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d "$work/whl" "$spec" astunparse gast optree nvtx makefun 'libcst~=1.8' \
+  2> >(grep -v 'is ignored' >&2)
+mkdir -p "$work/site"
+for w in "$work"/whl/*.whl; do python3 -m zipfile -e "$w" "$work/site"; done
+# Debug symbols are a tenth of DALI's 785 MB; the CUDA kernels are the rest and must stay.
+find "$work/site" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
+rm -rf "$out"/dali-*; mkdir -p "$out"
+tar -C "$work/site" -cf - . | xz -9 -T0 > "$work/dali.tar.xz"
+split -b "${part_mb}M" -d -a 1 "$work/dali.tar.xz" "$work/p"
+k=0
+for p in "$work"/p*; do k=$((k + 1)); mkdir -p "$out/dali-$k"; mv "$p" "$out/dali-$k/part"; done
+sha256sum "$work/dali.tar.xz" | cut -d' ' -f1 > "$out/dali-1/sha256"
+cat > "$out/dali-1/unpack.sh" <<'UNPACK'
+#!/usr/bin/env bash
+# Join the parts beside this folder, check them, and unpack into $1 (default /tmp/site).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd); dest=${1:-/tmp/site}; mkdir -p "$dest"
+parts=$(ls "$here"/dali-*/part | sort -V)
+got=$(cat $parts | sha256sum | cut -d' ' -f1)
+[[ $got == "$(cat "$here/dali-1/sha256")" ]] || { echo "DALI parts incomplete or damaged: have $(echo $parts | wc -w)"; exit 1; }
+cat $parts | xz -dc | tar -C "$dest" -xf -
+echo "DALI unpacked into $dest: export PYTHONPATH=$dest:\$PYTHONPATH"
+UNPACK
+chmod +x "$out/dali-1/unpack.sh"
+if top=$(git rev-parse --show-toplevel 2>/dev/null); then
+  rel=$(realpath --relative-to="$top" "$out")
+  grep -qx "/$rel/" "$top/.git/info/exclude" 2>/dev/null || echo "/$rel/" >> "$top/.git/info/exclude"
+fi
+echo "$k parts of at most ${part_mb} MiB:"; du -sh "$out"/dali-*
