@@ -81,3 +81,14 @@ def test_steps_picks_the_kinds_of_step_to_rerun(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as err:
         gpu_check.main(["--quick", "--steps", "round,gpu"])
     assert err.value.code == 2
+
+
+def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
+    steps = gpu_check.plan(tmp_path, tmp_path, "cuda", False, set(gpu_check.STEPS))
+    names = [name for name, *_ in steps]
+    assert names[:3] == ["pytest -m gpu", "bench_round fedlora", "bench_round fedavg"]
+    assert [n.split(" --kinds")[0] for n in names[3:5]] == ["bench_loader", "bench_loader"]
+    assert "--data-on-gpu" in names[4] and names[5:] == ["bench_round fedlora --compile"]
+    fedlora = steps[1][2]
+    assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed"
+    assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
