@@ -84,10 +84,14 @@ def loader_args(out: Path, data: Path, device: str, quick: bool) -> list[list[st
 def round_args(out: Path, data: Path, device: str, quick: bool) -> list[list[str]]:
     """bench_round at the seed's configuration (FedLoRA and FedAvg), or tiny with --quick."""
     # memmap with 4 and 8 workers: the DataLoader's best on a 16-core GPU machine lies between them.
-    kinds = "dali,dali-gpu,memmap@4,memmap@8,memmap-seed" if device.startswith("cuda") else "dali,memmap"
+    gpu = device.startswith("cuda")
+    kinds = "dali,dali-gpu,memmap@4,memmap@8,memmap-seed" if gpu else "dali,memmap"
+    # FedLoRA also from the native 32 px store, resized on the device (with the split resident on a GPU).
+    resized = ",dali-gpu-resize" if gpu else ",dali-resize"
     shape = (["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5", "--rounds", "1",
               *TINY_MODEL, "--in-process", "--no-plot"] if quick else SEED_ROUND)
-    runs = [[*shape, "--alg", alg, "--kinds", kinds, "--device", device] for alg in ("fedlora", "fedavg")]
+    runs = [[*shape, "--alg", alg, "--kinds", kinds + (resized if alg == "fedlora" else ""), "--device", device]
+            for alg in ("fedlora", "fedavg")]
     # torch.compile against eager in the same check: FedLoRA through dali, compiled (its own results folder).
     runs.append([*shape, "--alg", "fedlora", "--kinds", "dali", "--device", device, "--compile"])
     return [[*r, "--out", str(out / "compiled" if "--compile" in r else out), "--data-dir", str(data / "round")]

@@ -18,6 +18,7 @@ def test_quick_gpu_check_writes_every_result_and_the_summary(tmp_path):
     assert any(n.startswith("loader-") and n.endswith(".json") for n in names)
     summary = (out / "summary.md").read_text()
     assert "## fedlora" in summary and "## fedavg" in summary and "| dali |" in summary and "| memmap |" in summary
+    assert "| dali-resize |" in summary  # FedLoRA from the native store, resized on the device
     assert "GPU tests (`pytest -m gpu`)" in summary
     assert "## fedlora, vit_tiny_patch16_224 at 16 px on cpu, torch.compile" in summary  # compiled beside eager
     assert (out / "compiled" / "round-fedlora-16px.json").exists()
@@ -90,5 +91,5 @@ def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
     assert [n.split(" --kinds")[0] for n in names[3:5]] == ["bench_loader", "bench_loader"]
     assert "--data-on-gpu" in names[4] and names[5:] == ["bench_round fedlora --compile"]
     fedlora = steps[1][2]
-    assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed"
+    assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed,dali-gpu-resize"
     assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
