@@ -16,6 +16,7 @@ import torch
 
 from dali_fl.aggregate import State, update_norm
 from dali_fl.config import derive_seed
+from dali_fl.errors import DaliFlError
 
 NOISE_STREAM = 11  # keeps the noise stream apart from sampling (7) and the clients' streams
 
@@ -41,12 +42,20 @@ def add_noise_(mean: State, clip: float, noise: float, num_clients: int, seed: i
         mean[name] = t + std * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device)
 
 
+def accountant_class() -> type:
+    """Opacus's RDP accountant, or a DaliFlError when opacus is missing (checked before a run starts)."""
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError:  # a declared dependency, but a hand-made environment may lack it
+        raise DaliFlError("--dp-noise reports ε through Opacus's RDP accountant, and opacus is not installed; "
+                          "pip install opacus (or drop --dp-noise)") from None
+    return RDPAccountant
+
+
 def epsilon(noise: float, sample_rate: float, rounds: int, delta: float) -> float:
     """ε after `rounds` rounds of the subsampled Gaussian mechanism (Opacus RDP accountant); inf without noise."""
     if noise <= 0:
         return math.inf
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
+    accountant = accountant_class()()
     accountant.history = [(noise, sample_rate, rounds)]  # every round is the same mechanism
     return float(accountant.get_epsilon(delta))

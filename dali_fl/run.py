@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from dali_fl.atomic import atomic_write_text
 from dali_fl.config import TrainConfig
 from dali_fl.device import amp_dtype, explain_oom, resolve_device
+from dali_fl.dp import accountant_class
 from dali_fl.errors import DaliFlError
 from dali_fl.federation import RESTART_HINT, Federation, RoundHooks, run_round
 from dali_fl.loaders import input_size, loader_class, make_loader
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[Path] = None) -> Federation:
     """Open the store, partition it (or load and check the saved partition), build model and loaders."""
+    if cfg.server.dp and cfg.server.dp_noise > 0:
+        accountant_class()  # ε is reported every round: refuse now rather than after the first one
     device = resolve_device(None, cfg.data.device)
     if cfg.data.data_on_gpu and device.type != "cuda":
         raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")

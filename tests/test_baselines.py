@@ -223,6 +223,16 @@ def test_dp_run_reports_epsilon_in_metrics_and_summary(invoke, store, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["dp_epsilon"] == eps[-1]
 
 
+def test_dp_noise_without_opacus_is_one_line_before_the_run_starts(invoke, assert_user_error, store, tmp_path,
+                                                                   monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "opacus.accountants", None)  # as if opacus were not installed
+    result = invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, "--dp-clip", "1", "--dp-noise", "1")
+    assert_user_error(result, "opacus is not installed", "pip install opacus")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("args,words", [
     (("--prox-mu", "-0.1"), ("--prox-mu",)),
     (("--dp-clip", "-1"), ("--dp-clip",)),
