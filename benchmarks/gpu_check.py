@@ -123,8 +123,8 @@ class Steps:
         self.rows[-1] = (name, secs, f"failed: {why}")
 
     @property
-    def failed(self) -> bool:
-        return any(status != "ok" for *_, status in self.rows)
+    def failures(self) -> int:
+        return sum(status != "ok" for *_, status in self.rows)
 
     def markdown(self) -> list[str]:
         rows = [[name, fmt(secs, ".0f"), status] for name, secs, status in self.rows]
@@ -152,7 +152,7 @@ def summary(env: dict, tests: Optional[dict], rounds: list[dict], steps: Optiona
     return "\n".join(lines)
 
 
-STEPS = ("tests", "round", "loader", "compile")
+STEPS = ("tests", "round", "loader", "compile")  # in the order they run
 
 
 def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> list[tuple[str, Callable, list]]:
@@ -166,7 +166,7 @@ def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> l
                "compile": [s for s in rounds if "--compile" in s[2]]}
     # The headline figures (the rounds) before the loader detail and torch.compile: if the lent GPU's
     # minutes run out, what is lost is the least of it.
-    return [step for kind in ("tests", "round", "loader", "compile") if kind in wanted for step in by_kind[kind]]
+    return [step for kind in STEPS if kind in wanted for step in by_kind[kind]]
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -198,8 +198,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         # After every step: a check cut short by its time limit still leaves a summary of what ran.
         (out / "summary.md").write_text(summary(env, tests, rounds, steps))
     print(f"wrote {out}/summary.md")
-    if steps.failed:
-        sys.exit(f"error: {sum(st != 'ok' for *_, st in steps.rows)} step(s) failed; see {out}/errors.txt")
+    if steps.failures:
+        sys.exit(f"error: {steps.failures} step(s) failed; see {out}/summary.md (tracebacks in errors.txt)")
     return out
 
 

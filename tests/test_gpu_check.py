@@ -47,7 +47,7 @@ def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path, monke
     monkeypatch.setattr(bench_loader, "main", boom)
     monkeypatch.setattr(bench_round, "main", lambda argv: sys.exit("error: --kinds has no kind"))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"^error: 5 step\(s\) failed; see .*errors.txt$"):
+    with pytest.raises(SystemExit, match=r"^error: 5 step\(s\) failed; see .*summary.md \(tracebacks in errors.txt\)$"):
         gpu_check.main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert len(calls) == 1  # every loader run was attempted (one on the CPU) ...
     summary = (out / "summary.md").read_text()  # ... and so was every round run, and the page still written
