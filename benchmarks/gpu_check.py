@@ -131,24 +131,41 @@ class Steps:
         return ["## Steps", "", *table(["step", "s", "status"], rows), ""]
 
 
+SEED_GPU_MIB = 12 * 1024  # the seed ran on a 12 GB card: a resident native split must fit one (issue 12)
+
+
+def round_table(doc: dict) -> list[str]:
+    """One bench_round document as a heading and a row per loader kind."""
+    s = doc["settings"]
+    compiled = ", torch.compile" if s.get("compile") else ""
+    cols = ["kind", "round s", "bound s", "data stall", "busy cores", "CPU core-s / 1k img", "GPU util %",
+            "peak RSS MiB", "torch peak GPU MiB", "device used MiB", "TFLOP/s", "MFU"]
+    rows = [[r["kind"], fmt(r["round_time_s"]), fmt(r["bound_round_time_s"]), fmt(100 * r["data_stall"], ".1f"),
+             fmt(r["busy_cores"]), fmt(r["cpu_core_s_per_1k_images"]), fmt(r.get("gpu_util_pct"), ".0f"),
+             fmt(r["peak_rss_mib"], ".0f"), fmt(r.get("peak_gpu_mem_mib"), ".0f"),
+             fmt(r.get("peak_gpu_used_mib"), ".0f"), fmt(r.get("achieved_tflops"), ".3f"), fmt(r.get("mfu"), ".1%")]
+            for r in doc["results"]]
+    lines = [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}{compiled}", "",
+             *table(cols, rows), ""]
+    for r in doc["results"]:
+        used = r.get("peak_gpu_used_mib")
+        if r["kind"] == "dali-gpu-resize" and used is not None:
+            verdict = "fits" if used < SEED_GPU_MIB else "does not fit"
+            lines += [f"dali-gpu-resize (native store resident, resized on the GPU) peaked at {used:.0f} MiB of "
+                      f"device memory (NVML, CUDA context and DALI included): it {verdict} the seed's 12 GB card.", ""]
+    return lines
+
+
 def summary(env: dict, tests: Optional[dict], rounds: list[dict], steps: Optional[Steps] = None) -> str:
     """One page: the environment, the steps, the GPU tests, and per round benchmark a row per loader kind."""
     tested = (f"{tests['summary']} (exit {tests['returncode']}); see gpu-tests.txt" if tests else "did not run")
     lines = ["# GPU check", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in env.items()), "",
              *(steps.markdown() if steps else []), f"GPU tests (`pytest -m gpu`): {tested}.", ""]
-    cols = ["kind", "round s", "bound s", "data stall", "busy cores", "CPU core-s / 1k img", "GPU util %",
-            "peak RSS MiB", "peak GPU MiB", "TFLOP/s", "MFU"]
     for doc in filter(None, rounds):
-        s = doc["settings"]
-        compiled = ", torch.compile" if s.get("compile") else ""
-        lines += [f"## {s['alg']}, {s['model']} at {s['image_size']} px on {doc['machine']['device']}{compiled}", ""]
-        rows = [[r["kind"], fmt(r["round_time_s"]), fmt(r["bound_round_time_s"]), fmt(100 * r["data_stall"], ".1f"),
-                 fmt(r["busy_cores"]), fmt(r["cpu_core_s_per_1k_images"]), fmt(r.get("gpu_util_pct"), ".0f"),
-                 fmt(r["peak_rss_mib"], ".0f"), fmt(r.get("peak_gpu_mem_mib"), ".0f"),
-                 fmt(r.get("achieved_tflops"), ".3f"), fmt(r.get("mfu"), ".1%")] for r in doc["results"]]
-        lines += [*table(cols, rows), ""]
+        lines += round_table(doc)
     lines += ["TFLOP/s: model training FLOPs per image (torch's FlopCounterMode on one step) x images / compute "
-              "time of the median round; MFU against the device's dense bf16 peak (benchmarks/flops.py).", ""]
+              "time of the median round; MFU against the device's dense bf16 peak (benchmarks/flops.py). Device "
+              "used: NVML's peak for the whole GPU; torch peak: what torch's allocator held.", ""]
     return "\n".join(lines)
 
 

@@ -93,3 +93,16 @@ def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
     fedlora = steps[1][2]
     assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed,dali-gpu-resize"
     assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
+
+
+def test_the_summary_says_whether_the_resident_native_split_fits_a_12_gb_card():
+    row = {"kind": "dali-gpu-resize", "round_time_s": 5.0, "bound_round_time_s": 4.9, "data_stall": 0.01,
+           "busy_cores": 0.8, "cpu_core_s_per_1k_images": 0.2, "peak_rss_mib": 3000, "peak_gpu_mem_mib": 2500}
+    doc = {"settings": {"alg": "fedlora", "model": "vit_base_patch16_224", "image_size": 224},
+           "machine": {"device": "cuda:0"}}
+    fits = "\n".join(gpu_check.round_table({**doc, "results": [{**row, "peak_gpu_used_mib": 4100.0}]}))
+    assert "| 2500 | 4100 |" in fits and "peaked at 4100 MiB" in fits and "it fits the seed's 12 GB card" in fits
+    too_big = "\n".join(gpu_check.round_table({**doc, "results": [{**row, "peak_gpu_used_mib": 13000.0}]}))
+    assert "it does not fit the seed's 12 GB card" in too_big
+    on_cpu = "\n".join(gpu_check.round_table({**doc, "results": [{**row, "peak_gpu_used_mib": None}]}))
+    assert "12 GB" not in on_cpu  # no NVML reading, no verdict
