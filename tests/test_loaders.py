@@ -207,6 +207,7 @@ ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), rea
     pytest.param("dali", 20, {"device": "cuda"}, marks=ON_GPU, id="dali-cuda"),
     pytest.param("dali", 20, {"device": "cuda", "data_on_gpu": True}, marks=ON_GPU, id="dali-data-on-gpu"),
     pytest.param("memmap", 20, {"device": "cuda"}, marks=ON_GPU, id="memmap-cuda"),
+    pytest.param("memmap-seed", 4, {"device": "cuda"}, marks=ON_GPU, id="memmap-seed-cuda"),
 ])
 def test_reused_loader_never_serves_another_clients_samples(stores, pixels, kind, switches, gpu):
     rng = np.random.default_rng(1)
@@ -307,7 +308,8 @@ def cuda_epoch(stores, kind: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.gpu
 @no_cuda
-@pytest.mark.parametrize("kind,data_on_gpu", [("dali", False), ("dali", True), ("memmap", False)])
+@pytest.mark.parametrize("kind,data_on_gpu", [("dali", False), ("dali", True), ("memmap", False),
+                                              ("memmap-seed", False)])
 def test_cuda_matches_cpu(stores, kind, data_on_gpu):
     dev = torch.device("cuda", 0)
     x, y = cuda_epoch(stores, kind, device=dev, data_on_gpu=data_on_gpu)
