@@ -70,7 +70,9 @@ def test_a_client_update_on_the_gpu_equals_the_cpu_one(store, kind):
 def train_run(invoke, store: Path, out: Path, *extra: str) -> tuple[dict, list[dict]]:
     """`dali-fl train` for two rounds of the tiny federation; returns its weights and metrics rows."""
     args = tiny_args(store=store, out=out, rounds=2, augment=False, optimizer="sgd", lr=0.05, momentum=0.0)
-    result = invoke("train", *[a for a in args if a not in ("--device", "cpu")], *extra)
+    at = args.index("--device")
+    del args[at:at + 2]  # each run names its device in `extra` (--gpu 0 or --device cpu)
+    result = invoke("train", *args, *extra)
     assert result.exit_code == 0, (result.output, result.exception)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return load_file(str(out / "checkpoint" / "state.safetensors")), rows
@@ -90,10 +92,10 @@ def test_training_on_the_gpu_follows_the_cpu_run(invoke, store, tmp_path, extra)
     assert all(r["peak_gpu_mem_mb"] > 0 for r in gpu_rows)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-@pytest.mark.parametrize("amp", ["auto", "fp16"])
-def test_the_default_bf16_and_fp16_runs_finish_finite(invoke, store, tmp_path, amp):
-    weights, rows = train_run(invoke, store, tmp_path / amp, "--gpu", "0", "--amp", amp, "--loader", "dali")
-    assert all(torch.isfinite(t).all() for t in weights.values())
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_finish_finite(invoke, store, tmp_path, device, amp):
+    where = ["--gpu", "0"] if device == "cuda" else ["--device", "cpu"]
+    weights, rows = train_run(invoke, store, tmp_path / amp, *where, "--amp", amp, "--loader", "dali")
+    assert len(rows) == 2 and all(torch.isfinite(t).all() for t in weights.values())
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"]) for r in rows)
