@@ -172,18 +172,18 @@ def summary(env: dict, tests: Optional[dict], rounds: list[dict], steps: Optiona
 STEPS = ("tests", "round", "loader", "compile")  # in the order they run
 
 
-def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> list[tuple[str, Callable, list]]:
-    """The check's steps as (name, function, argv), in order, keeping the kinds of step asked for."""
-    rounds = [(f"bench_round {r[r.index('--alg') + 1]}{' --compile' if '--compile' in r else ''}", bench_round.main, r)
-              for r in round_args(out, data, "cuda:0" if device == "cuda" else "cpu", quick)]
-    by_kind = {"tests": [("pytest -m gpu", gpu_tests, out)],
-               "round": [s for s in rounds if "--compile" not in s[2]],
-               "loader": [("bench_loader " + " ".join(r[r.index("--kinds"):r.index("--out")]), bench_loader.main, r)
-                          for r in loader_args(out, data, device, quick)],
-               "compile": [s for s in rounds if "--compile" in s[2]]}
+def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> list[tuple[str, str, Callable, Any]]:
+    """The check's steps as (kind, name, function, argument), in STEPS order, keeping the kinds asked for."""
+    steps = [("tests", "pytest -m gpu", gpu_tests, out)]
+    steps += [("loader", "bench_loader " + " ".join(r[r.index("--kinds"):r.index("--out")]), bench_loader.main, r)
+              for r in loader_args(out, data, device, quick)]
+    for r in round_args(out, data, "cuda:0" if device == "cuda" else "cpu", quick):
+        kind = "compile" if "--compile" in r else "round"
+        steps.append((kind, f"bench_round {r[r.index('--alg') + 1]}{' --compile' if kind == 'compile' else ''}",
+                      bench_round.main, r))
     # The headline figures (the rounds) before the loader detail and torch.compile: if the lent GPU's
-    # minutes run out, what is lost is the least of it.
-    return [step for kind in STEPS if kind in wanted for step in by_kind[kind]]
+    # minutes run out, what is lost is the least of it. sorted() is stable: each kind keeps its order.
+    return sorted((s for s in steps if s[0] in wanted), key=lambda s: STEPS.index(s[0]))
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -204,13 +204,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps(env, indent=2))
     steps, tests, rounds = Steps(out), None, []
-    for name, fn, arg in plan(out, args.data_dir, device, args.quick, wanted):
+    for kind, name, fn, arg in plan(out, args.data_dir, device, args.quick, wanted):
         result = steps.run(name, fn, arg)
-        if fn is gpu_tests:
+        if kind == "tests":
             tests = result
             if tests and tests["returncode"] != 0:
                 steps.mark_failed(tests["summary"])
-        elif fn is bench_round.main:
+        elif kind in ("round", "compile"):
             rounds.append(result)
         # After every step: a check cut short by its time limit still leaves a summary of what ran.
         (out / "summary.md").write_text(summary(env, tests, rounds, steps))

@@ -86,11 +86,11 @@ def test_steps_picks_the_kinds_of_step_to_rerun(tmp_path, monkeypatch):
 
 def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
     steps = gpu_check.plan(tmp_path, tmp_path, "cuda", False, set(gpu_check.STEPS))
-    names = [name for name, *_ in steps]
+    names = [name for _, name, *_ in steps]
     assert names[:3] == ["pytest -m gpu", "bench_round fedlora", "bench_round fedavg"]
     assert [n.split(" --kinds")[0] for n in names[3:5]] == ["bench_loader", "bench_loader"]
     assert "--data-on-gpu" in names[4] and names[5:] == ["bench_round fedlora --compile"]
-    fedlora = steps[1][2]
+    fedlora = steps[1][3]
     assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed,dali-gpu-resize"
     assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from dali_fl.client import ClientResult, local_train
 from dali_fl.config import LocalConfig
 from dali_fl.loaders import make_loader
-from dali_fl.model import ModelSpec, build_model
+from dali_fl.model import build_model
 from dali_fl.normalize import IMAGENET
 from dali_fl.store import open_store
-from tests.tiny import TINY, tiny_args, tiny_store
+from tests.tiny import tiny_args, tiny_config, tiny_store
 
 NO_GPU = "needs a CUDA GPU; none is present here"
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)])
@@ -32,9 +32,7 @@ def client_update(store: Path, device: str, amp, kind: str = "dali") -> tuple[Cl
     """One client's local epoch (3 SGD steps) from a seeded tiny ViT; returns its result and weight update."""
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     s = open_store(store)
-    spec = ModelSpec(name=TINY["model"], kwargs=dict(patch_size=4, depth=1, embed_dim=32, num_heads=2),
-                     pretrained=False)
-    model = build_model(spec, s.num_classes, s.image_size, seed=0).to(dev)
+    model = build_model(tiny_config(store).model, s.num_classes, s.image_size, seed=0).to(dev)
     before = [p.detach().clone() for p in model.parameters()]
     cfg = LocalConfig(local_ep=1, local_bs=32, lr=0.05, optimizer="sgd", momentum=0.0)
     with make_loader(kind, s, "train", batch_size=32, device=dev, norm=IMAGENET, augment=False) as ld:
