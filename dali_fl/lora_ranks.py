@@ -43,7 +43,9 @@ def parse_ranks(spec: str, num_users: int, seed: int) -> np.ndarray:
 
 def upload_values(pairs: Sequence[LoraPair], shapes: dict[str, tuple[int, ...]], rank: int, others: int) -> int:
     """Values a client of rank `rank` uploads: its A and B blocks plus the other trainable tensors."""
-    lora = sum(rank * (shapes[p.a][1] + shapes[p.b][0]) for p in pairs)
+    # FFA-LoRA's A is frozen, so it is neither trainable nor sent: count only the factors exchanged.
+    lora = sum(rank * (shapes[p.a][1] if p.a in shapes else 0) + rank * (shapes[p.b][0] if p.b in shapes else 0)
+               for p in pairs)
     return lora + others
 
 
