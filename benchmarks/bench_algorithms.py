@@ -75,10 +75,10 @@ def store_px(suite: str) -> int:
 def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
     """Train every algorithm on the same images (one store per image size); returns its metrics rows."""
     from dali_fl.config import TrainConfig
-    from dali_fl.run import train
-    from dali_fl.rundir import read_metrics
-    from dali_fl.sources import load_synthetic
-    from dali_fl.store import write_store
+    from dali_fl.data.sources import load_synthetic
+    from dali_fl.data.store import write_store
+    from dali_fl.engine.run import train
+    from dali_fl.engine.rundir import read_metrics
 
     source = load_synthetic(args.num_train, args.num_test, seed=0)
     stores: dict[int, str] = {}

@@ -30,10 +30,10 @@ from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import MIB, ROOT, command_line, machine_info, shown_path, tree_cpu_seconds
 from benchmarks.report import results_dir, table, write_results
 from benchmarks.sampler import Sampler
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import open_store, write_store
 from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, loader_class, make_loader
-from dali_fl.normalize import IMAGENET
-from dali_fl.sources import load_synthetic
-from dali_fl.store import open_store, write_store
+from dali_fl.loaders.normalize import IMAGENET
 
 MODULE = "benchmarks.bench_loader"
 RESIZE = "-resize"  # kind suffix: the native store, resized on the device

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare_stores(s: Settings, sizes: list[int]) -> dict[int, str]:
     """The uint8 store per image size (and its float32 sibling when memmap-seed is measured)."""
-    from dali_fl.sources import load_synthetic
-    from dali_fl.store import write_store
+    from dali_fl.data.sources import load_synthetic
+    from dali_fl.data.store import write_store
 
     source = load_synthetic(s.num_train, 64, seed=s.seed)
     dtypes = ["uint8"] + (["float32"] if any(k.startswith("memmap-seed") for k in s.kinds) else [])

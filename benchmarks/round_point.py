@@ -37,7 +37,7 @@ def train_config(s: Settings, point: dict, store: str) -> Any:
 
 def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:
     """One real `run_round` with `loader` swapped in, plus CPU, GPU and switch figures."""
-    from dali_fl.federation import run_round
+    from dali_fl.engine.federation import run_round
 
     timed = TimedLoader(loader)
     cpu0, own0 = tree_cpu_seconds(), sampler.own_cpu
@@ -59,7 +59,7 @@ def measure_point(s: Settings, point: dict) -> dict:
     """Build the federation once, warm up one round, then alternate measured and bound rounds."""
     import torch
 
-    from dali_fl.run import prepare
+    from dali_fl.engine.run import prepare
 
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
     if s.threads:

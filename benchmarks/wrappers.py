@@ -59,7 +59,7 @@ class CachedBatch:
 
     def epoch(self, indices: np.ndarray, seed: int, shuffle: bool = True) -> Iterator:
         """Views of the cached batch, sized as the real epoch's batches would be."""
-        from dali_fl.order import batch_bounds
+        from dali_fl.loaders.order import batch_bounds
 
         for a, b in batch_bounds(len(indices), int(self.images.shape[0])):
             yield self.images[: b - a], self.labels[: b - a]

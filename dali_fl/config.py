@@ -18,12 +18,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from dali_fl.aggregate import LORA_AGGREGATORS, MIXED_RANK_AGGREGATORS, PRODUCT_AGGREGATORS
+from dali_fl.data.partition import METHODS as PARTITION_METHODS
+from dali_fl.engine.aggregate import LORA_AGGREGATORS, MIXED_RANK_AGGREGATORS, PRODUCT_AGGREGATORS
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, check_resize
-from dali_fl.lora_ranks import parse_ranks
-from dali_fl.model import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
-from dali_fl.partition import METHODS as PARTITION_METHODS
+from dali_fl.model.build import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
+from dali_fl.model.ranks import parse_ranks
 
 ALGORITHMS = ("fedavg", "fedlora")
 SERVER_OPTS = ("none", "sgd", "momentum", "adagrad", "adam", "yogi")

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from dali_fl.aggregate import RunningSum, aggregate, weighted_mean
-from dali_fl.federation import add_to_params_
-from dali_fl.model import ModelSpec, build_model, load_state_, lora_pairs, trainable_state
+from dali_fl.engine.aggregate import RunningSum, aggregate, weighted_mean
+from dali_fl.engine.federation import add_to_params_
+from dali_fl.model.build import ModelSpec, build_model, load_state_, lora_pairs, trainable_state
 
 TINY = dict(patch_size=4, depth=2, embed_dim=32, num_heads=2)
 

@@ -60,7 +60,7 @@ def fingerprint(run_dir: Path) -> dict:
 
 def train_combo(store: Path, out: Path, options: dict) -> dict:
     """Two rounds of the tiny federation with `options` on top; its fingerprint."""
-    from dali_fl.run import train
+    from dali_fl.engine.run import train
 
     train(tiny_config(store, rounds=2, local_bs=25, **options), out, progress=False)
     return fingerprint(out)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import dali_fl.rundir as rundir
+import dali_fl.engine.rundir as rundir
 from dali_fl.atomic import recover_dir, replace_dir
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import open_store, write_store
+from dali_fl.engine.rundir import load_checkpoint, save_checkpoint
 from dali_fl.errors import DaliFlError
-from dali_fl.rundir import load_checkpoint, save_checkpoint
-from dali_fl.sources import load_synthetic
-from dali_fl.store import open_store, write_store
 
 
 def _die_on_rename_into(monkeypatch, final: Path) -> None:

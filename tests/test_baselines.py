@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dali_fl.federation as fed
-from dali_fl.aggregate import fedex_base_deltas
-from dali_fl.client import proximal_term
+import dali_fl.engine.federation as fed
+from dali_fl.algorithms.dp import add_noise_, clip_update, epsilon
+from dali_fl.algorithms.fedopt import ServerOptimizer
 from dali_fl.config import ServerConfig, TrainConfig
-from dali_fl.dp import add_noise_, clip_update, epsilon
+from dali_fl.engine.aggregate import fedex_base_deltas
+from dali_fl.engine.local import proximal_term
+from dali_fl.engine.run import prepare
 from dali_fl.errors import DaliFlError
-from dali_fl.model import lora_pairs, trainable_state
-from dali_fl.run import prepare
-from dali_fl.server_opt import ServerOptimizer
+from dali_fl.model.build import lora_pairs, trainable_state
 from tests.tiny import kill_at_client, tiny_args, tiny_config, tiny_store
 
 TINY = tiny_args(local_bs=25, lr=2e-3)
@@ -262,8 +262,8 @@ class _Batches:
 
 
 def test_local_steps_add_the_scaffold_correction_to_every_gradient():
-    from dali_fl.client import local_train
     from dali_fl.config import LocalConfig
+    from dali_fl.engine.local import local_train
 
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
@@ -283,7 +283,7 @@ def test_local_steps_add_the_scaffold_correction_to_every_gradient():
 
 
 def test_scaffold_variates_follow_option_two(tmp_path):
-    from dali_fl.scaffold import Scaffold
+    from dali_fl.algorithms.scaffold import Scaffold
 
     x = {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([[0.5]])}
     s = Scaffold(tmp_path, num_users=4, like=x, lr=0.1)
@@ -334,7 +334,7 @@ def test_scaffold_refuses_a_foreign_or_lost_variates_file(invoke, assert_user_er
 
 
 def test_scaffold_that_would_not_fit_on_disk_is_one_line(invoke, assert_user_error, store, tmp_path, monkeypatch):
-    import dali_fl.client_table as client_table
+    import dali_fl.engine.client_table as client_table
 
     monkeypatch.setattr(client_table.shutil, "disk_usage", lambda path: shutil_usage(total=10, used=9, free=1))
     assert_user_error(invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, *SCAFFOLD),
@@ -348,8 +348,8 @@ def shutil_usage(**fields):
 
 
 def test_scaffold_needs_sgd_and_one_process(invoke, assert_user_error, store, tmp_path):
-    from dali_fl.federation import RoundHooks
-    from dali_fl.run import train
+    from dali_fl.engine.federation import RoundHooks
+    from dali_fl.engine.run import train
 
     assert_user_error(invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, "--scaffold"),
                       "--optimizer sgd")
@@ -363,7 +363,7 @@ def test_scaffold_needs_sgd_and_one_process(invoke, assert_user_error, store, tm
 
 def test_scaffold_removes_the_drift_bias_of_fedavg_on_heterogeneous_quadratics(tmp_path):
     """The paper's motivating case: clients f_i = h_i/2 (w - a_i)^2, K local steps, full participation."""
-    from dali_fl.scaffold import Scaffold
+    from dali_fl.algorithms.scaffold import Scaffold
 
     h, a, lr, steps = torch.tensor([1.0, 10.0]), torch.tensor([0.0, 1.0]), 0.05, 10
 

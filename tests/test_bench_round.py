@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import benchmarks.bench_round as bench
-import dali_fl.federation  # noqa: F401  (torch + timm imported at collection, not inside the timed test)
+import dali_fl.engine.federation  # noqa: F401  (torch + timm imported at collection, not inside the timed test)
 from benchmarks.wrappers import CachedBatch, TimedLoader
 
 TINY_VIT = "patch_size=4,depth=1,embed_dim=32,num_heads=2"

@@ -13,8 +13,8 @@ from conftest import marker_image
 from PIL import Image
 
 import dali_fl.cli.prep as prep_cli
-from dali_fl.sources import Source, SourceSplit
-from dali_fl.store import open_store, sha256_file
+from dali_fl.data.sources import Source, SourceSplit
+from dali_fl.data.store import open_store, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = ("--source", "synthetic", "--num-train", "40", "--num-test", "10", "--quiet")
@@ -354,7 +354,7 @@ def test_verify_names_the_manifest_when_its_source_cannot_be_regenerated(invoke,
 
 def interrupt_midway(monkeypatch) -> list:
     """Make prep's source raise KeyboardInterrupt on its second chunk, as a Ctrl-C would."""
-    import dali_fl.store as store_mod
+    import dali_fl.data.store as store_mod
 
     monkeypatch.setattr(store_mod, "CHUNK_BYTES", 8 * 32 * 32 * 3)
     real, calls = prep_cli.load_source, []

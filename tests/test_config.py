@@ -16,7 +16,7 @@ from dali_fl.config import (
     option_fields,
 )
 from dali_fl.errors import DaliFlError
-from dali_fl.model import ModelSpec
+from dali_fl.model.build import ModelSpec
 
 
 def test_defaults_are_the_dataclass_defaults():

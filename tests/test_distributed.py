@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dali_fl.distributed import assign_clients
-from dali_fl.sources import load_synthetic
-from dali_fl.store import write_store
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import write_store
+from dali_fl.engine.distributed import assign_clients
 
 ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
         "--no-pretrained", "--num-users", "6", "--frac", "0.5", "--partition", "dirichlet", "--alpha", "1",

@@ -22,15 +22,15 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 
 from dali_fl.config import TrainConfig  # noqa: E402
+from dali_fl.data.sources import load_synthetic  # noqa: E402
+from dali_fl.data.store import write_store  # noqa: E402
+from dali_fl.engine.run import train  # noqa: E402
+from dali_fl.engine.rundir import BASE_PREFIX, read_metrics  # noqa: E402
 from dali_fl.errors import DaliFlError  # noqa: E402
 from dali_fl.flower.app import server_app, simulate  # noqa: E402
 from dali_fl.flower.options import COMPONENTS, app_toml, config_from_run_config, run_config_from_options  # noqa: E402
 from dali_fl.flower.wire import at_rank, from_record, pad_like, to_record  # noqa: E402
-from dali_fl.model import build_model, lora_pairs, trainable_state  # noqa: E402
-from dali_fl.run import train  # noqa: E402
-from dali_fl.rundir import BASE_PREFIX, read_metrics  # noqa: E402
-from dali_fl.sources import load_synthetic  # noqa: E402
-from dali_fl.store import write_store  # noqa: E402
+from dali_fl.model.build import build_model, lora_pairs, trainable_state  # noqa: E402
 
 TINY = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
             pretrained=False, num_users=4, frac=0.5, partition="iid", local_bs=25, rounds=2, lr=2e-3, lora_r=2,

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dali_fl.client import ClientResult, local_train
 from dali_fl.config import LocalConfig
+from dali_fl.data.store import open_store
+from dali_fl.engine.local import ClientResult, local_train
 from dali_fl.loaders import make_loader
-from dali_fl.model import build_model
-from dali_fl.normalize import IMAGENET
-from dali_fl.store import open_store
+from dali_fl.loaders.normalize import IMAGENET
+from dali_fl.model.build import build_model
 from tests.tiny import tiny_args, tiny_config, tiny_store
 
 NO_GPU = "needs a CUDA GPU; none is present here"

@@ -6,12 +6,12 @@ import psutil
 import pytest
 import torch
 
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import Store, open_store, write_store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, make_loader
-from dali_fl.normalize import IMAGENET, Normalization, from_model
-from dali_fl.order import PAD, batch_bounds, epoch_order, epoch_plan
-from dali_fl.sources import load_synthetic
-from dali_fl.store import Store, open_store, write_store
+from dali_fl.loaders.normalize import IMAGENET, Normalization, from_model
+from dali_fl.loaders.order import PAD, batch_bounds, epoch_order, epoch_plan
 
 N_TRAIN = 600
 CPU = torch.device("cpu")

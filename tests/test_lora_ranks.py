@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dali_fl.federation as fed
+import dali_fl.engine.federation as fed
 from dali_fl.config import TrainConfig
-from dali_fl.lora_ranks import parse_ranks
-from dali_fl.model import trainable_state
-from dali_fl.run import prepare
+from dali_fl.engine.run import prepare
+from dali_fl.model.build import trainable_state
+from dali_fl.model.ranks import parse_ranks
 from tests.tiny import kill_at_client, tiny_args, tiny_config, tiny_store
 
 TINY = tiny_args(num_users=3, frac=1, alg="fedlora", lr=5e-3)

@@ -9,8 +9,7 @@ from click.testing import CliRunner
 
 from dali_fl.cli import cli
 from dali_fl.config import option_defaults
-from dali_fl.errors import DaliFlError
-from dali_fl.partition import (
+from dali_fl.data.partition import (
     Partition,
     load_partition,
     make_partition,
@@ -19,6 +18,7 @@ from dali_fl.partition import (
     save_partition,
     summarize,
 )
+from dali_fl.errors import DaliFlError
 
 METHODS = ("iid", "dirichlet", "shards")
 
@@ -216,7 +216,7 @@ def test_bad_arguments_raise(labels, users, method, kwargs, match):
 
 
 def _count_draws(monkeypatch) -> list:
-    import dali_fl.partition as partition
+    import dali_fl.data.partition as partition
 
     calls, real = [], partition._dirichlet_draw
     monkeypatch.setattr(partition, "_dirichlet_draw", lambda *a: calls.append(1) or real(*a))
@@ -235,7 +235,7 @@ def test_impossible_min_size_fails_fast(monkeypatch):
 def test_unreachable_min_size_gives_up_with_advice(monkeypatch):
     # Allowed (10 x 10 = 100 samples), but every client would need exactly 10: the bounded
     # redraws give up instead of looping.
-    from dali_fl.partition import MAX_ATTEMPTS
+    from dali_fl.data.partition import MAX_ATTEMPTS
 
     draws = _count_draws(monkeypatch)
     with pytest.raises(DaliFlError, match="--min-size.*--alpha.*--num-users"):
@@ -258,8 +258,8 @@ def test_summarize_and_plot(tmp_path):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from dali_fl.sources import load_synthetic
-    from dali_fl.store import write_store
+    from dali_fl.data.sources import load_synthetic
+    from dali_fl.data.store import write_store
 
     path, _ = write_store(load_synthetic(600, 100, seed=0), tmp_path_factory.mktemp("store"),
                           image_size=8, progress=False)

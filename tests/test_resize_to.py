@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from dali_fl.config import TrainConfig, option_defaults
+from dali_fl.data.resize import resize_batch
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import Store, open_store, write_store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import MAX_RESIZE_TO, make_loader
-from dali_fl.normalize import IMAGENET
-from dali_fl.order import epoch_order
-from dali_fl.resize import resize_batch
-from dali_fl.sources import load_synthetic
-from dali_fl.store import Store, open_store, write_store
+from dali_fl.loaders.normalize import IMAGENET
+from dali_fl.loaders.order import epoch_order
 
 N_TRAIN = 64
 CPU = torch.device("cpu")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import write_store
+from dali_fl.engine.rundir import RunLock
 from dali_fl.errors import DaliFlError
-from dali_fl.rundir import RunLock
-from dali_fl.sources import load_synthetic
-from dali_fl.store import write_store
 from tests.tiny import tiny_args, tiny_store
 
 TINY = tiny_args(alg="fedlora", lora_r=2)
@@ -87,7 +87,7 @@ def test_two_real_processes_on_one_out_only_one_runs_and_a_killed_holder_frees_i
 
 def test_non_finite_weights_with_a_finite_loss_are_not_saved(invoke, assert_user_error, store, tmp_path,
                                                              monkeypatch):
-    import dali_fl.federation as fed
+    import dali_fl.engine.federation as fed
 
     real = fed.local_train
 
@@ -137,7 +137,7 @@ def test_usage_errors_are_one_line_with_the_choices(invoke, assert_user_error, s
 
 def test_a_run_killed_before_its_config_starts_fresh_and_one_killed_after_resumes(invoke, store, tmp_path,
                                                                                   monkeypatch):
-    import dali_fl.run as run
+    import dali_fl.engine.run as run
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -148,7 +148,7 @@ def test_a_run_killed_before_its_config_starts_fresh_and_one_killed_after_resume
     assert not (tmp_path / "r" / "config.json").exists()
     _finished(invoke, store, tmp_path / "r", rounds=1)  # a fresh run takes the directory
 
-    import dali_fl.federation as fed
+    import dali_fl.engine.federation as fed
 
     monkeypatch.setattr(fed, "local_train", killed)  # config.json written, no round finished
     assert _train(invoke, store, tmp_path / "s", "--rounds", 1).exit_code == 2

@@ -19,9 +19,9 @@ import pytest
 from conftest import cifar_pickle, marker_image
 from PIL import Image
 
-import dali_fl.sources as sources_mod
+import dali_fl.data.sources as sources_mod
+from dali_fl.data.sources import in_memory_split, load_source, synthetic_arrays
 from dali_fl.errors import DaliFlError
-from dali_fl.sources import in_memory_split, load_source, synthetic_arrays
 
 
 def read_all(source, split: str) -> np.ndarray:
@@ -435,7 +435,7 @@ def test_cifar_member_sizes_are_checked_before_reading(make_cifar, monkeypatch):
     (dict(num_test=10 ** 12), ["--num-test 1000000000000"]),
 ])
 def test_synthetic_sizes_and_seed_are_checked_first(args, words, monkeypatch):
-    import dali_fl.sources as sources
+    import dali_fl.data.sources as sources
 
     monkeypatch.setattr(sources, "synthetic_arrays", lambda *a: pytest.fail("generated before checking"))
     with pytest.raises(DaliFlError) as err:
@@ -461,7 +461,7 @@ def test_fifo_in_an_image_folder_is_skipped_with_a_warning(tmp_path, caplog):
     save_png(root / "test" / "cat" / "b.png", np.zeros((8, 8, 3), np.uint8))
     os.mkfifo(root / "train" / "cat" / "pipe.png")
     (root / "train" / "cat" / "dir.jpg").mkdir()
-    with caplog.at_level(logging.WARNING, logger="dali_fl.sources"):
+    with caplog.at_level(logging.WARNING, logger="dali_fl.data.sources"):
         source = load_source("imagefolder", root)
         images = source.splits["train"].read(0, source.splits["train"].count)
     assert source.splits["train"].count == 1 and len(images) == 1

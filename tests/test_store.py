@@ -13,11 +13,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 
-import dali_fl.store as store_mod
+import dali_fl.data.store as store_mod
+from dali_fl.data.resize import resize_batch, to_stored_dtype
+from dali_fl.data.sources import Source, SourceSplit, in_memory_split, load_source
+from dali_fl.data.store import FORMAT_VERSION, open_store, store_name, verify_store, write_store
 from dali_fl.errors import DaliFlError
-from dali_fl.resize import resize_batch, to_stored_dtype
-from dali_fl.sources import Source, SourceSplit, in_memory_split, load_source
-from dali_fl.store import FORMAT_VERSION, open_store, store_name, verify_store, write_store
 
 MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -397,7 +397,7 @@ def test_verify_flags_constant_or_out_of_range_values(tmp_path):
 
 def test_reads_respect_a_sources_row_cap(tmp_path):
     """Image folders cap rows per read so large decoded photos cannot exhaust memory."""
-    from dali_fl.sources import Source, SourceSplit
+    from dali_fl.data.sources import Source, SourceSplit
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)

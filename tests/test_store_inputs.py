@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from test_sources import deny_reading
 
-import dali_fl.store as store_mod
+import dali_fl.data.store as store_mod
+from dali_fl.data.resize import resize_batch
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import open_store, sha256_file, verify_store, write_store
 from dali_fl.errors import DaliFlError
-from dali_fl.resize import resize_batch
-from dali_fl.sources import load_synthetic
-from dali_fl.store import open_store, sha256_file, verify_store, write_store
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from dali_fl.config import TrainConfig
-from dali_fl.federation import run_round
-from dali_fl.model import trainable_names
-from dali_fl.run import prepare
-from dali_fl.sources import load_synthetic
-from dali_fl.store import write_store
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import write_store
+from dali_fl.engine.federation import run_round
+from dali_fl.engine.run import prepare
+from dali_fl.model.build import trainable_names
 from tests.tiny import kill_at_client
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
@@ -104,7 +104,7 @@ def _config(store: Path, **options) -> TrainConfig:
 
 
 def test_fedlora_exchanges_only_lora_and_head(stores, tmp_path, monkeypatch):
-    import dali_fl.federation as fed
+    import dali_fl.engine.federation as fed
 
     fx, _ = prepare(_config(stores, alg="fedlora"), tmp_path / "run", resume=False)
     names = trainable_names(fx.model)
@@ -151,8 +151,8 @@ def test_nothing_accumulates_across_rounds(stores, tmp_path, loader):
 
 
 def test_adam_on_the_cpu_keeps_the_default_kernel():
-    from dali_fl.client import make_optimizer
     from dali_fl.config import LocalConfig
+    from dali_fl.engine.local import make_optimizer
 
     assert not make_optimizer([torch.nn.Parameter(torch.zeros(2))], LocalConfig()).defaults.get("fused")
 
@@ -160,9 +160,9 @@ def test_adam_on_the_cpu_keeps_the_default_kernel():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_runs_use_fused_adamw_and_tf32():
-    from dali_fl.client import make_optimizer
     from dali_fl.config import LocalConfig
-    from dali_fl.device import resolve_device
+    from dali_fl.engine.device import resolve_device
+    from dali_fl.engine.local import make_optimizer
 
     device = resolve_device(0, None)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -230,7 +230,7 @@ def test_nan_loss_names_round_and_client(invoke, assert_user_error, stores, tmp_
 
 
 def test_offline_pretrained_without_weights_is_one_line(invoke, assert_user_error, monkeypatch, tmp_path):
-    import dali_fl.model as model
+    import dali_fl.model.build as model
 
     monkeypatch.setattr(model, "_cached_offline", lambda name: False)
     monkeypatch.setattr(model, "_hub_reachable", lambda timeout=3.0: False)
@@ -244,7 +244,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from dali_fl.model import ModelSpec, build_model
+    from dali_fl.model.build import ModelSpec, build_model
 
     kwargs = dict(depth=1, embed_dim=32, num_heads=2)
     donor = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **kwargs)

@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from dali_fl.config import TrainConfig
-from dali_fl.sources import load_synthetic
-from dali_fl.store import write_store
+from dali_fl.data.sources import load_synthetic
+from dali_fl.data.store import write_store
 
 TINY: dict[str, Any] = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
                             pretrained=False, num_users=4, frac=0.5, partition="iid", device="cpu", loader="memmap",
@@ -38,7 +38,7 @@ def tiny_args(**options: Any) -> list[str]:
 
 def kill_at_client(monkeypatch, n: int) -> None:
     """Make the n-th client trained from now on die as a kill would (KeyboardInterrupt), mid-round."""
-    import dali_fl.federation as fed
+    import dali_fl.engine.federation as fed
 
     real, calls = fed.local_train, {"n": 0}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from dali_fl.rundir import read_metrics  # noqa: E402
+from dali_fl.engine.rundir import read_metrics  # noqa: E402
 
 
 def plot(run_dirs: list[Path], out: Path) -> Path:

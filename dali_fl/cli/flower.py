@@ -8,7 +8,7 @@ import click
 
 # The same options, resolved and validated by the same code, as `dali-fl train`.
 from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, summary_line, train_options
-from dali_fl.device import resolve_device
+from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
 
 NOT_HERE = ("resume", "nproc")  # Flower runs start fresh and place their own client workers

@@ -7,8 +7,8 @@ from typing import Optional
 import click
 
 from dali_fl.config import option_defaults
-from dali_fl.partition import METHODS, make_partition, plot_partition, save_partition, summarize
-from dali_fl.store import open_store
+from dali_fl.data.partition import METHODS, make_partition, plot_partition, save_partition, summarize
+from dali_fl.data.store import open_store
 
 D = option_defaults()  # the same defaults as `dali-fl train`
 

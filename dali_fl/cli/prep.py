@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from dali_fl.errors import DaliFlError
-from dali_fl.resize import METHODS
-from dali_fl.sources import SOURCES, check_synthetic_args, load_source
-from dali_fl.store import (
+from dali_fl.data.resize import METHODS
+from dali_fl.data.sources import SOURCES, check_synthetic_args, load_source
+from dali_fl.data.store import (
     DTYPES,
     check_prep_args,
     check_sample_count,
@@ -18,6 +17,7 @@ from dali_fl.store import (
     verify_store,
     write_store,
 )
+from dali_fl.errors import DaliFlError
 
 
 def _source_options(f):

@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dali_fl.aggregate import LORA_AGGREGATORS
 from dali_fl.config import (
     ALGORITHMS,
     AMP_MODES,
@@ -23,10 +22,11 @@ from dali_fl.config import (
     merge_options,
     option_defaults,
 )
-from dali_fl.device import resolve_device
+from dali_fl.data.store import open_store, store_name
+from dali_fl.engine.aggregate import LORA_AGGREGATORS
+from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS
-from dali_fl.store import open_store, store_name
 
 DATASET_ALIASES = {"cifar": "cifar10"}
 RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
@@ -209,7 +209,7 @@ def train(ctx: click.Context, **p) -> None:
         --image_size 224 --use_offline_data --epochs 150 --num_users 100 --frac 0.1
         --local_ep 5 --local_bs 32 --lr 0.0003 --gpu 2
     """
-    from dali_fl.run import train as run_federation
+    from dali_fl.engine.run import train as run_federation
 
     if p["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(ctx, merged_options(ctx, p))  # the preset may set --alg, which names the run
@@ -224,7 +224,7 @@ def train(ctx: click.Context, **p) -> None:
         cfg, resume = cli_config(p, str(device)), False
         run_dir = p["out"] or _default_run_dir(cfg.fed.alg)
         if hooks is not None:
-            from dali_fl.distributed import broadcast_str
+            from dali_fl.engine.distributed import broadcast_str
 
             run_dir = Path(broadcast_str(str(run_dir)))
     try:
@@ -250,7 +250,7 @@ def _default_run_dir(alg: str) -> Path:
 
 def _join_world(p: dict):
     """Under torchrun: join the process group; returns (hooks, this rank's device) or (None, None)."""
-    from dali_fl.distributed import hooks_for_world, init_process_group
+    from dali_fl.engine.distributed import hooks_for_world, init_process_group
 
     hooks = hooks_for_world()
     if hooks is None:

@@ -16,11 +16,11 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from dali_fl.engine.rundir import check_fresh
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import handle_query, handle_train
 from dali_fl.flower.options import config_from_run_config
 from dali_fl.flower.server import serve
-from dali_fl.rundir import check_fresh
 
 log = logging.getLogger("flwr.dali_fl")
 

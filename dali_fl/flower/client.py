@@ -14,13 +14,13 @@ from typing import Mapping, Optional
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from dali_fl.client import ClientResult
 from dali_fl.config import TrainConfig
+from dali_fl.engine.federation import Federation, train_one
+from dali_fl.engine.local import ClientResult
+from dali_fl.engine.run import build_federation
 from dali_fl.errors import DaliFlError
-from dali_fl.federation import Federation, train_one
 from dali_fl.flower.wire import ARRAYS, BASE, CONFIG, at_rank, config_of, from_record, pad_like, reply_content
-from dali_fl.model import load_state_, trainable_state
-from dali_fl.run import build_federation
+from dali_fl.model.build import load_state_, trainable_state
 
 PARTITION_KEY = "partition-id"  # set per SuperNode by the simulation engine, or by --node-config in deployment
 _FEDERATIONS: dict[str, Federation] = {}  # this process's federation per run config (normally one)

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from dali_fl.config import TrainConfig
+from dali_fl.engine.run import train
+from dali_fl.engine.rundir import read_metrics
 from dali_fl.flower.app import simulate
 from dali_fl.flower.options import run_config_from_options
-from dali_fl.run import train
-from dali_fl.rundir import read_metrics
 
 
 def compare(options: Mapping[str, Any], out: Path, client_cpus: float = 1.0, client_gpus: float = 0.0) -> dict:
-    """Run OUT/dali-fl (dali_fl.run.train) then OUT/flower (simulate) with the same options; what each cost.
+    """Run OUT/dali-fl (dali_fl.engine.run.train) then OUT/flower (simulate) with the same options; what each cost.
 
     Both engines get the threads of one Flower worker (Ray gives a worker `client_cpus` of them): on a busy
     machine two spinning OpenMP threads can cost several times one, which would swamp the comparison.

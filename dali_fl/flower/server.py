@@ -15,11 +15,9 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dali_fl.aggregate import RunningSum
-from dali_fl.client import ClientResult
 from dali_fl.config import TrainConfig
-from dali_fl.errors import DaliFlError
-from dali_fl.federation import (
+from dali_fl.engine.aggregate import RunningSum
+from dali_fl.engine.federation import (
     ClientUpdate,
     Federation,
     RoundHooks,
@@ -29,6 +27,10 @@ from dali_fl.federation import (
     sample_clients,
     server_update,
 )
+from dali_fl.engine.local import ClientResult
+from dali_fl.engine.run import checkpoint_tensors, prepare, run_rounds
+from dali_fl.engine.rundir import RunLock
+from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import client_rank
 from dali_fl.flower.wire import (
     ARRAYS,
@@ -41,9 +43,7 @@ from dali_fl.flower.wire import (
     to_record,
     train_content,
 )
-from dali_fl.model import trainable_state
-from dali_fl.run import checkpoint_tensors, prepare, run_rounds
-from dali_fl.rundir import RunLock
+from dali_fl.model.build import trainable_state
 
 NODE_WAIT_S = 120.0  # how long to wait for every SuperNode to connect
 NODE_SETTLE_S = 5.0  # ...or for their number to stop changing, when fewer than needed came

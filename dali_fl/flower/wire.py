@@ -15,9 +15,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from dali_fl.aggregate import LoraPair
-from dali_fl.client import ClientResult
 from dali_fl.config import TrainConfig
+from dali_fl.engine.aggregate import LoraPair
+from dali_fl.engine.local import ClientResult
 
 ARRAYS, BASE, CONFIG, METRICS = "arrays", "base", "config", "metrics"
 

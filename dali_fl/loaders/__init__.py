@@ -2,7 +2,7 @@
 
 Kinds: `dali` (the point of the project), `memmap` (the strong DataLoader baseline) and
 `memmap-seed` (the per-sample float32 pipeline it replaces, for benchmarks). All follow
-`dali_fl.order`, so the same indices and seed give the same samples, order and augmentation.
+`dali_fl.loaders.order`, so the same indices and seed give the same samples, order and augmentation.
 `dali` and `memmap` can also resize each batch on the device (`resize_to`, see `loaders.resize`).
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Optional, Union
 
 import torch
 
+from dali_fl.data.store import Store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers
+from dali_fl.loaders.normalize import Normalization
 from dali_fl.loaders.resize import MAX_RESIZE_TO, check_resize_to, input_size, refuse_resize
-from dali_fl.normalize import Normalization
-from dali_fl.store import Store
 
 LOADER_KINDS = ("dali", "memmap", "memmap-seed")
 # Imported on demand so that choosing a memmap kind never loads DALI's 450 MB of operators.

@@ -9,11 +9,11 @@ from typing import ClassVar, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from dali_fl.data.store import Store, open_store
 from dali_fl.errors import DaliFlError
+from dali_fl.loaders.normalize import Normalization
+from dali_fl.loaders.order import Batch, epoch_plan
 from dali_fl.loaders.resize import check_resize_to, input_size, refuse_resize
-from dali_fl.normalize import Normalization
-from dali_fl.order import Batch, epoch_plan
-from dali_fl.store import Store, open_store
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (images NCHW, labels int64), both on the device
 Served = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # a kind's batch plus the rows it read

@@ -27,8 +27,8 @@ import torch
 
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, Served, device_index
+from dali_fl.loaders.order import PAD, Batch
 from dali_fl.loaders.resize import interpolation
-from dali_fl.order import PAD, Batch
 
 if TYPE_CHECKING:
     from nvidia.dali.pipeline import Pipeline

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dali_fl.data.store import Store
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
+from dali_fl.loaders.order import Batch
 from dali_fl.loaders.resize import interpolation, resize_nhwc
 from dali_fl.loaders.transforms import Uint8Normalizer, batch_params, crop_flip
-from dali_fl.order import Batch
-from dali_fl.store import Store
 
 
 class StoreRows(Dataset):

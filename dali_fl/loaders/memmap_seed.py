@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from dali_fl.data.store import Store, open_store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
 from dali_fl.loaders.memmap import StoreRows, shutdown_workers
+from dali_fl.loaders.normalize import Normalization
+from dali_fl.loaders.order import Batch
 from dali_fl.loaders.transforms import crop_flip
-from dali_fl.normalize import Normalization
-from dali_fl.order import Batch
-from dali_fl.store import Store, open_store
 
 SEED_WORKERS = LoaderWorkers(num_workers=4, pin_memory=True, prefetch_factor=2,
                              persistent_workers=False)

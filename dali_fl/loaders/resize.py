@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dali_fl.data.store import Store
 from dali_fl.errors import DaliFlError
-from dali_fl.store import Store
 
 # A 1024 px ViT-B/16 input is 4,096 tokens, 16x the attention of 224 px: far beyond any run's need.
 MAX_RESIZE_TO = 1024
@@ -51,7 +51,7 @@ def resize_nhwc(x: torch.Tensor, size: int, method: str) -> torch.Tensor:
     """Resize a uint8 NHWC batch to (size, size) on its device, as `prep` resizes (antialiased, uint8 out)."""
     nchw = x.permute(0, 3, 1, 2)  # a channels_last view: torch's fast uint8 path on the CPU
     if x.device.type == "cpu":
-        # The same uint8 kernel dali_fl.resize.resize_batch runs at prep time: bit-identical to the store.
+        # The same uint8 kernel dali_fl.data.resize.resize_batch runs at prep time: bit-identical to the store.
         out = F.interpolate(nchw, size=(size, size), mode=method, align_corners=False, antialias=True)
     else:  # CUDA's antialiased kernels take floating point only
         out = F.interpolate(nchw.float(), size=(size, size), mode=method, align_corners=False, antialias=True)

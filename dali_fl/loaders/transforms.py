@@ -5,8 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dali_fl.normalize import Normalization
-from dali_fl.order import PAD, Batch
+from dali_fl.loaders.normalize import Normalization
+from dali_fl.loaders.order import PAD, Batch
 
 Tensor = torch.Tensor
 

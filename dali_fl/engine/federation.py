@@ -1,7 +1,7 @@
 """The server loop: sample clients, train them in turn on one persistent model, aggregate.
 
-Building, resuming and summarizing a run live in `dali_fl.run`; distribution plugs in through
-`RoundHooks` (see `dali_fl.distributed`).
+Building, resuming and summarizing a run live in `dali_fl.engine.run`; distribution plugs in through
+`RoundHooks` (see `dali_fl.engine.distributed`).
 """
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dali_fl.aggregate import PRODUCT_AGGREGATORS, RunningSum, aggregate, update_norm
-from dali_fl.client import ClientResult, evaluate, local_train
+from dali_fl.algorithms.dp import add_noise_, clip_update, epsilon
+from dali_fl.algorithms.fedopt import ServerOptimizer
+from dali_fl.algorithms.scaffold import Scaffold
+from dali_fl.algorithms.shared_a import SharedA
 from dali_fl.config import FederationConfig, TrainConfig, derive_seed
-from dali_fl.device import peak_memory_mb
-from dali_fl.dp import add_noise_, clip_update, epsilon
+from dali_fl.data.partition import Partition
+from dali_fl.data.store import Store
+from dali_fl.engine.aggregate import PRODUCT_AGGREGATORS, RunningSum, aggregate, update_norm
+from dali_fl.engine.device import peak_memory_mb
+from dali_fl.engine.local import ClientResult, evaluate, local_train
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import Loader
-from dali_fl.lora_ranks import reinit_adapters_, set_scale, truncate_, upload_values
-from dali_fl.model import load_state_, lora_pairs, trainable_state
-from dali_fl.partition import Partition
-from dali_fl.scaffold import Scaffold
-from dali_fl.server_opt import ServerOptimizer
-from dali_fl.shared_a import SharedA
-from dali_fl.store import Store
+from dali_fl.model.build import load_state_, lora_pairs, trainable_state
+from dali_fl.model.ranks import reinit_adapters_, set_scale, truncate_, upload_values
 
 # Summed over clients and over processes.
 TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
@@ -48,7 +48,7 @@ def sample_clients(fed: FederationConfig, round_: int) -> np.ndarray:
 
 @dataclass
 class Federation:
-    """The live objects of one run, built once (by `dali_fl.run.build_federation`) and reused every round."""
+    """The live objects of one run, built once (by `dali_fl.engine.run.build_federation`) and reused every round."""
 
     cfg: TrainConfig
     run_dir: Path

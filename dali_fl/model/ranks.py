@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_fl.aggregate import LoraPair
+from dali_fl.engine.aggregate import LoraPair
 from dali_fl.errors import DaliFlError
 
 MAX_RANK = 1024

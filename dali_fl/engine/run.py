@@ -12,20 +12,20 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from dali_fl.algorithms.dp import accountant_class
+from dali_fl.algorithms.fedopt import PREFIX as SERVER_PREFIX
+from dali_fl.algorithms.scaffold import FILE as SCAFFOLD_FILE
+from dali_fl.algorithms.shared_a import FILE as SHARED_A_FILE
 from dali_fl.atomic import atomic_write_text
 from dali_fl.config import TrainConfig
-from dali_fl.device import amp_dtype, explain_oom, resolve_device
-from dali_fl.dp import accountant_class
+from dali_fl.data.partition import Partition, load_partition, make_partition, save_partition
+from dali_fl.engine.device import amp_dtype, explain_oom, resolve_device
+from dali_fl.engine.federation import RESTART_HINT, Federation, RoundHooks, run_round
+from dali_fl.engine.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
 from dali_fl.errors import DaliFlError
-from dali_fl.federation import RESTART_HINT, Federation, RoundHooks, run_round
 from dali_fl.loaders import input_size, loader_class, make_loader
-from dali_fl.model import build_model, expected_image_size, load_state_, trainable_state
-from dali_fl.normalize import from_model
-from dali_fl.partition import Partition, load_partition, make_partition, save_partition
-from dali_fl.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
-from dali_fl.scaffold import FILE as SCAFFOLD_FILE
-from dali_fl.server_opt import PREFIX as SERVER_PREFIX
-from dali_fl.shared_a import FILE as SHARED_A_FILE
+from dali_fl.loaders.normalize import from_model
+from dali_fl.model.build import build_model, expected_image_size, load_state_, trainable_state
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Mapping
 
 import torch
 
-from dali_fl.aggregate import State
 from dali_fl.config import ServerConfig
+from dali_fl.engine.aggregate import State
 
 PREFIX = "server::"  # the optimizer's moments travel in the checkpoint under this prefix
 

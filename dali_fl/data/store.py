@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for
 from dali_fl.errors import DaliFlError
-from dali_fl.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
-from dali_fl.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
+from dali_fl.data.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
+from dali_fl.data.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
 
 log = logging.getLogger(__name__)
 

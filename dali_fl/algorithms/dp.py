@@ -14,8 +14,8 @@ from typing import Mapping
 
 import torch
 
-from dali_fl.aggregate import State, update_norm
 from dali_fl.config import derive_seed
+from dali_fl.engine.aggregate import State, update_norm
 from dali_fl.errors import DaliFlError
 
 NOISE_STREAM = 11  # keeps the noise stream apart from sampling (7) and the clients' streams

@@ -3,7 +3,7 @@
 Client i corrects every local gradient by c − c_i. After K local steps at learning rate η from x to
 y_i it sets c_i⁺ = c_i − c + (x − y_i)/(K·η), and the server adds (1/N)·Σ_{i∈S}(c_i⁺ − c_i) to c.
 The N client variates live in `RUN/scaffold_clients.f32`, journaled through the checkpoint
-(dali_fl.client_table).
+(dali_fl.engine.client_table).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from dali_fl.client_table import ClientTable
+from dali_fl.engine.client_table import ClientTable
 from dali_fl.errors import DaliFlError
 
 PREFIX = "scaffold::"

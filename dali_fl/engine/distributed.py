@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dali_fl.aggregate import RunningSum
-from dali_fl.client import evaluate
+from dali_fl.engine.aggregate import RunningSum
+from dali_fl.engine.federation import TOTAL_KEYS, Federation, RoundHooks
+from dali_fl.engine.local import evaluate
 from dali_fl.errors import DaliFlError
-from dali_fl.federation import TOTAL_KEYS, Federation, RoundHooks
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dali_fl.aggregate import LoraPair
+from dali_fl.engine.aggregate import LoraPair
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)

@@ -443,7 +443,7 @@ def synthetic_arrays(num: int, seed: int, split: str, num_classes: int = 10,
     templates = np.stack([
         np.random.default_rng([seed, 1000 + c]).uniform(0, 255, (1, 4, 4, 3)).astype(np.uint8)
         for c in range(num_classes)])[:, 0]
-    from dali_fl.resize import resize_batch  # local: keeps torch out of plain source imports
+    from dali_fl.data.resize import resize_batch  # local: keeps torch out of plain source imports
 
     templates = resize_batch(templates, size).astype(np.float32)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_fl.aggregate import LoraPair
-from dali_fl.client import evaluate
-from dali_fl.client_table import ClientTable
 from dali_fl.config import derive_seed
+from dali_fl.engine.aggregate import LoraPair
+from dali_fl.engine.client_table import ClientTable
+from dali_fl.engine.local import evaluate
 
 PREFIX = "shared_a::"
 FILE = "client_b.f32"

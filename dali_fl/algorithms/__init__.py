@@ -1,0 +1,1 @@
+"""One file per algorithm, each with its Params, options, hooks, state and refusals."""

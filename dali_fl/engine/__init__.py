@@ -1,0 +1,1 @@
+"""The engine: the federation loop, local training, the run lifecycle and directory, processes, devices."""
