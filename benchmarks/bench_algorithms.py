@@ -21,12 +21,13 @@ from benchmarks.measure import command_line, machine_info
 from benchmarks.report import fmt, results_dir, table, with_ext, write_results
 
 # Each paper's knob at a value its authors use for small models: mu 0.01 (FedProx), server lr 0.01 with
-# tau 1e-3 (FedAdam, Reddi et al.), option II (SCAFFOLD).
+# tau 1e-3 (FedAdam, Reddi et al.), option II (SCAFFOLD), plain-SGD normalisation (FedNova): NIID-Bench's set.
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "fedavg": {},
     "fedprox": {"prox_mu": 0.01},
     "fedadam": {"server_opt": "adam", "server_lr": 0.01},
     "scaffold": {"scaffold": True},
+    "fednova": {"fednova": True},
 }
 # FedLoRA with clients of ranks drawn from 2..16 (fedit at one rank 8 for reference): FedEx-LoRA and FLoRA's
 # stack are exact for mixed ranks, HetLoRA's zero-padding is not.
@@ -60,7 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--loader", default="dali")
     p.add_argument("--suite", choices=sorted(SUITES), default="algorithms",
-                   help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD; lora-ranks: FedLoRA with mixed client ranks; "
+                   help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD/FedNova; "
+                        "lora-ranks: FedLoRA with mixed client ranks; "
                         "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")

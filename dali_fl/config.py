@@ -10,56 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from dali_fl import algorithms
+from dali_fl.checks import check_choice, check_ints, check_numbers, flag
 from dali_fl.data.partition import METHODS as PARTITION_METHODS
-from dali_fl.engine.aggregate import LORA_AGGREGATORS, MIXED_RANK_AGGREGATORS, PRODUCT_AGGREGATORS
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, check_resize
 from dali_fl.model.build import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
 from dali_fl.model.ranks import parse_ranks
 
 ALGORITHMS = ("fedavg", "fedlora")
-SERVER_OPTS = ("none", "sgd", "momentum", "adagrad", "adam", "yogi")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("bf16", "fp16", "off", "auto")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_numbers(obj: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """Refuse non-finite floats in every numeric field, and values out of range in the named ones."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            continue
-        if not math.isfinite(value):
-            raise DaliFlError(f"{_flag(f.name)} {value} is not a finite number")
-        if f.name in positive and not value > 0:
-            raise DaliFlError(f"{_flag(f.name)} must be > 0 (got {value})")
-        if f.name in non_negative and value < 0:
-            raise DaliFlError(f"{_flag(f.name)} must be >= 0 (got {value})")
-
-
-def check_ints(obj: object, *names: str) -> None:
-    """Refuse a non-integer (a float, a bool, a string) where a count is expected."""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise DaliFlError(f"{_flag(name)} must be an integer (got {value!r})")
-
-
-def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
-    if value not in choices:
-        raise DaliFlError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +48,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         check_choice(self.alg, ALGORITHMS, "--alg")
         check_choice(self.partition, PARTITION_METHODS, "--partition")
-        check_choice(self.lora_agg, LORA_AGGREGATORS, "--lora-agg")
+        check_choice(self.lora_agg, algorithms.lora_agg_choices(), "--lora-agg")
         check_ints(self, "rounds", "num_users", "min_size", "shards", "seed")
         check_numbers(self, positive=("rounds", "num_users", "alpha", "shards"),
                       non_negative=("min_size", "seed"))
@@ -90,16 +57,9 @@ class FederationConfig:
         self._check_ranks()
 
     def _check_ranks(self) -> None:
-        """--lora-ranks parses, and mixed ranks meet an aggregation defined for them."""
-        ranks = self.client_ranks()
-        if ranks is None:
-            return
-        if self.alg != "fedlora":
+        """--lora-ranks parses and applies (whether the aggregation takes mixed ranks is the aggregation's call)."""
+        if self.client_ranks() is not None and self.alg != "fedlora":
             raise DaliFlError("--lora-ranks applies to --alg fedlora")
-        if len(set(ranks.tolist())) > 1 and self.lora_agg not in MIXED_RANK_AGGREGATORS:
-            hint = "its padded form is zero-pad" if self.lora_agg == "fedit" else "it rests on one shared A and scale"
-            raise DaliFlError(f"--lora-agg {self.lora_agg} needs one rank for all clients ({hint}); for mixed ranks "
-                              f"use {', '.join(MIXED_RANK_AGGREGATORS)}")
 
     def client_ranks(self) -> Optional[np.ndarray]:
         """Each client's LoRA rank, or None when all train at --lora-r."""
@@ -130,62 +90,12 @@ class LocalConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.0
-    prox_mu: float = 0.0  # FedProx: (mu/2)||w - w_round_start||^2 added to every local step; 0 is FedAvg
-    scaffold: bool = False  # SCAFFOLD: control variates correct every local gradient
 
     def __post_init__(self) -> None:
         check_ints(self, "local_ep", "local_bs")
         check_numbers(self, positive=("local_ep", "local_bs", "lr"),
-                      non_negative=("momentum", "weight_decay", "prox_mu"))
+                      non_negative=("momentum", "weight_decay"))
         check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
-        if self.scaffold and self.optimizer != "sgd":
-            raise DaliFlError("--scaffold updates its control variates from plain SGD steps (option II); "
-                              "add --optimizer sgd")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the server does with the clients' mean: an optimizer step, and client-level DP."""
-
-    server_opt: str = "none"  # none: the mean becomes the global state (FedAvg)
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    server_betas: tuple[float, float] = (0.9, 0.99)
-    server_tau: float = 1e-3
-    dp_clip: float = 0.0  # > 0 turns DP-FedAvg on: each client's update is clipped to this L2 norm
-    dp_noise: float = 0.0  # Gaussian noise multiplier z: std z * clip on the sum of clipped updates
-    dp_delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        check_choice(self.server_opt, SERVER_OPTS, "--server-opt")
-        check_numbers(self, positive=("server_lr", "server_tau"), non_negative=("dp_clip", "dp_noise"))
-        betas = tuple(self.server_betas)
-        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
-            raise DaliFlError(f"--server-betas needs two numbers in [0, 1) (got {self.server_betas!r})")
-        object.__setattr__(self, "server_betas", tuple(float(b) for b in betas))  # JSON gives a list
-        if not 0 <= self.server_momentum < 1:
-            raise DaliFlError(f"--server-momentum must be in [0, 1) (got {self.server_momentum})")
-        if not 0 < self.dp_delta < 1:
-            raise DaliFlError(f"--dp-delta must be in (0, 1) (got {self.dp_delta})")
-        self._check_unused()
-
-    def _check_unused(self) -> None:
-        """An option set away from its default for an optimizer or mode that ignores it is a mistake."""
-        uses = {"server_momentum": ("momentum",), "server_betas": ("adam", "yogi", "adagrad"),
-                "server_tau": ("adam", "yogi", "adagrad")}
-        default = ServerConfig.__dataclass_fields__
-        for name, opts in uses.items():
-            if getattr(self, name) != default[name].default and self.server_opt not in opts:
-                raise DaliFlError(f"{_flag(name)} applies to --server-opt {'/'.join(opts)}, "
-                                  f"not {self.server_opt}; add --server-opt {opts[0]} or drop it")
-        if self.server_lr != 1.0 and self.server_opt == "none":
-            raise DaliFlError("--server-lr needs a server optimizer; add --server-opt sgd (or momentum, adam, ...)")
-        if self.dp_clip == 0 and (self.dp_noise > 0 or self.dp_delta != default["dp_delta"].default):
-            raise DaliFlError("--dp-noise and --dp-delta need --dp-clip C > 0 (the L2 bound of each client's update)")
-
-    @property
-    def dp(self) -> bool:
-        return self.dp_clip > 0
 
 
 @dataclass(frozen=True)
@@ -212,8 +122,7 @@ class DataConfig:
         check_numbers(self, positive=("eval_bs", "eval_every"), non_negative=("num_workers",))
 
 
-SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig,
-            "server": ServerConfig}
+SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig}
 # Flat option names that differ from their field's name.
 RENAMED = {"model": ("model", "name"), "model_kwargs": ("model", "kwargs")}
 DERIVED = {("model", "lora"), ("model", "freeze_lora_a")}  # set from --alg / --lora-agg, never directly
@@ -230,6 +139,8 @@ def option_fields() -> dict[str, tuple[str, str]]:
     for flat, where in RENAMED.items():
         del out[where[1]]
         out[flat] = where
+    for flat, (alg, _) in algorithms.option_fields().items():
+        out[flat] = ("algorithms", alg)  # each algorithm's own options, declared in its file
     return out
 
 
@@ -237,7 +148,10 @@ def option_defaults() -> dict[str, Any]:
     """Every option's default as the CLI spells it (kwargs and LoRA targets as text)."""
     out = {}
     for flat, (section, name) in option_fields().items():
-        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        if section == "algorithms":
+            f = algorithms.option_fields()[flat][1]
+        else:
+            f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
         out[flat] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     out.update(model_kwargs="", lora_targets=",".join(DEFAULT_LORA_TARGETS))
     return out
@@ -265,7 +179,7 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     return ModelSpec(name=MODEL_ALIASES.get(opts["model"], opts["model"]), kwargs=kwargs, pretrained=pretrained,
                      weights=None if weights is None else str(weights), lora=fed.alg == "fedlora",
                      lora_r=_model_rank(opts, fed), lora_alpha=opts["lora_alpha"], lora_targets=tuple(targets),
-                     freeze_lora_a=fed.variant == "fedlora-ffa")
+                     freeze_lora_a=algorithms.REGISTRY[fed.aggregation].freezes_lora_a)
 
 
 def _model_rank(opts: Mapping[str, Any], fed: FederationConfig) -> int:
@@ -282,7 +196,7 @@ class TrainConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
+    algorithms: dict = field(default_factory=dict)  # algorithm name -> its Params (dali_fl.algorithms)
 
     @classmethod
     def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
@@ -291,28 +205,18 @@ class TrainConfig:
         fields = option_fields()
         unknown = sorted(set(opts) - set(fields) - set(SELECTORS) - {"model_variant"})
         if unknown:
-            raise DaliFlError(f"unknown option {_flag(unknown[0])}; known: {', '.join(sorted(fields))}")
+            raise DaliFlError(f"unknown option {flag(unknown[0])}; known: {', '.join(sorted(fields))}")
         parts: dict[str, dict] = {s: {} for s in SECTIONS}
         for flat_name, (section, name) in fields.items():
-            if section != "model":
+            if section not in ("model", "algorithms"):
                 parts[section][name] = opts[flat_name]
         parts["data"]["store"] = str(parts["data"]["store"])
+        parts["fed"]["lora_agg"] = algorithms.resolve_lora_agg(parts["fed"]["lora_agg"])  # flora -> stack
         fed = FederationConfig(**parts["fed"])
-        server = ServerConfig(**parts["server"])
-        if server.dp and fed.aggregation in PRODUCT_AGGREGATORS:
-            raise DaliFlError(f"--dp-clip does not combine with --lora-agg {fed.aggregation} (what it folds into the "
-                              "base weights is not clipped); use --lora-agg fedit, ffa or zero-pad")
-        local = LocalConfig(**parts["local"])
-        if local.scaffold and fed.lora_ranks:
-            raise DaliFlError("--scaffold's corrections would train the components a lower-rank client leaves out; "
-                              "drop --lora-ranks or --scaffold")
-        if server.dp and fed.lora_ranks:
-            raise DaliFlError("--dp-clip bounds updates from the global state, which a lower-rank client's truncated "
-                              "adapter is not; drop --lora-ranks or --dp-clip")
-        if fed.aggregation == "stack" and server.server_opt != "none":
-            raise DaliFlError("--lora-agg stack re-initialises the adapters every round, so a server optimizer "
-                              "would only step the head; drop --server-opt")
-        return cls(fed, local, _model_spec(opts, fed), DataConfig(**parts["data"]), server)
+        cfg = cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]),
+                  algorithms.params_from(opts))
+        algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -321,12 +225,22 @@ class TrainConfig:
     def from_json(cls, text: str) -> "TrainConfig":
         doc = json.loads(text)
         model = dict(doc["model"], lora_targets=tuple(doc["model"]["lora_targets"]))
-        return cls(FederationConfig(**doc["fed"]), LocalConfig(**doc["local"]), ModelSpec(**model),
-                   DataConfig(**doc["data"]), ServerConfig(**doc.get("server", {})))  # runs from before it
+        local, flat = _legacy_options(doc)
+        flat.update({k: v for params in doc.get("algorithms", {}).values() for k, v in params.items()})
+        return cls(FederationConfig(**doc["fed"]), LocalConfig(**local), ModelSpec(**model),
+                   DataConfig(**doc["data"]), algorithms.params_from(flat))
 
     def replace(self, **parts) -> "TrainConfig":
         """Copy with some fields of the sub-configs replaced, e.g. replace(fed={'rounds': 4})."""
         return dataclasses.replace(self, **{k: dataclasses.replace(getattr(self, k), **v) for k, v in parts.items()})
+
+
+def _legacy_options(doc: dict) -> tuple[dict, dict]:
+    """(local section, algorithm options) of a config.json written before the algorithms had their own Params."""
+    local = dict(doc["local"])
+    flat = {k: local.pop(k) for k in ("prox_mu", "scaffold") if k in local}
+    flat.update(doc.get("server", {}))
+    return local, flat
 
 
 def load_config(run_dir: Path) -> TrainConfig:
@@ -338,11 +252,6 @@ def load_config(run_dir: Path) -> TrainConfig:
         return TrainConfig.from_json(path.read_text())
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DaliFlError(f"{path} is unreadable ({err!r}); it was not written by this dali-fl") from None
-
-
-def derive_seed(*parts: int) -> int:
-    """An independent 32-bit seed for each (run seed, round, client, epoch) tuple."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 # Presets: the seed's run scripts, and the small configuration of `make demo` and the tests.

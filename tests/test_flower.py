@@ -30,7 +30,8 @@ from dali_fl.errors import DaliFlError  # noqa: E402
 from dali_fl.flower.app import server_app, simulate  # noqa: E402
 from dali_fl.flower.options import COMPONENTS, app_toml, config_from_run_config, run_config_from_options  # noqa: E402
 from dali_fl.flower.wire import at_rank, from_record, pad_like, to_record  # noqa: E402
-from dali_fl.model.build import build_model, lora_pairs, trainable_state  # noqa: E402
+from dali_fl.model.build import build_model, trainable_state  # noqa: E402
+from dali_fl.model.lora import lora_pairs  # noqa: E402
 
 TINY = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
             pretrained=False, num_users=4, frac=0.5, partition="iid", local_bs=25, rounds=2, lr=2e-3, lora_r=2,
@@ -65,12 +66,14 @@ def test_the_run_config_is_every_train_option_and_builds_the_same_config(store, 
 
 @pytest.mark.parametrize("bad", [dict(frac=0), dict(lora_agg="fedavg"), dict(alg="fedavg", lora_ranks="2,4"),
                                  dict(server_lr=0.5), dict(server_betas="0.9,x", server_opt="adam"),
-                                 dict(scaffold=True, optimizer="sgd"), dict(alg="fedlora", lora_agg="shared-a")])
+                                 dict(scaffold=True, optimizer="sgd", momentum=0.0),
+                                 dict(alg="fedlora", lora_agg="shared-a"), dict(alg="fedlora", lora_agg="fedsa")])
 def test_a_refused_config_stops_before_any_round_in_train_s_words(store, tmp_path, monkeypatch, bad):
     options = {**TINY, "store": str(store), **bad}
     run_config = run_config_from_options(options, tmp_path / "run")
-    if "scaffold" in bad or "shared-a" in bad.values():  # dali-fl runs them; the Flower app refuses, in one line
-        want = "--scaffold and --lora-agg shared-a keep per-client state in one process's file"
+    if "scaffold" in bad or "lora_agg" in bad and bad["lora_agg"] != "fedavg":  # dali-fl runs them; Flower refuses
+        flag = "--scaffold" if "scaffold" in bad else "--lora-agg shared-a"
+        want = f"{flag} keeps per-client state in one process's file; the Flower app does not run it"
     else:
         with pytest.raises(DaliFlError) as refused:
             TrainConfig.from_options(options)
@@ -150,7 +153,9 @@ def _wire_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 @pytest.mark.slow
 def test_flower_s_simulation_engine_reaches_dali_fl_s_weights_and_accuracies(store, tmp_path):
-    modes = {"fedavg": dict(alg="fedavg"), "fedex": dict(alg="fedlora", lora_agg="fedex")}
+    # FedNova weighs each client by the local steps it reports: they must cross the wire (steps 0 would refuse).
+    modes = {"fedavg": dict(alg="fedavg"), "fedex": dict(alg="fedlora", lora_agg="fedex"),
+             "fednova": dict(alg="fedlora", fednova=True, optimizer="sgd", momentum=0.5, lr=0.05)}
     runs = [run_config_from_options({**TINY, "store": str(store), **m}, tmp_path / f"flower-{k}")
             for k, m in modes.items()]
     threads = torch.get_num_threads()

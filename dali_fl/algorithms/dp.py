@@ -9,16 +9,18 @@ Gaussian mechanism, with sampling rate m/N.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 import torch
 
-from dali_fl.config import derive_seed
+from dali_fl.algorithms.base import Algorithm, Contribution, ServerRound, option
+from dali_fl.checks import check_numbers
 from dali_fl.engine.aggregate import State, update_norm
 from dali_fl.errors import DaliFlError
-
-NOISE_STREAM = 11  # keeps the noise stream apart from sampling (7) and the clients' streams
+from dali_fl.seeds import NOISE, derive_seed
 
 
 @torch.no_grad()
@@ -35,7 +37,7 @@ def add_noise_(mean: State, clip: float, noise: float, num_clients: int, seed: i
     """Add N(0, (z·C/m)²) to every tensor of the clients' mean, in place, from a (seed, round) stream."""
     if noise <= 0:
         return
-    gen = torch.Generator().manual_seed(derive_seed(seed, round_, NOISE_STREAM))
+    gen = torch.Generator().manual_seed(derive_seed(seed, round_, NOISE))
     std = noise * clip / num_clients
     for name in sorted(mean):  # a fixed order: the same draws on every run, process and resume
         t = mean[name]
@@ -59,3 +61,66 @@ def epsilon(noise: float, sample_rate: float, rounds: int, delta: float) -> floa
     accountant = accountant_class()()
     accountant.history = [(noise, sample_rate, rounds)]  # every round is the same mechanism
     return float(accountant.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class DPParams:
+    dp_clip: float = option(0.0, "DP-FedAvg: clip each client's update to this L2 norm (0: off); clients weigh "
+                            "equally.")
+    dp_noise: float = option(0.0, "DP-FedAvg: Gaussian noise multiplier z (std z*clip on the sum); epsilon is "
+                             "reported.")
+    dp_delta: float = option(1e-5, "DP-FedAvg: delta for epsilon.")
+
+    def __post_init__(self) -> None:
+        check_numbers(self, non_negative=("dp_clip", "dp_noise"))
+        if not 0 < self.dp_delta < 1:
+            raise DaliFlError(f"--dp-delta must be in (0, 1) (got {self.dp_delta})")
+        default = DPParams.__dataclass_fields__["dp_delta"].default
+        if self.dp_clip == 0 and (self.dp_noise > 0 or self.dp_delta != default):
+            raise DaliFlError("--dp-noise and --dp-delta need --dp-clip C > 0 (the L2 bound of each client's update)")
+
+
+class DP(Algorithm):
+    """Clip every client's update, weigh clients equally, noise the mean (`--dp-clip C --dp-noise z`)."""
+
+    name = "dp"
+    flag = "--dp-clip"
+    Params = DPParams
+
+    @classmethod
+    def active(cls, cfg) -> bool:
+        return cfg.algorithms["dp"].dp_clip > 0
+
+    @classmethod
+    def refuse(cls, cfg) -> None:
+        from dali_fl.algorithms import aggregation_of
+
+        agg = aggregation_of(cfg)
+        if agg.needs_products:
+            raise DaliFlError(f"--dp-clip does not combine with --lora-agg {agg.name} (what it folds into the base "
+                              "weights is not clipped); use --lora-agg fedit, ffa or zero-pad")
+        if cfg.fed.lora_ranks:
+            raise DaliFlError("--dp-clip bounds updates from the global state, which a lower-rank client's truncated "
+                              "adapter is not; drop --lora-ranks or --dp-clip")
+        if cfg.algorithms["dp"].dp_noise > 0:
+            accountant_class()  # ε is reported every round: refuse now rather than after the first one
+
+    def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
+        # Equal weights: a client's sample count must not scale its (bounded) influence.
+        state, _ = clip_update(c.state, start, self.params.dp_clip)
+        return dataclasses.replace(c, state=state, weight=1, drift=update_norm(state, start))
+
+    def privatize(self, r: ServerRound, mean: State) -> State:
+        p = self.params
+        add_noise_(mean, p.dp_clip, p.dp_noise, r.num_clients, self.fx.cfg.fed.seed, r.round_)
+        return mean
+
+    def metrics(self, round_: int) -> dict:
+        return {"dp_epsilon": privacy_spent(self.fx.cfg, round_)}
+
+
+def privacy_spent(cfg, rounds: int) -> Optional[float]:
+    """ε at --dp-delta after `rounds` rounds of DP-FedAvg with this run's sampling rate; None without noise."""
+    fed, p = cfg.fed, cfg.algorithms["dp"]
+    eps = epsilon(p.dp_noise, fed.clients_per_round / fed.num_users, rounds, p.dp_delta)
+    return eps if math.isfinite(eps) else None

@@ -10,20 +10,19 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from dali_fl import algorithms
 from dali_fl.config import (
     ALGORITHMS,
     AMP_MODES,
     OPTIMIZERS,
     PARTITION_METHODS,
     PRESETS,
-    SERVER_OPTS,
     TrainConfig,
     load_config,
     merge_options,
     option_defaults,
 )
 from dali_fl.data.store import open_store, store_name
-from dali_fl.engine.aggregate import LORA_AGGREGATORS
 from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS
@@ -31,6 +30,23 @@ from dali_fl.loaders import LOADER_KINDS
 DATASET_ALIASES = {"cifar": "cifar10"}
 RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
 o = click.option
+
+
+def algorithm_options() -> list:
+    """Click options made from every algorithm's Params fields: the declarations in dali_fl/algorithms/."""
+    opts = []
+    for name, (_, f) in algorithms.option_fields().items():
+        flag, meta = "--" + name.replace("_", "-"), f.metadata
+        kw = dict(default=f.default, show_default=True, help=meta["help"])
+        if isinstance(f.default, bool):
+            opts.append(o(f"{flag}/--no-{flag[2:]}", **kw))
+        elif isinstance(f.default, tuple):
+            opts.append(o(flag, type=type(f.default[0]), nargs=len(f.default), **kw))
+        elif meta["choices"]:
+            opts.append(o(flag, type=click.Choice(meta["choices"]), **kw))
+        else:
+            opts.append(o(flag, type=type(f.default), **kw))
+    return opts
 
 
 def train_options(f):
@@ -46,7 +62,8 @@ def train_options(f):
         o("--use-offline-data", "--use_offline_data", is_flag=True, help="Accepted for the seed's scripts; no effect."),
         o("--alg", type=click.Choice(ALGORITHMS), default=d["alg"], show_default=True,
           help="fedavg: all weights trained and averaged; fedlora: LoRA adapters + head only."),
-        o("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<alg>-<time>)."),
+        o("--out", type=click.Path(path_type=Path),
+          help="Run directory (default runs/<what ran>-<time>, e.g. runs/fedavg-scaffold-20261202-101500)."),
         o("--rounds", "--epochs", type=int, default=d["rounds"], show_default=True,
           help="Federated rounds (seed: --epochs)."),
         o("--num-users", "--num_users", type=int, default=d["num_users"], show_default=True, help="Simulated clients."),
@@ -69,24 +86,7 @@ def train_options(f):
         o("--momentum", type=float, default=d["momentum"], show_default=True, help="SGD momentum."),
         o("--weight-decay", "--weight_decay", type=float, default=d["weight_decay"], show_default=True,
           help="Weight decay."),
-        o("--prox-mu", type=float, default=d["prox_mu"], show_default=True,
-          help="FedProx: (mu/2)||w - w_round_start||^2 in every local step; 0 is FedAvg."),
-        o("--scaffold/--no-scaffold", default=d["scaffold"], show_default=True,
-          help="SCAFFOLD control variates (option II; needs --optimizer sgd; one process)."),
-        o("--server-opt", type=click.Choice(SERVER_OPTS), default=d["server_opt"], show_default=True,
-          help="Server step on the round's mean update (Reddi et al.); none: the mean is the new model."),
-        o("--server-lr", type=float, default=d["server_lr"], show_default=True, help="Server learning rate."),
-        o("--server-momentum", type=float, default=d["server_momentum"], show_default=True,
-          help="--server-opt momentum (FedAvgM): beta."),
-        o("--server-betas", type=float, nargs=2, default=d["server_betas"], show_default=True,
-          help="--server-opt adam/yogi/adagrad: beta1 beta2."),
-        o("--server-tau", type=float, default=d["server_tau"], show_default=True,
-          help="--server-opt adam/yogi/adagrad: adaptivity tau."),
-        o("--dp-clip", type=float, default=d["dp_clip"], show_default=True,
-          help="DP-FedAvg: clip each client's update to this L2 norm (0: off); clients weigh equally."),
-        o("--dp-noise", type=float, default=d["dp_noise"], show_default=True,
-          help="DP-FedAvg: Gaussian noise multiplier z (std z*clip on the sum); epsilon is reported."),
-        o("--dp-delta", type=float, default=d["dp_delta"], show_default=True, help="DP-FedAvg: delta for epsilon."),
+        *algorithm_options(),  # each algorithm declares its own, next to its code
         o("--model", default=d["model"], show_default=True,
           help="timm model name; `vit` means ViT-B/16 (vit_base_patch16_224)."),
         o("--model-variant", "--model_variant", type=click.Choice(["pretrained", "scratch"]),
@@ -104,10 +104,10 @@ def train_options(f):
         o("--lora-ranks", default=d["lora_ranks"],
           help="Per-client LoRA ranks: 2,4,8 (cycled over clients) or uniform:2,4,8,16 (drawn from --seed); "
                "overrides --lora-r. Mixed ranks need --lora-agg fedex, zero-pad or stack."),
-        o("--lora-agg", type=click.Choice(LORA_AGGREGATORS), default=d["lora_agg"], show_default=True,
+        o("--lora-agg", type=click.Choice(algorithms.lora_agg_choices()), default=d["lora_agg"], show_default=True,
           help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual; "
-               "zero-pad: HetLoRA, pad to the largest rank and average; stack: FLoRA, fold the exact product; "
-               "shared-a: FedSA-LoRA, average A, each client keeps its B (personal_acc is reported)."),
+               "zero-pad (hetlora): pad to the largest rank and average; stack (flora): fold the exact product; "
+               "shared-a (fedsa): average A, each client keeps its B (personal_acc is reported)."),
         o("--loader", type=click.Choice(LOADER_KINDS), default=d["loader"], show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
         o("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
@@ -222,7 +222,7 @@ def train(ctx: click.Context, **p) -> None:
         p = merged_options(ctx, p)
         device = device or resolve_device(p["gpu"], p["device"])  # fail fast, before any heavy work
         cfg, resume = cli_config(p, str(device)), False
-        run_dir = p["out"] or _default_run_dir(cfg.fed.alg)
+        run_dir = p["out"] or _default_run_dir(cfg)
         if hooks is not None:
             from dali_fl.engine.distributed import broadcast_str
 
@@ -243,9 +243,9 @@ def summary_line(summary: dict, run_dir: object, engine: str = "") -> str:
             f"best {summary.get('best_test_acc')}: {run_dir}")
 
 
-def _default_run_dir(alg: str) -> Path:
-    """runs/<alg>-<time>, for runs started without --out."""
-    return Path("runs") / f"{alg}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    """runs/<what ran>-<time> (fedavg-scaffold-..., fedlora-fedex-fedadam-...), for runs started without --out."""
+    return Path("runs") / f"{algorithms.run_label(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _join_world(p: dict):
@@ -279,10 +279,22 @@ def _argv(ctx: click.Context) -> list[str]:
     return words
 
 
+def _checked_before_launch(ctx: click.Context, p: dict) -> TrainConfig:
+    """The config K processes would run, with every refusal said here in one line, before torchrun starts."""
+    if p["gpu"] is not None:
+        raise DaliFlError("--gpu picks one GPU; with several processes each takes cuda:LOCAL_RANK "
+                          "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+    # Every rank resolves its own device; the checks do not depend on it.
+    cfg = _resumed_config(ctx, p) if p["resume"] is not None else cli_config(p, "cpu")
+    algorithms.refuse_one_process(cfg, "several processes cannot share it", "run without --nproc")
+    return cfg
+
+
 def _launch(ctx: click.Context, p: dict) -> None:
     """`--nproc K`: run the same command as K processes through torchrun, on this machine."""
+    cfg = _checked_before_launch(ctx, p)
     args = _argv(ctx)
-    run_dir = p["resume"] or p["out"] or _default_run_dir(p["alg"])
+    run_dir = p["resume"] or p["out"] or _default_run_dir(cfg)
     if p["resume"] is None and p["out"] is None:
         args += ["--out", str(run_dir)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p['nproc']}",

@@ -1,25 +1,13 @@
-"""Aggregation: a running weighted sum on the device and pure functions that turn it into a global state."""
+"""The server's running weighted sum on the device, and the reference mean the aggregations are checked against."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
+from dali_fl.model.lora import LoraPair
+
 State = dict[str, torch.Tensor]
-LORA_AGGREGATORS = ("fedit", "ffa", "fedex", "zero-pad", "stack", "shared-a")
-PRODUCT_AGGREGATORS = ("fedex", "stack")  # they need each client's B @ A, and change the base weights
-MIXED_RANK_AGGREGATORS = ("fedex", "zero-pad", "stack")  # defined for clients of different ranks
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """One LoRA-adapted layer: the names of its base weight, A and B, and its scale."""
-
-    base: str
-    a: str
-    b: str
-    scale: float
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
@@ -31,10 +19,12 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 class RunningSum:
     """n-weighted sum of client states, kept on the device; adds sum of n * B @ A for FedEx-LoRA."""
 
-    def __init__(self, pairs: Sequence[LoraPair] = (), like: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, pairs: Sequence[LoraPair] = (), like: Mapping[str, torch.Tensor] | None = None,
+                 scalars: Sequence[str] = ()):
         self.pairs = tuple(pairs)
         self.sums: State = {}
         self.products: State = {}
+        self.scalars = {name: 0.0 for name in scalars}  # per-round sums an algorithm adds to (FedNova's τ)
         self.total = 0.0
         if like is not None:  # zeros of every shape, so a process with no clients still reduces alike
             self.sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}
@@ -64,8 +54,8 @@ class RunningSum:
     def flat(self) -> torch.Tensor:
         """Everything as one flat tensor, total last, for a single all_reduce across processes."""
         parts = [t.reshape(-1) for t in (*self.sums.values(), *self.products.values())]
-        total = torch.tensor([self.total], device=parts[0].device if parts else "cpu")
-        return torch.cat([*parts, total])
+        tail = torch.tensor([*self.scalars.values(), self.total], device=parts[0].device if parts else "cpu")
+        return torch.cat([*parts, tail])
 
     def load_flat(self, flat: torch.Tensor) -> None:
         """Inverse of flat(): overwrite the sums from a reduced flat tensor."""
@@ -74,6 +64,9 @@ class RunningSum:
             for name, t in table.items():
                 table[name] = flat[offset:offset + t.numel()].view_as(t).clone()
                 offset += t.numel()
+        for name in self.scalars:
+            self.scalars[name] = float(flat[offset])
+            offset += 1
         self.total = float(flat[offset])
 
 
@@ -89,31 +82,3 @@ def mean_of(running: RunningSum) -> State:
     if running.total <= 0:
         raise ValueError("no samples were aggregated this round")
     return {k: v / running.total for k, v in running.sums.items()}
-
-
-def fedex_base_deltas(mean: Mapping[str, torch.Tensor], mean_products: Mapping[str, torch.Tensor],
-                      pairs: Sequence[LoraPair]) -> State:
-    """FedEx-LoRA residual per layer: scale * (sum_i p_i B_i A_i - mean(B) mean(A))."""
-    return {p.base: p.scale * (mean_products[p.base] - mean[p.b] @ mean[p.a]) for p in pairs}
-
-
-def stack_base_deltas(mean_products: Mapping[str, torch.Tensor], pairs: Sequence[LoraPair]) -> State:
-    """FLoRA: B_stack @ A_stack = sum_i p_i s_i B_i A_i, folded whole into the base weights."""
-    return {p.base: p.scale * mean_products[p.base] for p in pairs}
-
-
-def aggregate(running: RunningSum, method: str) -> tuple[State, State]:
-    """Turn a round's running sum into (new global trainable state, deltas to add to base weights).
-
-    fedavg, fedit, ffa, zero-pad (HetLoRA: factors zero-padded to the largest rank) and shared-a
-    (FedSA-LoRA: the mean B is the global model's; each client keeps its own) are the weighted
-    mean; fedex adds its residual; stack folds the exact product and the caller then
-    re-initialises the adapters.
-    """
-    mean = mean_of(running)
-    if method not in PRODUCT_AGGREGATORS:
-        return mean, {}
-    products = {k: v / running.total for k, v in running.products.items()}
-    if method == "stack":
-        return mean, stack_base_deltas(products, running.pairs)
-    return mean, fedex_base_deltas(mean, products, running.pairs)

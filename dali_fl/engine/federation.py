@@ -1,13 +1,15 @@
 """The server loop: sample clients, train them in turn on one persistent model, aggregate.
 
 Building, resuming and summarizing a run live in `dali_fl.engine.run`; distribution plugs in through
-`RoundHooks` (see `dali_fl.engine.distributed`).
+`RoundHooks` (see `dali_fl.engine.distributed`). What an algorithm does, it does through the hooks of
+`dali_fl.algorithms.base.Algorithm`, called here on every active algorithm in registry order: this module
+names none.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,24 +18,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dali_fl.algorithms.dp import add_noise_, clip_update, epsilon
-from dali_fl.algorithms.fedopt import ServerOptimizer
-from dali_fl.algorithms.scaffold import Scaffold
-from dali_fl.algorithms.shared_a import SharedA
-from dali_fl.config import FederationConfig, TrainConfig, derive_seed
+from dali_fl import algorithms
+from dali_fl.algorithms.base import Algorithm, Contribution, ServerRound
+from dali_fl.config import FederationConfig, TrainConfig
 from dali_fl.data.partition import Partition
 from dali_fl.data.store import Store
-from dali_fl.engine.aggregate import PRODUCT_AGGREGATORS, RunningSum, aggregate, update_norm
+from dali_fl.engine.aggregate import RunningSum, mean_of, update_norm
 from dali_fl.engine.device import peak_memory_mb
-from dali_fl.engine.local import ClientResult, evaluate, local_train
+from dali_fl.engine.local import ClientResult, evaluate, local_train, trainable_params
 from dali_fl.errors import DaliFlError
-from dali_fl.loaders import Loader
-from dali_fl.model.build import load_state_, lora_pairs, trainable_state
-from dali_fl.model.ranks import reinit_adapters_, set_scale, truncate_, upload_values
+from dali_fl.loaders import Loader, make_loader
+from dali_fl.model.build import load_state_, trainable_state
+from dali_fl.model.lora import lora_pairs
+from dali_fl.model.ranks import set_scale, truncate_, upload_values
+from dali_fl.seeds import SAMPLE, derive_seed, stream
 
 # Summed over clients and over processes.
 TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
-STACK_STREAM = 13  # the seeded stream of FLoRA's re-initialised adapters
 
 # --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
 RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
@@ -42,7 +43,7 @@ RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum
 
 def sample_clients(fed: FederationConfig, round_: int) -> np.ndarray:
     """The round's clients: depends on (seed, round) only, never on how many processes run."""
-    rng = np.random.default_rng([fed.seed, round_, 7])
+    rng = stream(fed.seed, round_, SAMPLE)
     return np.sort(rng.choice(fed.num_users, size=fed.clients_per_round, replace=False))
 
 
@@ -60,34 +61,37 @@ class Federation:
     eval_loader: Loader
     num_test: int
     amp: Optional[torch.dtype]
-    server: Optional[ServerOptimizer] = None  # made from cfg.server when not given
-    scaffold: Optional[Scaffold] = None  # made when cfg.local.scaffold
-    holdout_loader: Optional[Loader] = None  # FedSA-LoRA: the train split, unaugmented, for personal accuracy
+    loader_args: dict = field(default_factory=dict)  # what every loader of the run shares (make_loader)
 
     def __post_init__(self) -> None:
-        if self.server is None:
-            self.server = ServerOptimizer(self.cfg.server)
-        if self.scaffold is None and self.cfg.local.scaffold:
-            self.scaffold = Scaffold(self.run_dir, self.cfg.fed.num_users, trainable_state(self.model),
-                                     self.cfg.local.lr)
         self.ranks = self.cfg.fed.client_ranks()  # None: every client trains the model's own rank
         self.pairs = lora_pairs(self.model) if self.cfg.model.lora else []
-        self.shared_a = (SharedA(self.run_dir, self.partition.clients, self.model, self.pairs, self.cfg.fed.seed)
-                         if self.cfg.fed.aggregation == "shared-a" else None)
+        self.algs: list[Algorithm] = []
+        try:
+            for cls in algorithms.active_classes(self.cfg):
+                self.algs.append(cls(self))  # an algorithm may open files and loaders: close them if one fails
+        except BaseException:
+            self.close()
+            raise
+        self.scalars = tuple(name for a in self.algs for name in a.scalars)
+
+    def make_loader(self, split: str, batch_size: int, augment: bool) -> Loader:
+        """Another loader over the run's store, like the run's own (an algorithm's evaluation uses one)."""
+        return make_loader(self.cfg.data.loader, self.store, split, batch_size=batch_size, augment=augment,
+                           **self.loader_args)
 
     def train_indices(self, client: int) -> np.ndarray:
-        """The samples the client trains on (all of its share, but for FedSA-LoRA's held-out fifth)."""
-        return self.shared_a.train[client] if self.shared_a else self.partition.clients[client]
-
-    def client_tables(self) -> list:
-        """The per-client state kept on disk (SCAFFOLD's variates, FedSA-LoRA's B)."""
-        return [t for t in (self.scaffold, self.shared_a) if t is not None]
+        """The samples the client trains on (all of its share, unless an algorithm holds some out)."""
+        indices = self.partition.clients[client]
+        for a in self.algs:
+            indices = a.train_indices(client, indices)
+        return indices
 
     def start_client(self, client: int, start: dict[str, torch.Tensor]) -> float:
         """Load the round-start state for `client` (at its rank); returns its LoRA scale over the model's."""
         load_state_(self.model, start)
-        if self.shared_a:
-            self.shared_a.load_b_(self.model, client)
+        for a in self.algs:
+            a.start_client(client)
         if self.ranks is None:
             return 1.0
         rank = int(self.ranks[client])
@@ -110,24 +114,25 @@ class Federation:
                              sum(t.numel() for n, t in state.items() if n not in lora))
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        """What the server keeps across rounds besides the model: optimizer moments, per-client rows."""
-        tables = {k: v for t in self.client_tables() for k, v in t.state_tensors().items()}
-        return {**self.server.state_tensors(), **tables}
+        """What the algorithms keep across rounds besides the model: optimizer moments, per-client rows."""
+        return {k: v for a in self.algs for k, v in a.state_tensors().items()}
 
     @property
     def uses_products(self) -> bool:
-        """Whether the aggregation needs each client's B @ A (FedEx-LoRA's residual, FLoRA's stack)."""
-        return self.cfg.fed.aggregation in PRODUCT_AGGREGATORS
+        """Whether the aggregation needs each client's B @ A (and changes the base weights)."""
+        return any(a.needs_products for a in self.algs)
 
     def close(self) -> None:
-        for loader in (self.train_loader, self.eval_loader, self.holdout_loader):
+        for a in self.algs:
+            a.close()
+        for loader in (self.train_loader, self.eval_loader):
             if loader is not None:
                 loader.close()
 
 
 @torch.no_grad()
 def add_to_params_(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """Add FedEx-LoRA residuals into the frozen base weights, in place."""
+    """Add the aggregation's deltas (FedEx-LoRA's residual, FLoRA's product) into the frozen base weights."""
     params = dict(model.named_parameters())
     for name, delta in deltas.items():
         params[name].add_(delta.to(params[name].dtype))
@@ -151,36 +156,36 @@ def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.T
     product_scale = fx.start_client(client, start)
     # A lower-rank client starts from the truncated state: its drift is measured from there.
     own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
+    params = trainable_params(fx.model)
+    terms = [t for t in (a.local_term(client, params) for a in fx.algs) if t is not None]
     res = local_train(fx.model, loader, fx.train_indices(client), cfg.local, derive_seed(cfg.fed.seed, round_, client),
-                      fx.amp, fx.device, fx.scaffold.correction(client) if fx.scaffold else None)
+                      fx.amp, fx.device, terms)
     if not math.isfinite(res.loss):
         raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {client}; "
                           f"nothing of round {round_} was saved; {RESTART_HINT}")
     state = trainable_state(fx.model)
-    if fx.scaffold:
-        fx.scaffold.client_done(client, start, state, res.steps)
-    if fx.shared_a:
-        fx.shared_a.keep_b(client, state)
+    for a in fx.algs:
+        a.client_done(client, start, state, res)
     return ClientUpdate(state, res, product_scale, update_norm(state, own_start), fx.upload_values(client))
 
 
 def new_sums(fx: Federation, start: dict[str, torch.Tensor]) -> tuple[RunningSum, dict]:
     """An empty running sum (and totals) for a round starting from `start`."""
-    return RunningSum(fx.pairs if fx.uses_products else (), like=start), {key: 0.0 for key in TOTAL_KEYS}
+    running = RunningSum(fx.pairs if fx.uses_products else (), like=start, scalars=fx.scalars)
+    return running, {key: 0.0 for key in TOTAL_KEYS}
 
 
 def add_update(fx: Federation, running: RunningSum, totals: dict, update: ClientUpdate,
                start: dict[str, torch.Tensor]) -> None:
-    """The server side of a client: clip (DP), weigh and add its state; count its totals."""
-    state, norm, res = update.state, update.drift, update.result
-    if fx.cfg.server.dp:  # equal weights: a client's sample count must not scale its (bounded) influence
-        state, _ = clip_update(state, start, fx.cfg.server.dp_clip)
-        norm = update_norm(state, start)
-    weight = 1 if fx.cfg.server.dp else res.num_samples
-    running.add(state, weight, update.product_scale)
+    """The server side of a client: the algorithms weigh its state (DP clips, FedNova normalises); add it."""
+    res = update.result
+    c = Contribution(update.state, res.num_samples, update.drift)
+    for a in fx.algs:
+        c = a.contribute(c, update, start, running.scalars)
+    running.add(c.state, c.weight, update.product_scale)
     totals["upload_values"] += update.upload_values
-    totals["drift_sum"] += norm
-    totals["drift_sq_sum"] += weight * norm * norm
+    totals["drift_sum"] += c.drift
+    totals["drift_sq_sum"] += c.weight * c.drift * c.drift
     totals["loss_sum"] += res.loss * res.num_samples
     totals["num_samples"] += res.num_samples
     totals["data_wait_s"] += res.data_wait_s
@@ -199,18 +204,21 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
 
 def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[str, torch.Tensor],
                   num_clients: int) -> float:
-    """Aggregate, add DP noise, take the server optimizer's step, load the result; returns ‖mean update‖."""
-    server = fx.cfg.server
-    mean, deltas = aggregate(running, fx.cfg.fed.aggregation)
+    """Aggregate, privatize, take the server's step, load the result; returns ‖mean update‖."""
+    r = ServerRound(round_, num_clients, start, running.total, dict(running.scalars))
+    mean, deltas = mean_of(running), {}
+    products = {k: v / running.total for k, v in running.products.items()}
+    for a in fx.algs:
+        mean, deltas = a.aggregate(r, mean, deltas, products)
     mean_norm = update_norm(mean, start)
-    if server.dp:
-        add_noise_(mean, server.dp_clip, server.dp_noise, num_clients, fx.cfg.fed.seed, round_)
-    load_state_(fx.model, fx.server.step(start, mean))
-    add_to_params_(fx.model, deltas)  # FedEx-LoRA's residual goes into the base weights as it is
-    if fx.cfg.fed.aggregation == "stack":  # FLoRA: the product is in the base; every client starts afresh
-        reinit_adapters_(fx.model, fx.pairs, derive_seed(fx.cfg.fed.seed, round_, STACK_STREAM))
-    if fx.scaffold:
-        fx.scaffold.finish_round()
+    for a in fx.algs:
+        mean = a.privatize(r, mean)
+    for a in fx.algs:
+        mean = a.server_step(r, mean)
+    load_state_(fx.model, mean)
+    add_to_params_(fx.model, deltas)  # into the frozen base weights as they are (no server step, no noise)
+    for a in fx.algs:
+        a.end_round(r)
     return mean_norm
 
 
@@ -254,16 +262,9 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
            "update_spread": None if fx.ranks is not None else
            math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
            "peak_gpu_mem_mb": peak_memory_mb(fx.device)}
-    if fx.cfg.server.dp:
-        row["dp_epsilon"] = privacy_spent(fx.cfg, round_)
+    for a in fx.algs:
+        row.update(a.metrics(round_))
     return row
-
-
-def privacy_spent(cfg: TrainConfig, rounds: int) -> Optional[float]:
-    """ε at --dp-delta after `rounds` rounds of DP-FedAvg with this run's sampling rate; None without noise."""
-    fed = cfg.fed
-    eps = epsilon(cfg.server.dp_noise, fed.clients_per_round / fed.num_users, rounds, cfg.server.dp_delta)
-    return eps if math.isfinite(eps) else None
 
 
 @dataclass

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dali_fl.config import LocalConfig, derive_seed
+from dali_fl.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from dali_fl.algorithms.base import LocalTerm
+    from dali_fl.config import LocalConfig
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class ClientResult:
     loss: float
     data_wait_s: float
     compute_s: float
-    steps: int = 0  # optimizer steps taken (SCAFFOLD's K)
+    steps: int = 0  # optimizer steps taken (SCAFFOLD's K, FedNova's τ_i)
 
 
 def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
@@ -35,18 +39,21 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def trainable_params(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters local training steps, in the model's order (the order of every per-parameter term)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig, seed: int,
-                amp: Optional[torch.dtype], device: torch.device,
-                correction: Optional[list[torch.Tensor]] = None) -> ClientResult:
+                amp: Optional[torch.dtype], device: torch.device, terms: Sequence[LocalTerm] = ()) -> ClientResult:
     """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings.
 
-    `correction` (SCAFFOLD's c - c_i, one tensor per trainable parameter) is added to every gradient.
+    `terms` are the algorithms' additions to every step: loss terms (FedProx) and gradient corrections
+    (SCAFFOLD); without them this is plain local training, bitwise.
     """
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_params(model)
     opt = make_optimizer(params, cfg)
-    # FedProx's anchor: the round-start state the model holds now (none for FedAvg, which stays bitwise as before).
-    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_sum = torch.zeros((), device=device)
     seen, steps, wait, start = 0, 0, 0.0, time.perf_counter()
@@ -63,8 +70,12 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
                 images, labels = batch
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = F.cross_entropy(model(images), labels)
-                total = loss if anchor is None else loss + proximal_term(params, anchor, cfg.prox_mu)
-                _step(opt, scaler, total, params, correction)
+                total = loss
+                for term in terms:
+                    extra = term.loss(params)
+                    if extra is not None:
+                        total = total + extra
+                _step(opt, scaler, total, params, terms)
                 loss_sum += loss.detach().float() * labels.shape[0]
                 seen += labels.shape[0]
                 steps += 1
@@ -74,21 +85,17 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
 
 
 def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-          params: list[torch.Tensor], correction: Optional[list[torch.Tensor]]) -> None:
-    """One optimizer step on `loss`, with SCAFFOLD's gradient correction when given."""
+          params: list[torch.Tensor], terms: Sequence[LocalTerm]) -> None:
+    """One optimizer step on `loss`, with the terms' gradient corrections in gradient units."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if correction is not None:
-        scaler.unscale_(opt)  # the correction is in gradient units, not the loss scaler's
-        for p, c in zip(params, correction):
-            p.grad.add_(c.to(p.grad.dtype))
+    correcting = [t for t in terms if t.corrects_grads]
+    if correcting:
+        scaler.unscale_(opt)  # the corrections are in gradient units, not the loss scaler's
+        for term in correcting:
+            term.correct_(params)
     scaler.step(opt)
     scaler.update()
-
-
-def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx (Li et al., 2020): (mu/2) * sum ||w - w_round_start||^2 over the trainable tensors."""
-    return 0.5 * mu * sum((p.float() - a.float()).pow(2).sum() for p, a in zip(params, anchor))
 
 
 @torch.no_grad()

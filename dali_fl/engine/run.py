@@ -12,10 +12,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from dali_fl.algorithms.dp import accountant_class
-from dali_fl.algorithms.fedopt import PREFIX as SERVER_PREFIX
-from dali_fl.algorithms.scaffold import FILE as SCAFFOLD_FILE
-from dali_fl.algorithms.shared_a import FILE as SHARED_A_FILE
+from dali_fl import algorithms
 from dali_fl.atomic import atomic_write_text
 from dali_fl.config import TrainConfig
 from dali_fl.data.partition import Partition, load_partition, make_partition, save_partition
@@ -32,8 +29,6 @@ log = logging.getLogger(__name__)
 
 def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[Path] = None) -> Federation:
     """Open the store, partition it (or load and check the saved partition), build model and loaders."""
-    if cfg.server.dp and cfg.server.dp_noise > 0:
-        accountant_class()  # ε is reported every round: refuse now rather than after the first one
     device = resolve_device(None, cfg.data.device)
     if cfg.data.data_on_gpu and device.type != "cuda":
         raise DaliFlError("--data-on-gpu needs a CUDA device (--gpu N)")
@@ -52,10 +47,8 @@ def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)
-    holdout = (make_loader(cfg.data.loader, store, "train", batch_size=cfg.data.eval_bs, augment=False, **common)
-               if cfg.fed.aggregation == "shared-a" else None)
     return Federation(cfg, run_dir, store, device, model, partition, train_loader, eval_loader,
-                      len(store.labels("test")), amp, holdout_loader=holdout)
+                      len(store.labels("test")), amp, loader_args=common)
 
 
 def _input_size(cfg: TrainConfig, store) -> int:
@@ -111,15 +104,13 @@ def resume_state(fx: Federation, run_dir: Path) -> int:
     if ckpt is None:
         return 1
     round_, saved, base = ckpt
-    server = {k: v for k, v in saved.items() if k.startswith(SERVER_PREFIX)}
     state = {k: v for k, v in saved.items() if "::" not in k}  # the model's own tensors carry no prefix
     missing = sorted(set(trainable_state(fx.model)) - set(state))
     if missing:
         raise DaliFlError(f"{run_dir / 'checkpoint'} lacks {missing[0]}; it does not belong to this run")
     load_state_(fx.model, {**state, **base})
-    fx.server.load_state_tensors(server, fx.device)
-    for table in fx.client_tables():
-        table.load_state_tensors(saved, round_)
+    for a in fx.algs:
+        a.load_state_tensors(saved, round_)  # each takes the tensors under its own prefix
     return round_ + 1
 
 
@@ -127,8 +118,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
     if write and not resume:
         check_fresh(run_dir)
-        for leftover in (SCAFFOLD_FILE, SHARED_A_FILE):  # left by a run that never finished starting
-            (run_dir / leftover).unlink(missing_ok=True)
+        for leftover in (f for cls in algorithms.REGISTRY.values() for f in cls.files):
+            (run_dir / leftover).unlink(missing_ok=True)  # left by a run that never finished starting
     fx = build_federation(cfg, run_dir, run_dir / "partition.json" if resume else None)
     try:
         start = resume_state(fx, run_dir) if resume else 1
@@ -153,9 +144,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
           hooks: Optional[RoundHooks] = None) -> dict:
     """Run (or continue) a federation to `cfg.fed.rounds` rounds, holding the run directory; returns the summary."""
     hooks = hooks or RoundHooks()
-    if (cfg.local.scaffold or cfg.fed.aggregation == "shared-a") and type(hooks) is not RoundHooks:
-        raise DaliFlError("--scaffold and --lora-agg shared-a keep per-client state in one process's file; "
-                          "run them without --nproc")
+    if type(hooks) is not RoundHooks:
+        algorithms.refuse_one_process(cfg, "several processes cannot share it", "run without --nproc")
     run_dir = Path(run_dir)
     created = hooks.is_writer and not resume and not run_dir.exists()
     with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
@@ -183,8 +173,8 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
                     t0 = time.perf_counter()
                     row["test_acc"], row["test_loss"] = hooks.evaluate(fx)
-                    if fx.shared_a:
-                        row["personal_acc"] = fx.shared_a.accuracy(fx.model, fx.holdout_loader, fx.amp, fx.device)
+                    for a in fx.algs:
+                        row.update(a.evaluate())
                     row["eval_s"] = time.perf_counter() - t0
                     bar.set_postfix(acc=f"{row['test_acc']:.3f}")
                 state, base = checkpoint_tensors(fx)
@@ -192,8 +182,8 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
                 if metrics is not None:
                     metrics.log(row)
                     save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed)
-                    for table in fx.client_tables():
-                        table.commit()  # after the checkpoint that holds the round's rows
+                    for a in fx.algs:
+                        a.commit()  # after the checkpoint that holds the round's rows
                 log.info("round %d: %s", r, row)
     finally:
         fx.close()

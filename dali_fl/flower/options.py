@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from dali_fl import algorithms
 from dali_fl.config import TrainConfig, option_defaults
 from dali_fl.errors import DaliFlError
 
@@ -51,7 +52,7 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, An
 
 
 def _floats(text: str) -> Any:
-    """"0.9,0.99" -> (0.9, 0.99); anything else is returned as it is, for ServerConfig to refuse in its words."""
+    """"0.9,0.99" -> (0.9, 0.99); anything else as it is, for FedOptParams to refuse in its words."""
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -62,9 +63,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, 
     """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError."""
     opts, out, preset = options_from_run_config(run_config)
     cfg = TrainConfig.from_options(opts, preset)
-    if cfg.local.scaffold or cfg.fed.aggregation == "shared-a":
-        raise DaliFlError("--scaffold and --lora-agg shared-a keep per-client state in one process's file; the Flower "
-                          "app does not run them; use `dali-fl train`")
+    algorithms.refuse_one_process(cfg, "the Flower app does not run it", "use `dali-fl train`")
     if out is None:
         raise DaliFlError("the Flower run config has no `out` (the run directory); add out = \"RUN_DIR\" to "
                           "[tool.flwr.app.config] or write the app with `dali-fl flower app DIR --out RUN_DIR`")

@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dali_fl.config import TrainConfig
-from dali_fl.engine.aggregate import LoraPair
 from dali_fl.engine.local import ClientResult
+from dali_fl.model.lora import LoraPair
 
 ARRAYS, BASE, CONFIG, METRICS = "arrays", "base", "config", "metrics"
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dali_fl.seeds import AUGMENT, stream
+
 PAD = 4  # zero pixels added on each side before the random crop, as RandomCrop(size, padding=4)
-# Mixed with the epoch seed so the augmentation stream is independent of the shuffle stream.
-AUG_STREAM = 0xA06
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def epoch_plan(indices: np.ndarray, seed: int, batch_size: int, *, shuffle: bool
     order = epoch_order(indices, seed, shuffle)
     # One generator per epoch, consumed in batch order, so batch k's draws do not depend on
     # how (or whether) a loader prefetches.
-    rng = np.random.default_rng([seed, AUG_STREAM])
+    rng = stream(seed, AUGMENT)
     plan = []
     for a, b in batch_bounds(len(order), batch_size):
         flip, offsets = augment_params(rng, b - a, pad) if augment else identity_params(b - a, pad)

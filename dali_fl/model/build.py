@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dali_fl.engine.aggregate import LoraPair
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)
@@ -247,15 +246,3 @@ def load_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                           f"has {tuple(params[wrong[0]].shape)}; the checkpoint does not belong to this run")
     for name, value in state.items():
         params[name].copy_(value)
-
-
-def lora_pairs(model: nn.Module) -> list[LoraPair]:
-    """The LoRA layers of a peft model, for aggregators that need B @ A (FedEx-LoRA)."""
-    from peft.tuners.lora import LoraLayer
-
-    pairs = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            pairs.append(LoraPair(f"{name}.base_layer.weight", f"{name}.lora_A.default.weight",
-                                  f"{name}.lora_B.default.weight", float(module.scaling["default"])))
-    return pairs

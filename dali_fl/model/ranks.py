@@ -7,7 +7,6 @@ rank-r LoRA would. The server sees every client's factors zero-padded to R.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Sequence
 
@@ -15,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_fl.engine.aggregate import LoraPair
 from dali_fl.errors import DaliFlError
+from dali_fl.model.lora import LoraPair
+from dali_fl.seeds import RANK, stream
 
 MAX_RANK = 1024
-RANK_STREAM = 17  # keeps the rank draw apart from the run's other random streams
 
 
 def parse_ranks(spec: str, num_users: int, seed: int) -> np.ndarray:
@@ -36,7 +35,7 @@ def parse_ranks(spec: str, num_users: int, seed: int) -> np.ndarray:
         raise DaliFlError(f"--lora-ranks lists {len(values)} ranks for {num_users} clients; give at most one per "
                           "client (the list is cycled over clients)")
     if draw:
-        rng = np.random.default_rng([seed, RANK_STREAM])
+        rng = stream(seed, RANK)
         return rng.choice(np.asarray(values), size=num_users)
     return np.resize(np.asarray(values), num_users)
 
@@ -66,15 +65,3 @@ def set_scale(model: nn.Module, scale: float) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer) and "default" in module.scaling:
             module.scaling["default"] = scale
-
-
-@torch.no_grad()
-def reinit_adapters_(model: nn.Module, pairs: Sequence[LoraPair], seed: int) -> None:
-    """A fresh adapter (FLoRA's next round): A as peft initialises it, from a seeded stream; B = 0."""
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    for p in pairs:
-        a = torch.empty(params[p.a].shape)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # peft's default init of lora_A
-        params[p.a].copy_(a)
-        params[p.b].zero_()

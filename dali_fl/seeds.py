@@ -1,0 +1,28 @@
+"""Every random stream of a run, named in one place: each is derived from the run seed and a stream tag.
+
+A stream is `np.random.default_rng([seed, ...parts, TAG])` or a 32-bit seed from `derive_seed`. The tags
+keep streams apart, so adding one never shifts another, and (seed, round, client, epoch) is the whole RNG
+state of a run: that is what makes a resume bitwise exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLE = 7  # the round's client sample: (seed, round, SAMPLE)
+NOISE = 11  # DP-FedAvg's Gaussian noise: derive_seed(seed, round, NOISE)
+STACK = 13  # FLoRA's re-initialised adapters: derive_seed(seed, round, STACK)
+RANK = 17  # the draw of per-client LoRA ranks: (seed, RANK)
+HOLDOUT = 19  # FedSA-LoRA's held-out fifth of each client: derive_seed(seed, client, HOLDOUT)
+AUGMENT = 0xA06  # the loaders' flips and crops: (epoch seed, AUGMENT)
+# Local training takes derive_seed(seed, round, client) and, per epoch, derive_seed(that, epoch): no tag, as
+# these were the first streams; every tagged one above lies apart from them.
+
+
+def derive_seed(*parts: int) -> int:
+    """An independent 32-bit seed for each (run seed, round, client, epoch) tuple."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def stream(*parts: int) -> np.random.Generator:
+    """A generator for one named stream, e.g. stream(seed, round_, SAMPLE)."""
+    return np.random.default_rng([int(p) for p in parts])
