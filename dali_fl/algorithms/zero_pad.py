@@ -2,7 +2,7 @@
 
 Clients of different ranks send factors that are zero-padded to the largest rank, and the server averages
 the padded factors. The result is inexact: the product of the means misses the mean of the products
-(`tests/test_lora_ranks.py` measures by how much).
+(`tests/algorithms/test_zero_pad.py` measures by how much).
 """
 from __future__ import annotations
 
