@@ -160,7 +160,7 @@ def measure_kind(s: Settings, kind: str, store_path: str) -> dict:
     loader = make_loader(base, store, "train", batch_size=s.batch_size, device=device,
                          norm=IMAGENET, augment=s.augment, out_dtype=getattr(torch, s.dtype),
                          data_on_gpu=s.data_on_gpu and base == "dali", workers=workers,
-                         resize_to=s.image_size if base != kind else None)
+                         image_size=s.image_size if base != kind else None)
     build_s = time.perf_counter() - t0
     run_round(loader, clients, s.local_ep, 0, device)  # warm-up: page cache, workers, allocators
     rounds = []

@@ -40,10 +40,10 @@ def pixels(x: torch.Tensor) -> torch.Tensor:
     return x.float() * std + mean
 
 
-def serve(kind: str, store: Store, augment: bool, resize_to=None, seed: int = 3) -> torch.Tensor:
+def serve(kind: str, store: Store, augment: bool, image_size=None, seed: int = 3) -> torch.Tensor:
     """One shuffled epoch over the whole train split, as one tensor."""
     with make_loader(kind, store, "train", batch_size=16, device=CPU, norm=IMAGENET, augment=augment,
-                     resize_to=resize_to) as ld:
+                     image_size=image_size) as ld:
         return torch.cat([x for x, _ in ld.epoch(np.arange(N_TRAIN), seed)])
 
 
@@ -64,7 +64,7 @@ def agreement(got: torch.Tensor, want: torch.Tensor, label: str, record_property
 @pytest.mark.parametrize("kind", ["dali", "memmap"])
 @pytest.mark.parametrize("size", [64, 224])
 def test_resized_batches_match_the_prepped_store(stores, kind, augment, size, record_property):
-    got = serve(kind, stores[32], augment, resize_to=size)
+    got = serve(kind, stores[32], augment, image_size=size)
     want = serve(kind, stores[size], augment)  # the same seed: the same order, flips and crop offsets
     assert got.shape == (N_TRAIN, 3, size, size)
     worst = agreement(got, want, f"{kind} 32->{size} augment={augment}", record_property)
@@ -74,7 +74,7 @@ def test_resized_batches_match_the_prepped_store(stores, kind, augment, size, re
 
 @pytest.mark.parametrize("kind", ["dali", "memmap"])
 def test_shrinking_matches_prep_kernel(stores, kind, record_property):
-    got = serve(kind, stores[224], False, resize_to=64)
+    got = serve(kind, stores[224], False, image_size=64)
     rows = epoch_order(np.arange(N_TRAIN), 3)
     small = resize_batch(np.asarray(stores[224].images("train"))[rows], 64)  # what prep makes of those pixels
     want = (torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET.mean).view(1, 3, 1, 1)) \
@@ -95,7 +95,7 @@ def test_bicubic_stores_resize_bicubic(tmp_path, kind, record_property):
     source = load_synthetic(N_TRAIN, 16, seed=0)
     native, big = (open_store(write_store(source, tmp_path, n, interpolation="bicubic", progress=False)[0])
                    for n in (32, 224))
-    got, want = serve(kind, native, True, resize_to=224), serve(kind, big, True)
+    got, want = serve(kind, native, True, image_size=224), serve(kind, big, True)
     # DALI's cubic keeps floats between passes and clamps at borders, Pillow's (prep's) rounds and renormalizes.
     worst = agreement(got, want, f"{kind} 32->224 bicubic", record_property, least=0.95)
     assert kind == "dali" or worst < 1e-3
@@ -103,7 +103,7 @@ def test_bicubic_stores_resize_bicubic(tmp_path, kind, record_property):
 
 @pytest.mark.parametrize("kind", ["dali", "memmap"])
 def test_resize_to_the_store_size_is_a_no_op(stores, kind):
-    with make_loader(kind, stores[32], "train", batch_size=16, device=CPU, norm=IMAGENET, resize_to=32) as ld:
+    with make_loader(kind, stores[32], "train", batch_size=16, device=CPU, norm=IMAGENET, image_size=32) as ld:
         assert ld.cfg.resize is None and ld.cfg.image_size == 32
     assert torch.equal(serve(kind, stores[32], True, 32), serve(kind, stores[32], True))
 
@@ -111,14 +111,14 @@ def test_resize_to_the_store_size_is_a_no_op(stores, kind):
 @pytest.mark.parametrize("value", [0, -3, MAX_RESIZE_TO + 1, 2.5, True, "64"])
 def test_bad_targets_are_refused(stores, value):
     with pytest.raises(DaliFlError, match="--resize-to"):
-        make_loader("memmap", stores[32], "train", batch_size=8, device=CPU, norm=IMAGENET, resize_to=value)
+        make_loader("memmap", stores[32], "train", batch_size=8, device=CPU, norm=IMAGENET, image_size=value)
     with pytest.raises(DaliFlError, match="--resize-to"):
         TrainConfig.from_options({"resize_to": value})
 
 
 def test_memmap_seed_has_no_resize_step(stores):
     with pytest.raises(DaliFlError, match="memmap-seed.*no resize step"):
-        make_loader("memmap-seed", stores[32], "train", batch_size=8, device=CPU, norm=IMAGENET, resize_to=64)
+        make_loader("memmap-seed", stores[32], "train", batch_size=8, device=CPU, norm=IMAGENET, image_size=64)
     with pytest.raises(DaliFlError, match="--resize-to needs the dali or memmap loader"):
         TrainConfig.from_options({"loader": "memmap-seed", "resize_to": 64})
 
@@ -166,7 +166,7 @@ def test_train_builds_the_model_at_the_target(invoke, stores, tmp_path: Path, lo
 def test_resize_on_the_gpu_matches_the_prepped_store(stores, kind, data_on_gpu, record_property):
     dev = torch.device("cuda", 0)
     with make_loader(kind, stores[32], "train", batch_size=16, device=dev, norm=IMAGENET, augment=True,
-                     data_on_gpu=data_on_gpu, resize_to=224) as ld:
+                     data_on_gpu=data_on_gpu, image_size=224) as ld:
         got = torch.cat([x for x, _ in ld.epoch(np.arange(N_TRAIN), 3)])
     assert got.device == dev
     label = f"{kind}{' data_on_gpu' if data_on_gpu else ''} cuda 32->224 augment=True"

@@ -43,7 +43,7 @@ def build_federation(cfg: TrainConfig, run_dir: Path, saved_partition: Optional[
     amp = amp_dtype(cfg.data.amp, device)
     common = dict(device=device, norm=from_model(model), data_on_gpu=cfg.data.data_on_gpu,
                   out_dtype=torch.float16 if amp == torch.float16 else torch.float32,
-                  workers=kind.workers_for(cfg.data.num_workers), resize_to=cfg.data.resize_to)
+                  workers=kind.workers_for(cfg.data.num_workers), image_size=size)
     train_loader = make_loader(cfg.data.loader, store, "train", batch_size=cfg.local.local_bs,
                                augment=cfg.data.augment, **common)
     eval_loader = make_loader(cfg.data.loader, store, "test", batch_size=cfg.data.eval_bs, augment=False, **common)

@@ -3,7 +3,7 @@
 Kinds: `dali` (the point of the project), `memmap` (the strong DataLoader baseline) and
 `memmap-seed` (the per-sample float32 pipeline it replaces, for benchmarks). All follow
 `dali_fl.loaders.order`, so the same indices and seed give the same samples, order and augmentation.
-`dali` and `memmap` can also resize each batch on the device (`resize_to`, see `loaders.resize`).
+`dali` and `memmap` can also resize each batch on the device (`image_size`, see `loaders.resize`).
 """
 from __future__ import annotations
 
@@ -44,10 +44,17 @@ def check_resize(kind: str, resize_to: object) -> None:
 def make_loader(kind: str, store: Store, split: str, *, batch_size: int,
                 device: Union[torch.device, str], norm: Normalization, augment: bool = False,
                 out_dtype: torch.dtype = torch.float32, data_on_gpu: bool = False,
-                workers: Optional[LoaderWorkers] = None, resize_to: Optional[int] = None) -> Loader:
-    """Build the loader once per run and reuse it; `resize_to=N` serves N x N images, resized on the device."""
+                workers: Optional[LoaderWorkers] = None, image_size: Optional[int] = None) -> Loader:
+    """Build the loader once per run and reuse it.
+
+    `image_size` is the side the model takes, resolved once by the run (`--resize-to`, else the store's): the
+    loader serves N x N images and resizes each batch on the device when the store's side differs.
+    """
     cls = loader_class(kind)
+    size = store.image_size if image_size is None else check_resize_to(image_size)
+    if size != store.image_size and not cls.supports_resize:
+        raise refuse_resize(kind)
     cfg = LoaderConfig(store=store, split=split, batch_size=batch_size, device=torch.device(device),
                        norm=norm, augment=augment, out_dtype=out_dtype, data_on_gpu=data_on_gpu,
-                       workers=workers if workers is not None else cls.default_workers, resize_to=resize_to)
+                       workers=workers if workers is not None else cls.default_workers, image_size=size)
     return cls(cfg)

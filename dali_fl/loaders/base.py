@@ -13,7 +13,6 @@ from dali_fl.data.store import Store, open_store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.normalize import Normalization
 from dali_fl.loaders.order import Batch, epoch_plan
-from dali_fl.loaders.resize import check_resize_to, input_size, refuse_resize
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (images NCHW, labels int64), both on the device
 Served = tuple[torch.Tensor, torch.Tensor, np.ndarray]  # a kind's batch plus the rows it read
@@ -56,14 +55,13 @@ class LoaderConfig:
     batch_size: int
     device: torch.device
     norm: Normalization
+    image_size: int  # the side served, resolved once by the run; resized on the device if not the store's
     augment: bool = False
     out_dtype: torch.dtype = torch.float32
     data_on_gpu: bool = False
     workers: LoaderWorkers = field(default_factory=LoaderWorkers)
-    resize_to: Optional[int] = None  # serve N x N images, resized on the device before crop/flip
 
     def __post_init__(self) -> None:
-        check_resize_to(self.resize_to)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
                 or self.batch_size < 1:
             raise DaliFlError(f"batch size must be a positive integer, got {self.batch_size!r}")
@@ -78,11 +76,6 @@ class LoaderConfig:
             raise DaliFlError(f"device {self.device} was requested but CUDA is not available here; "
                               "use --device cpu")
         self.store.labels(self.split)  # a missing split is a DaliFlError naming the splits there
-
-    @property
-    def image_size(self) -> int:
-        """The side of the images served: the resize target when set, else the store's."""
-        return input_size(self.store, self.resize_to)
 
     @property
     def resize(self) -> Optional[int]:
@@ -118,8 +111,6 @@ class Loader(ABC):
     supports_resize: ClassVar[bool] = True
 
     def __init__(self, cfg: LoaderConfig) -> None:
-        if cfg.resize_to is not None and not self.supports_resize:  # about the kind, whatever the store
-            raise refuse_resize(self.kind)
         self._check_store(cfg)
         if cfg.data_on_gpu and not self.supports_data_on_gpu:
             raise DaliFlError(f"--data-on-gpu is a feature of the dali loader, not of {self.kind}")

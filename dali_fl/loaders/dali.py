@@ -1,7 +1,7 @@
 """The DALI loader: one pipeline per run, fed batch by batch from the store by row gathers.
 
 The host's only per-batch work is `images[rows]` (or, with `data_on_gpu`, a torch gather on
-the GPU); resizing (with `resize_to`), padding, cropping, mirroring, normalization and the
+the GPU); resizing (to `image_size`), padding, cropping, mirroring, normalization and the
 NHWC->NCHW transpose run as DALI operators on the loader's device.
 
 Reuse across clients: the pipeline's two external sources read from a `_Feed` that holds one
