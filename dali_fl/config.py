@@ -196,7 +196,8 @@ class TrainConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    algorithms: dict = field(default_factory=dict)  # algorithm name -> its Params (dali_fl.algorithms)
+    # Algorithm name -> its Params (dali_fl.algorithms), every algorithm at its defaults unless given.
+    algorithms: dict = field(default_factory=lambda: algorithms.params_from({}))
 
     @classmethod
     def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
