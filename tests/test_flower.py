@@ -90,7 +90,8 @@ def test_a_refused_config_stops_before_any_round_in_train_s_words(store, tmp_pat
 
 
 @pytest.mark.parametrize("extra", [["--frac", "0"], ["--lora-ranks", "2,4"], ["--server-lr", "0.5"],
-                                   ["--fednova"], ["--scaffold", "--optimizer", "sgd"], ["--dp-clip", "1", "--scaffold"]])
+                                   ["--fednova"], ["--scaffold", "--optimizer", "sgd"],
+                                   ["--dp-clip", "1", "--scaffold"]])
 def test_the_cli_refuses_in_one_line_like_train(store, tmp_path, invoke, assert_user_error, extra):
     args = ["--store", store, *FLAGS, *extra]
     line = assert_user_error(invoke("train", *args, "--out", tmp_path / "t"))
