@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 import dali_fl.engine.federation as fed
 from dali_fl.algorithms.base import ServerRound
@@ -46,6 +47,15 @@ def train_cli(invoke, store: Path, out: Path, *extra: Any) -> None:
     """`dali-fl train` on the tiny federation with `extra` flags; it must succeed."""
     result = invoke("train", "--store", store, "--out", out, *ARGS, *extra)
     assert result.exit_code == 0, (result.output, result.exception)
+
+
+def resumed_pair(invoke, store: Path, tmp_path: Path, *extra: Any) -> tuple[dict, dict]:
+    """Checkpoints of a 3-round run and of a 1-round run resumed to 3, with the same options."""
+    train_cli(invoke, store, tmp_path / "full", "--rounds", "3", *extra)
+    train_cli(invoke, store, tmp_path / "half", "--rounds", "1", *extra)
+    assert invoke("train", "--resume", tmp_path / "half", "--rounds", "3", "--quiet").exit_code == 0
+    return (load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors")),
+            load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors")))
 
 
 def assert_refused(invoke, assert_user_error, store: Path, out: Path, base: list[str], args, words) -> None:

@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import dali_fl.engine.federation as fed
 from dali_fl.algorithms.dp import add_noise_, clip_update, epsilon
 from dali_fl.engine.run import prepare
 from dali_fl.model.build import trainable_state
-from tests.algorithms.common import ARGS, RANK_ARGS, assert_refused, config, train_cli
+from tests.algorithms.common import ARGS, RANK_ARGS, assert_refused, config, resumed_pair, train_cli
 
 
 def test_clipping_bounds_the_update_norm_over_all_tensors():
@@ -74,12 +73,7 @@ def test_dp_run_reports_epsilon_in_metrics_and_summary(invoke, store, tmp_path):
 
 
 def test_resume_is_bitwise_exact_with_noise_and_a_proximal_term(invoke, store, tmp_path):
-    extra = ("--dp-clip", "0.5", "--dp-noise", "0.8", "--prox-mu", "0.1")
-    train_cli(invoke, store, tmp_path / "full", "--rounds", "3", *extra)
-    train_cli(invoke, store, tmp_path / "half", "--rounds", "1", *extra)
-    assert invoke("train", "--resume", tmp_path / "half", "--rounds", "3", "--quiet").exit_code == 0
-    a = load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors"))
-    b = load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors"))
+    a, b = resumed_pair(invoke, store, tmp_path, "--dp-clip", "0.5", "--dp-noise", "0.8", "--prox-mu", "0.1")
     assert a.keys() == b.keys()
     assert not any(k.startswith("server::") for k in a)  # no server optimizer: no moments
     for k in a:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import dali_fl.engine.federation as fed
 from dali_fl.algorithms.fedex import fedex_base_deltas
@@ -13,7 +12,15 @@ from dali_fl.config import TrainConfig
 from dali_fl.engine.run import prepare
 from dali_fl.model.build import trainable_state
 from dali_fl.model.lora import lora_pairs
-from tests.algorithms.common import ARGS, assert_refused, config, one_round, server_round, stand_in, train_cli
+from tests.algorithms.common import (
+    ARGS,
+    assert_refused,
+    config,
+    one_round,
+    resumed_pair,
+    server_round,
+    stand_in,
+)
 
 
 def _reference(opt: str, steps: list[tuple[torch.Tensor, torch.Tensor]], lr=0.1, mom=0.9, b1=0.9, b2=0.99,
@@ -91,12 +98,7 @@ def test_fedex_with_a_server_optimizer_steps_the_factors_and_folds_the_plain_res
 
 
 def test_resume_is_bitwise_exact_with_server_state(invoke, store, tmp_path):
-    extra = ("--server-opt", "adam", "--server-lr", "0.05")
-    train_cli(invoke, store, tmp_path / "full", "--rounds", "3", *extra)
-    train_cli(invoke, store, tmp_path / "half", "--rounds", "1", *extra)
-    assert invoke("train", "--resume", tmp_path / "half", "--rounds", "3", "--quiet").exit_code == 0
-    a = load_file(str(tmp_path / "full" / "checkpoint" / "state.safetensors"))
-    b = load_file(str(tmp_path / "half" / "checkpoint" / "state.safetensors"))
+    a, b = resumed_pair(invoke, store, tmp_path, "--server-opt", "adam", "--server-lr", "0.05")
     assert a.keys() == b.keys()
     assert any(k.startswith("server::") for k in a)  # the optimizer's moments are in the checkpoint
     for k in a:
