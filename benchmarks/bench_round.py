@@ -111,6 +111,14 @@ def prepare_stores(s: Settings, sizes: list[int]) -> dict[int, str]:
     return paths
 
 
+def store_sizes(s: Settings) -> list[int]:
+    """The image sizes whose stores the run reads: the size(s) measured, and the native size for -resize kinds."""
+    sizes = set(s.scaling_sizes) if s.scaling else {s.image_size}
+    if any(RESIZE in k for k in s.kinds):
+        sizes.add(s.native_size)
+    return sorted(sizes)
+
+
 def make_points(s: Settings, stores: dict[int, str]) -> list[dict]:
     """What to measure: every kind at the settings; in scaling mode, clients x size per kind."""
     def data(kind: str, size: int) -> dict:  # a -resize kind reads the native store and resizes to `size`
@@ -176,10 +184,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         serve_child(args.child, measure_in_child)
         return {}
     s = settings_from_args(args, parser)
-    sizes = set(s.scaling_sizes) if s.scaling else {s.image_size}
-    if any(RESIZE in k for k in s.kinds):
-        sizes.add(s.native_size)
-    stores = prepare_stores(s, sorted(sizes))
+    stores = prepare_stores(s, store_sizes(s))
     results = run_points(s, make_points(s, stores))
     for r in results:
         r["store"] = Path(r["store"]).name  # no paths outside the repository in the results

@@ -35,14 +35,16 @@ TINY_MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4
 # The seed's configuration at ViT-B/16 224 px with random init; one local epoch and two rounds fit the budget.
 SEED_ROUND = ["--model", "vit_base_patch16_224", "--model-kwargs", "", "--image-size", "224", "--num-train", "5000",
               "--num-users", "10", "--frac", "1", "--local-ep", "1", "--local-bs", "32", "--rounds", "2"]
-STEPS = ("round", "memory", "tests", "loader", "compile")  # in the order they run: the headline figures first
-# One lent-GPU call each (benchmarks/README.md): the seed's rounds and the 12 GB verdict, then the detail.
-PARTS = {"rounds": ("round", "memory"), "detail": ("tests", "loader", "compile")}
+# In the order they run: the stores, then the headline figures, then the detail.
+STEPS = ("stores", "round", "memory", "tests", "loader", "compile")
+# One lent-GPU call each (benchmarks/README.md): the stores while DALI's parts still travel (no DALI needed),
+# the seed's rounds and the 12 GB verdict, then the detail.
+PARTS = {"stores": ("stores",), "rounds": ("round", "memory"), "detail": ("tests", "loader", "compile")}
 TESTS_MAX_S = 240.0  # the GPU test step never gets more, whatever the budget (setup.cfg allows 600 s a test)
 TESTS_SHARE = 0.4  # of the budget left when the step starts; the loader detail and compile follow it
 
 
-def environment(quick: bool) -> dict:
+def environment(quick: bool, need_dali: bool = True) -> dict:
     """GPU, driver, torch, CUDA, DALI, timm, peft; a full check without CUDA or DALI stops with one line."""
     import peft
     import timm
@@ -59,10 +61,17 @@ def environment(quick: bool) -> dict:
     if env["cuda_available"]:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), driver=_driver())
-    if not quick and not (env["cuda_available"] and env["dali"]):
-        missing = "CUDA" if not env["cuda_available"] else "DALI (nvidia-dali-cuda120)"
-        sys.exit(f"error: the GPU check needs {missing}; install it or run with --quick")
+    lacking = None if quick else missing(env, need_dali)
+    if lacking:
+        sys.exit(f"error: the GPU check needs {lacking}; install it or run with --quick")
     return env
+
+
+def missing(env: dict, need_dali: bool = True) -> Optional[str]:
+    """What a full check lacks here, or None: CUDA always, DALI for every step but the stores."""
+    if not env["cuda_available"]:
+        return "CUDA"
+    return "DALI (nvidia-dali-cuda120)" if need_dali and not env["dali"] else None
 
 
 def _driver() -> Optional[str]:
@@ -138,6 +147,23 @@ def round_args(out: Path, data: Path, device: str, quick: bool) -> list[list[str
     return [[*r, "--out", str(out), "--data-dir", str(data / "round")] for r in runs]
 
 
+def make_stores(runs: tuple[list[list[str]], list[list[str]]]) -> int:
+    """Write (or reuse) every store the (loader, round) benchmark runs read; returns how many. Needs no DALI."""
+    from benchmarks.round_settings import settings_from_args as round_settings
+
+    loader_runs, round_runs = runs
+    stores = set()
+    for argv in loader_runs:
+        p = bench_loader.build_parser()
+        stores.update(bench_loader.prepare_stores(bench_loader.settings_from_args(p.parse_args(argv), p)).values())
+    for argv in round_runs:
+        p = bench_round.build_parser()
+        s = round_settings(p.parse_args(argv), p)
+        stores.update(bench_round.prepare_stores(s, bench_round.store_sizes(s)).values())
+    log.info("gpu-check: %d stores ready", len(stores))
+    return len(stores)
+
+
 def round_kind(argv: list[str]) -> tuple[str, str]:
     """(kind of step, name) of one bench_round run."""
     alg = f"bench_round {argv[argv.index('--alg') + 1]}"
@@ -150,13 +176,16 @@ def round_kind(argv: list[str]) -> tuple[str, str]:
 
 def plan(out: Path, data: Path, device: str, quick: bool, wanted: set[str]) -> list[tuple[str, str, Callable, Any]]:
     """The check's steps as (kind, name, function, argument), in STEPS order, keeping the kinds asked for."""
-    steps = [("tests", "pytest -m gpu", gpu_tests, out)]
+    loaders = loader_args(out, data, device, quick)
+    rounds = round_args(out, data, "cuda:0" if device == "cuda" else "cpu", quick)
+    steps = [("stores", "stores", make_stores, (loaders, rounds)),
+             ("tests", "pytest -m gpu", gpu_tests, out)]
     steps += [("loader", "bench_loader " + " ".join(r[r.index("--kinds"):r.index("--out")]), bench_loader.main, r)
-              for r in loader_args(out, data, device, quick)]
-    steps += [(*round_kind(r), bench_round.main, r)
-              for r in round_args(out, data, "cuda:0" if device == "cuda" else "cpu", quick)]
+              for r in loaders]
+    steps += [(*round_kind(r), bench_round.main, r) for r in rounds]
     # The headline figures (the rounds) before the tests, the loader detail and torch.compile: if the lent
     # GPU's minutes run out, what is lost is the least of it. sorted() is stable: each kind keeps its order.
+    # The stores come first: made in a call of their own, they spare the rounds' call the minute they take.
     return sorted((s for s in steps if s[0] in wanted), key=lambda s: STEPS.index(s[0]))
 
 
@@ -212,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     wanted, label = chosen_steps(args, p)
     if args.budget_s is not None and args.budget_s <= 0:
         p.error(f"--budget-s {args.budget_s:g}: no time left to run anything")
-    env = environment(args.quick)
+    env = environment(args.quick, need_dali=wanted != {"stores"})  # the stores are made while DALI travels
     device = "cuda" if env["cuda_available"] else "cpu"
     out = args.out or results_dir(machine_info(device))
     out.mkdir(parents=True, exist_ok=True)

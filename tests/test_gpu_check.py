@@ -25,6 +25,7 @@ def test_quick_gpu_check_writes_every_result_and_the_summary(tmp_path):
     assert "## fedlora" in summary and "## fedavg" in summary and "| dali |" in summary and "| memmap |" in summary
     assert "| dali-resize |" in summary  # FedLoRA from the native store, resized on the device
     assert "GPU tests (`pytest -m gpu`)" in summary and "s a test and" in summary  # run under its limits
+    assert "| stores |" in summary and len(list((tmp_path / "data").rglob("*_images.npy"))) >= 4
     assert "## fedlora, vit_tiny_patch16_224 at 16 px on cpu, torch.compile" in summary  # compiled beside eager
     assert "## fedavg, vit_tiny_patch16_224 at 16 px on cpu, --gpu-mem-gib ignored on the CPU" in summary
     env = json.loads((out / "environment.json").read_text())
@@ -44,12 +45,21 @@ def test_a_full_check_without_cuda_stops_with_one_line(monkeypatch):
         gpu_check.environment(quick=False)
 
 
+def test_only_the_stores_part_runs_before_dali_has_arrived():
+    gpu = {"cuda_available": True, "dali": None}
+    assert gpu_check.missing(gpu, need_dali=False) is None  # the first call: DALI's parts still travelling
+    assert gpu_check.missing(gpu) == "DALI (nvidia-dali-cuda120)"
+    assert gpu_check.missing({**gpu, "cuda_available": False}, need_dali=False) == "CUDA"
+    assert gpu_check.missing({**gpu, "dali": "2.4.0"}) is None
+
+
 def stub_steps(monkeypatch, loader=lambda argv: None, rounds=lambda argv: None, tests=None) -> list:
     """Replace every step's work; returns the list each call appends its kind of step to."""
     from benchmarks import bench_loader, bench_round
 
     ran = []
     tests = tests or (lambda out, left: {"returncode": 0, "summary": "13 skipped"})
+    monkeypatch.setattr(gpu_check, "make_stores", lambda runs: ran.append("stores") or 3)
     monkeypatch.setattr(gpu_check, "gpu_tests", lambda *a: (ran.append("tests"), tests(*a))[1])
     monkeypatch.setattr(bench_loader, "main", lambda argv: (ran.append("loader"), loader(argv))[1])
     monkeypatch.setattr(bench_round, "main",
@@ -67,7 +77,7 @@ def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path, monke
     with pytest.raises(SystemExit, match=r"^error: 7 step\(s\) failed; see .*summary.md \(tracebacks in errors.txt\)$"):
         gpu_check.main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"),
                         "--report-dir", str(report)])
-    assert ran == ["round", "round", "memory", "memory", "tests", "loader", "compile"]  # every step was attempted
+    assert ran == ["stores", "round", "round", "memory", "memory", "tests", "loader", "compile"]  # every step ran
     summary = (out / "summary.md").read_text()  # ... and the page still written
     assert "| pytest -m gpu |" in summary and "failed: 1 failed, 12 passed" in summary
     assert summary.count("failed: SystemExit: error: --kinds has no kind") == 5  # 2 rounds, 2 capped, compiled
@@ -87,13 +97,16 @@ def test_a_check_with_no_failures_returns_its_folder(tmp_path, monkeypatch):
 def test_each_call_runs_its_part_and_writes_pages_of_its_own(tmp_path, monkeypatch):
     ran = stub_steps(monkeypatch)
     out = tmp_path / "out"
+    gpu_check.main(["--quick", "--part", "stores", "--out", str(out), "--data-dir", str(tmp_path / "data")])
+    assert ran == ["stores"]  # the call that carries DALI's first part
+    ran.clear()
     gpu_check.main(["--quick", "--part", "rounds", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert ran == ["round", "round", "memory", "memory"]  # call A: fedlora, fedavg, both capped at 12 GiB
     ran.clear()
     gpu_check.main(["--quick", "--part", "detail", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert ran == ["tests", "loader", "compile"]  # call B
-    assert {"summary-rounds.md", "summary-detail.md", "environment-rounds.json", "environment-detail.json"} <= {
-        p.name for p in out.iterdir()}  # the second call's pages did not replace the first's
+    assert {"summary-stores.md", "summary-rounds.md", "summary-detail.md", "environment-rounds.json",
+            "environment-detail.json"} <= {p.name for p in out.iterdir()}  # no call's pages replaced another's
     assert "bench_round fedlora --gpu-mem-gib 12" in (out / "summary-rounds.md").read_text()
 
 
@@ -170,14 +183,14 @@ def test_a_gpu_test_step_past_its_limit_is_killed_with_its_process_group(tmp_pat
 def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
     steps = gpu_check.plan(tmp_path, tmp_path, "cuda", False, set(gpu_check.STEPS))
     names = [name for _, name, *_ in steps]
-    assert names[:5] == ["bench_round fedlora", "bench_round fedavg", "bench_round fedlora --gpu-mem-gib 12",
-                         "bench_round fedavg --gpu-mem-gib 12", "pytest -m gpu"]
-    assert [n.split(" --kinds")[0] for n in names[5:7]] == ["bench_loader", "bench_loader"]
-    assert "--data-on-gpu" in names[6] and names[7:] == ["bench_round fedlora --compile"]
-    fedlora = steps[0][3]
+    assert names[:6] == ["stores", "bench_round fedlora", "bench_round fedavg",
+                         "bench_round fedlora --gpu-mem-gib 12", "bench_round fedavg --gpu-mem-gib 12", "pytest -m gpu"]
+    assert [n.split(" --kinds")[0] for n in names[6:8]] == ["bench_loader", "bench_loader"]
+    assert "--data-on-gpu" in names[7] and names[8:] == ["bench_round fedlora --compile"]
+    fedlora = steps[1][3]
     assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed,dali-gpu-resize"
     assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
-    capped = steps[3][3]
+    capped = steps[4][3]
     assert capped[capped.index("--kinds") + 1] == "dali-gpu-resize"
     from benchmarks.bench_round import build_parser
 
@@ -193,7 +206,7 @@ def test_every_step_of_a_gpu_check_writes_files_of_its_own(tmp_path):
         if kind == "loader":
             a = bench_loader.build_parser().parse_args(argv)
             stems.append(bench_loader.result_name(a.image_size, a.native_size, a.kinds.split(","), a.data_on_gpu))
-        elif kind != "tests":
+        elif kind not in ("tests", "stores"):
             a = bench_round.build_parser().parse_args(argv)
             stems.append(bench_round.result_name(a))
     assert len(stems) == 7 and len(set(stems)) == 7, stems
