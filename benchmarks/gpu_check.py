@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -198,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=sorted(PARTS),
                    help="one lent-GPU call's share: " + "; ".join(f"{k} = {','.join(v)}" for k, v in PARTS.items()))
     p.add_argument("--steps", help=f"comma-separated kinds of step to run, of {','.join(STEPS)} (default: all)")
-    p.add_argument("--budget-s", type=float, help="seconds this check may take: a step that would start with less "
-                   "than 20 s left is not run, the one running at the deadline is cut, the pages are written")
+    p.add_argument("--budget-s", type=float, help="seconds this check may take from its process's start: a step "
+                   "that would start with less than 20 s left is not run, the one running at the deadline is cut, "
+                   "and the pages are written")
     p.add_argument("--report-dir", type=Path,
                    help="also keep summary.md, errors.txt and results.tgz here after every step (a lent GPU's $OUT)")
     return p
@@ -215,6 +217,13 @@ def chosen_steps(args: argparse.Namespace, p: argparse.ArgumentParser) -> tuple[
     if not wanted <= set(STEPS):
         p.error(f"--steps {args.steps}: choose from {','.join(STEPS)}")
     return wanted, "" if wanted == set(STEPS) else "-" + "-".join(k for k in STEPS if k in wanted)
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): from the command line, --budget-s counts imports and CUDA too."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def run_plan(steps: Steps, env: dict, todo: list, report_dir: Optional[Path]) -> None:
@@ -233,8 +242,11 @@ def run_plan(steps: Steps, env: dict, todo: list, report_dir: Optional[Path]) ->
         write_pages(steps, summary(env, tests, rounds, steps), report_dir)
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
-    """Run the steps asked for; returns the folder written (exits 124 out of time, 1 if a step failed)."""
+def main(argv: Optional[list[str]] = None, started: Optional[float] = None) -> Path:
+    """Run the steps asked for; returns the folder written (exits 124 out of time, 1 if a step failed).
+
+    --budget-s counts from `started` (epoch seconds; default: now).
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = build_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -246,7 +258,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     out = args.out or results_dir(machine_info(device))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"environment{label}.json").write_text(json.dumps(env, indent=2))
-    steps = Steps(out, label, args.budget_s)
+    spent = time.time() - (started if started is not None else time.time())
+    steps = Steps(out, label, None if args.budget_s is None else args.budget_s - spent)
     steps.arm()
     try:
         run_plan(steps, env, plan(out, args.data_dir, device, args.quick, wanted), args.report_dir)
@@ -264,4 +277,4 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    main(started=process_start())

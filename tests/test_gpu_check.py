@@ -239,3 +239,14 @@ def test_an_uncapped_run_reports_nvml_as_context_and_gives_no_verdict():
     assert "it fits" not in text and "does not fit" not in text
     on_cpu = "\n".join(check_summary.round_table({**DOC, "results": [{**ROW, "peak_gpu_used_mib": None}]}))
     assert "12 GB" not in on_cpu  # no NVML reading, no line
+
+
+def test_the_budget_counts_from_the_start_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(check_steps, "MIN_STEP_S", 5)
+    ran = stub_steps(monkeypatch)
+    with pytest.raises(SystemExit) as err:  # started 60 s ago (imports, CUDA): of 62 s, 2 are left
+        gpu_check.main(["--quick", "--part", "rounds", "--budget-s", "62", "--out", str(tmp_path / "out")],
+                       started=time.time() - 60)
+    assert err.value.code == 124 and ran == []
+    assert "not run: 2 s of the budget left" in (tmp_path / "out" / "summary-rounds.md").read_text()
+    assert abs(gpu_check.process_start() - time.time()) < 3600  # this test process's own start
