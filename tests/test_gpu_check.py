@@ -250,3 +250,11 @@ def test_the_budget_counts_from_the_start_it_is_given(tmp_path, monkeypatch):
     assert err.value.code == 124 and ran == []
     assert "not run: 2 s of the budget left" in (tmp_path / "out" / "summary-rounds.md").read_text()
     assert abs(gpu_check.process_start() - time.time()) < 3600  # this test process's own start
+
+
+def test_the_stores_part_names_its_machine_without_dali(monkeypatch):
+    from benchmarks.measure import machine_info
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as on the lent machine before the parts are in
+    info = machine_info("cpu")
+    assert info["dali"] is None and info["id"].startswith("cpu")
