@@ -28,7 +28,7 @@ out=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$out"
 log=$out/gpu-check.log
 marker=$(mktemp)  # files under benchmarks/results newer than this are this call's results
-site=/tmp/dali-site
+site=${DALI_SITE:-/tmp/dali-site}  # kept while the machine is warm: later calls skip the unpacking
 echo "gpu-check $part: limit ${limit} s" | tee "$log"
 if [[ $part != stores && ! -d $site/nvidia/dali ]]; then
   bash "$carry/dali-1/unpack.sh" "$site" 2>&1 | tee -a "$log"
