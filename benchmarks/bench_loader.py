@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -240,15 +240,20 @@ def markdown(results: list[dict], machine: dict, s: Settings, command: str) -> s
                 "client switch (ms)", "build (s)"), rows)]) + "\n"
 
 
+def result_name(image_size: int, native_size: int, kinds: Sequence[str], data_on_gpu: bool) -> str:
+    """The results' file stem: each setting that changes what is measured has its own, so no run overwrites another."""
+    resized = any(k.endswith(RESIZE) for k in kinds)
+    return (f"loader-{image_size}px" + (f"-resize-from-{native_size}px" if resized else "")
+            + ("-data-on-gpu" if data_on_gpu else ""))
+
+
 def write_report(results: list[dict], s: Settings, command: str) -> str:
-    """Write loader-<px>px.{json,md} in the results folder; returns the markdown."""
+    """Write loader-<px>px[-resize-from-<n>px][-data-on-gpu].{json,md}; returns the markdown."""
     machine = machine_info(s.device)
     folder = results_dir(machine, s.out)
     md = markdown(results, machine, s, command)
     report = {"command": command, "machine": machine, "settings": s.record(folder), "results": results}
-    resized = any(k.endswith(RESIZE) for k in s.kinds)
-    name = f"loader-{s.image_size}px" + (f"-resize-from-{s.native_size}px" if resized else "")
-    stem = write_results(folder / name, report, md)
+    stem = write_results(folder / result_name(s.image_size, s.native_size, s.kinds, s.data_on_gpu), report, md)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return md
 

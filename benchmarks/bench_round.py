@@ -31,7 +31,7 @@ from typing import Optional
 
 from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import ROOT, command_line, machine_info
-from benchmarks.plot import plot
+from benchmarks.plot import measured, plot
 from benchmarks.report import results_dir, with_ext, write_results
 from benchmarks.round_point import measure_point
 from benchmarks.round_report import markdown
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="torch intra-op threads (default: torch's own, one per core)")
     a("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto = bf16 on GPU, off on CPU")
     a("--compile", action="store_true", help="torch.compile the model (the warm-up round pays the compile)")
+    a("--gpu-mem-gib", type=float,
+      help="cap torch's CUDA allocator at this many GiB (set_per_process_memory_fraction) to learn whether the run "
+           "fits a smaller card; a kind that runs out of memory is reported as such; ignored on the CPU")
     a("--augment", action=argparse.BooleanOptionalAction, default=True, help="flip + padded crop, as in training")
     a("--rounds", type=int, default=3, help="measured rounds after one warm-up round (median reported)")
     a("--seed", type=int, default=0)
@@ -108,6 +111,14 @@ def prepare_stores(s: Settings, sizes: list[int]) -> dict[int, str]:
     return paths
 
 
+def store_sizes(s: Settings) -> list[int]:
+    """The image sizes whose stores the run reads: the size(s) measured, and the native size for -resize kinds."""
+    sizes = set(s.scaling_sizes) if s.scaling else {s.image_size}
+    if any(RESIZE in k for k in s.kinds):
+        sizes.add(s.native_size)
+    return sorted(sizes)
+
+
 def make_points(s: Settings, stores: dict[int, str]) -> list[dict]:
     """What to measure: every kind at the settings; in scaling mode, clients x size per kind."""
     def data(kind: str, size: int) -> dict:  # a -resize kind reads the native store and resizes to `size`
@@ -132,6 +143,10 @@ def run_points(s: Settings, points: list[dict]) -> list[dict]:
         log.info("[%d/%d] %s, %d clients, %d px ...", i, len(points), point["kind"], point["num_users"],
                  point["image_size"])
         res = measure_point(s, point) if s.in_process else run_child(MODULE, s.record(), point)
+        if res.get("out_of_memory"):
+            log.info("  out of memory under the %s GiB cap: %s", s.gpu_mem_gib, res["out_of_memory"])
+            results.append(res)
+            continue
         log.info("  round %.2f s (bound %.2f s, stall %.1f%%), %.2f busy cores, peak PSS %.0f MiB",
                  res["round_time_s"], res["bound_round_time_s"], 100 * res["data_stall"], res["busy_cores"],
                  res["peak_pss_mib"])
@@ -146,11 +161,17 @@ def measure_in_child(settings: dict, point: dict) -> dict:
 
 def write_all(doc: dict, s: Settings) -> Path:
     """JSON, markdown and (unless --no-plot) the PNG: round-*.{json,md,png} in the results folder."""
-    name = f"round-scaling-{s.alg}" if s.scaling else f"round-{s.alg}-{s.image_size}px"
-    stem = write_results(results_dir(doc["machine"], s.out) / name, doc, markdown(doc))
-    if s.plot:
+    stem = write_results(results_dir(doc["machine"], s.out) / result_name(s), doc, markdown(doc))
+    if s.plot and measured(doc["results"]):
         plot(doc, with_ext(stem, ".png"))
     return stem
+
+
+def result_name(s: Settings) -> str:
+    """The results' file stem; compiled and memory-capped runs have their own, so no run overwrites another."""
+    name = f"round-scaling-{s.alg}" if s.scaling else f"round-{s.alg}-{s.image_size}px"
+    cap = f"-gpu{s.gpu_mem_gib:g}gib" if s.gpu_mem_gib is not None else ""  # also on CPU, where it is ignored
+    return name + ("-compile" if s.compile else "") + cap
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -163,10 +184,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         serve_child(args.child, measure_in_child)
         return {}
     s = settings_from_args(args, parser)
-    sizes = set(s.scaling_sizes) if s.scaling else {s.image_size}
-    if any(RESIZE in k for k in s.kinds):
-        sizes.add(s.native_size)
-    stores = prepare_stores(s, sorted(sizes))
+    stores = prepare_stores(s, store_sizes(s))
     results = run_points(s, make_points(s, stores))
     for r in results:
         r["store"] = Path(r["store"]).name  # no paths outside the repository in the results

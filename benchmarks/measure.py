@@ -34,9 +34,15 @@ def slug(text: str) -> str:
 
 
 def machine_info(device: str, threads: Optional[int] = None) -> dict:
-    """What the numbers were measured on (no host names, no paths)."""
-    import nvidia.dali
+    """What the numbers were measured on (no host names, no paths); DALI's version None where it is missing."""
     import torch
+
+    try:
+        import nvidia.dali
+
+        dali: Optional[str] = nvidia.dali.__version__
+    except ImportError:  # the GPU check's stores are made before DALI's parts have all arrived
+        dali = None
 
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -48,7 +54,7 @@ def machine_info(device: str, threads: Optional[int] = None) -> dict:
     return {"id": slug(gpu) if gpu else f"cpu{cores}-{slug(cpu)}", "cpu": cpu, "cores": cores,
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu, "device": device,
             "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__,
-            "dali": nvidia.dali.__version__, "numpy": np.__version__, "python": platform.python_version()}
+            "dali": dali, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def shown_path(path: "str | os.PathLike") -> str:

@@ -23,7 +23,7 @@ def _subtitle(doc: dict) -> str:
 
 def plot_rounds(doc: dict, fig: Any) -> None:
     """Left: stacked round time per kind with the bound marked; right: busy CPU cores."""
-    rows = doc["results"]
+    rows = measured(doc["results"])
     kinds = [r["kind"] for r in rows]
     x = range(len(rows))
     ax_t, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
@@ -95,6 +95,11 @@ def plot_scaling(doc: dict, fig: Any) -> None:
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
+
+
+def measured(rows: list[dict]) -> list[dict]:
+    """The rows that have figures: a kind out of memory under --gpu-mem-gib has none."""
+    return [r for r in rows if "round_time_s" in r]
 
 
 def plot(doc: dict, out: Path) -> Path:

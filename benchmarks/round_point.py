@@ -1,6 +1,7 @@
 """One measured point of the round benchmark: a kind at one configuration, against the compute-only bound."""
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import tempfile
@@ -16,6 +17,7 @@ from benchmarks.round_settings import RESIZE, Settings
 from benchmarks.sampler import Sampler, nvml_handle
 from benchmarks.wrappers import CachedBatch, TimedLoader
 
+log = logging.getLogger("bench_round")
 ROUND_KEYS = ("round", "num_clients", "num_samples", "round_time_s", "data_wait_s", "compute_s", "aggregate_s",
               "images_per_s", "peak_gpu_mem_mb", "train_loss")
 
@@ -56,25 +58,71 @@ def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:
 
 
 def measure_point(s: Settings, point: dict) -> dict:
+    """One kind's figures; under --gpu-mem-gib on a GPU, a kind that runs out of memory is a result, not a crash."""
+    import torch
+
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    cap = cap_gpu_memory(s.device, s.gpu_mem_gib)
+    try:
+        figures = measure_rounds(s, point)
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one; DALI's copies into torch raise plain ones
+        if cap is None or not ("out of memory" in str(err) or isinstance(err, torch.cuda.OutOfMemoryError)):
+            raise
+        log.warning("%s: out of memory under the %s GiB cap", point["kind"], s.gpu_mem_gib)
+        return {**point, **cap, **gpu_peaks(s.device), "fits_gpu_mem_cap": False,
+                "out_of_memory": str(err).strip().splitlines()[0]}
+    if cap is None:
+        return figures
+    return {**figures, **cap, "peak_gpu_reserved_mib": gpu_peaks(s.device)["peak_gpu_reserved_mib"],
+            "fits_gpu_mem_cap": True}
+
+
+def cap_gpu_memory(device: str, gib: Optional[float]) -> Optional[dict]:
+    """Cap torch's CUDA allocator at `gib` GiB of the device; None (nothing capped) on the CPU or without a cap."""
+    import torch
+
+    if gib is None:
+        return None
+    if not device.startswith("cuda"):
+        log.info("--gpu-mem-gib %s ignored: device %s has no GPU memory to cap", gib, device)
+        return None
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    # Applies to what torch reserves (its cache included); DALI's own pools and the CUDA context are outside it.
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    return {"gpu_mem_cap_gib": gib, "gpu_mem_fraction": fraction, "gpu_total_mib": total / MIB}
+
+
+def gpu_peaks(device: str) -> dict:
+    """torch's peak allocated and reserved GPU memory of this process so far, in MiB."""
+    import torch
+
+    dev = torch.device(device)
+    return {"peak_gpu_mem_mib": torch.cuda.max_memory_allocated(dev) / MIB,
+            "peak_gpu_reserved_mib": torch.cuda.max_memory_reserved(dev) / MIB}
+
+
+def measure_rounds(s: Settings, point: dict) -> dict:
     """Build the federation once, warm up one round, then alternate measured and bound rounds."""
     import torch
 
     from dali_fl.engine.run import prepare
 
-    warnings.filterwarnings("ignore", message="This DataLoader will create")  # the seed's 4 workers
-    if s.threads:
-        torch.set_num_threads(s.threads)
     store_dir = str(Path(point["store"]).resolve())
     sampler = Sampler(store_dir, nvml_handle(torch.device(s.device)))
     base = tree_memory(store_dir)
     sampler.start()
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
-        fx, _ = prepare(train_config(s, point, point["store"]), Path(run_dir), resume=False, write=False)
-    build_s = time.perf_counter() - t0
-    flops = train_flops_per_image(fx.model, point["image_size"], fx.device)  # the size the model sees
-    real = fx.train_loader
+    fx = None
     try:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as run_dir:
+            fx, _ = prepare(train_config(s, point, point["store"]), Path(run_dir), resume=False, write=False)
+        build_s = time.perf_counter() - t0
+        flops = train_flops_per_image(fx.model, point["image_size"], fx.device)  # the size the model sees
+        real = fx.train_loader
         bound = CachedBatch.from_loader(real, s.local_bs)
         warm = timed_round(fx, 1, real, sampler)
         rounds, bounds = [], []
@@ -83,7 +131,8 @@ def measure_point(s: Settings, point: dict) -> dict:
             bounds.append(timed_round(fx, r, bound, sampler))
         sampler.sample(full=True)  # mapped store pages only accumulate: the end is their peak
     finally:
-        fx.close()
+        if fx is not None:
+            fx.close()
         sampler.stop()
     mem = {**{f"base_{k}_mib": v / MIB for k, v in base.items()},
            **{f"peak_{k}_mib": v / MIB for k, v in sampler.peak.items()}}

@@ -12,7 +12,10 @@ SCALING_COLUMNS = ("loader", "clients", "image px", "images / client", "round (s
 
 
 def round_row(r: dict) -> list[str]:
-    """One kind's row of the round table."""
+    """One kind's row of the round table (a kind out of memory under --gpu-mem-gib says so)."""
+    if r.get("out_of_memory"):
+        return [r["kind"], f"out of memory under the {r['gpu_mem_cap_gib']:g} GiB cap",
+                *[""] * (len(ROUND_COLUMNS) - 2)]
     return [r["kind"], f"{r['round_time_s']:.2f}", f"{r['data_wait_s']:.2f}", f"{r['compute_s']:.2f}",
             f"{r['aggregate_s']:.3f}", f"{r['bound_round_time_s']:.2f}", f"{100 * r['data_stall']:.1f}%",
             f"{r['images_per_s']:.1f}", f"{r['cpu_core_s']:.1f}", f"{r['busy_cores']:.2f}",
@@ -49,4 +52,7 @@ def markdown(doc: dict) -> str:
         if any("-resize" in k for k in s["kinds"]):
             what += f" `-resize` kinds read the {s.get('native_size', 32)} px store and resize on the device."
         rows = table(ROUND_COLUMNS, map(round_row, doc["results"]))
+        if s.get("gpu_mem_gib") is not None:
+            what += (f" torch's CUDA allocator capped at {s['gpu_mem_gib']:g} GiB (set_per_process_memory_fraction;"
+                     " DALI's pools and the CUDA context are outside it; ignored on the CPU).")
     return "\n".join([f"`{doc['command']}`", "", where, "", what, "", *rows]) + "\n"

@@ -18,7 +18,7 @@ RESIZE = "-resize"  # kind suffix: read the --native-size store and resize to th
 KIND_BASES = ("dali", "dali-gpu", "memmap", "memmap-seed", "dali-resize", "dali-gpu-resize", "memmap-resize")
 # Taken from the flags as given (the rest is merged with the defaults and the preset).
 AS_GIVEN = ("preset", "pretrained", "workers", "threads", "amp", "augment", "rounds", "seed", "scaling",
-            "scaling_clients", "native_size", "compile")
+            "scaling_clients", "native_size", "compile", "gpu_mem_gib")
 RUN_ONLY = ("data_dir", "out", "in_process", "plot")  # how to run, not what is measured: not recorded
 
 
@@ -54,6 +54,7 @@ class Settings:
     scaling_sizes: tuple[int, ...]
     native_size: int = 32
     compile: bool = False
+    gpu_mem_gib: Optional[float] = None  # torch's CUDA allocator capped at this (a smaller card's memory)
     data_dir: Path = ROOT / "data" / "bench-round"
     out: Optional[Path] = None
     in_process: bool = False
@@ -90,6 +91,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     s["scaling_sizes"] = int_list(args.scaling_sizes, "--scaling-sizes", parser)
     if args.rounds < 1 or s["num_train"] < s["local_bs"]:
         parser.error("need --rounds >= 1 and --num-train >= --local-bs (the bound caches one full batch)")
+    if args.gpu_mem_gib is not None and args.gpu_mem_gib <= 0:
+        parser.error(f"--gpu-mem-gib wants a positive number of GiB, got {args.gpu_mem_gib}")
     if args.scaling and max(s["scaling_users"]) > s["num_train"]:
         parser.error(f"--num-train {s['num_train']} is smaller than {max(s['scaling_users'])} clients")
     return Settings(**s, data_dir=args.data_dir, out=args.out, in_process=args.in_process, plot=not args.no_plot)

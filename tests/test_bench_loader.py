@@ -62,6 +62,16 @@ def test_results_follow_one_naming_scheme() -> None:
     assert table(("loader", "a", "b"), [["x", "1", "2"]]) == ["| loader | a | b |", "|---|---:|---:|", "| x | 1 | 2 |"]
 
 
+
+def test_host_fed_and_gpu_resident_loader_runs_write_different_files() -> None:
+    # gpu_check runs `dali,dali-resize` host-fed and then with --data-on-gpu: the second must not replace the first.
+    name = loader_bench.result_name
+    assert name(224, 32, ["dali", "memmap"], False) == "loader-224px"
+    host = name(224, 32, ["dali", "dali-resize"], False)
+    gpu = name(224, 32, ["dali", "dali-resize"], True)
+    assert host == "loader-224px-resize-from-32px" and gpu == "loader-224px-resize-from-32px-data-on-gpu"
+    assert name(224, 32, ["dali"], True) == "loader-224px-data-on-gpu"
+
 def test_sampler_reads_pss_on_its_schedule() -> None:
     every = Sampler(interval=0.2, pss_every_s=0)
     every.sample()

@@ -1,6 +1,7 @@
 """Smoke test of `python -m benchmarks.bench_round`: a real round per loader kind on a tiny store, in-process."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -81,3 +82,68 @@ def test_flops_are_counted_per_trained_image_and_peaks_are_known() -> None:
     assert all(p.grad is None for p in model.parameters())  # nothing left behind for the next step
     assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops(None) is None and peak_tflops("Some New GPU") is None
+
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+CAP = {"gpu_mem_cap_gib": 12.0, "gpu_mem_fraction": 0.151, "gpu_total_mib": 81559.0}
+
+
+def test_a_kind_out_of_memory_under_the_cap_is_a_result_and_the_rest_are_measured(tmp_path, monkeypatch) -> None:
+    from benchmarks import round_point
+
+    real = round_point.measure_rounds
+
+    def dali_runs_out(s, point):
+        if point["kind"] == "dali":
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return real(s, point)
+
+    # As on a GPU: the cap is set, dali runs out of memory under it, memmap fits.
+    monkeypatch.setattr(round_point, "cap_gpu_memory", lambda device, gib: dict(CAP))
+    monkeypatch.setattr(round_point, "gpu_peaks", lambda device: {"peak_gpu_mem_mib": 12100.0,
+                                                                  "peak_gpu_reserved_mib": 12280.0})
+    monkeypatch.setattr(round_point, "measure_rounds", dali_runs_out)
+    out = tmp_path / "out"
+    doc = bench.main(["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5",
+                      "--model-kwargs", TINY_VIT, "--rounds", "1", "--kinds", "memmap,dali", "--device", "cpu",
+                      "--threads", "1", "--in-process", "--gpu-mem-gib", "12", "--data-dir", str(tmp_path / "data"),
+                      "--out", str(out)])
+    memmap, dali = doc["results"]
+    assert memmap["fits_gpu_mem_cap"] and memmap["round_time_s"] > 0 and memmap["peak_gpu_reserved_mib"] == 12280.0
+    assert not dali["fits_gpu_mem_cap"] and dali["out_of_memory"] == OOM and "round_time_s" not in dali
+    stem = out / "round-fedavg-16px-gpu12gib"  # its own name: the uncapped run's files stay
+    assert json.loads(stem.with_suffix(".json").read_text())["settings"]["gpu_mem_gib"] == 12.0
+    table = stem.with_suffix(".md").read_text()
+    assert "| dali | out of memory under the 12 GiB cap |" in table and "capped at 12 GiB" in table
+    assert stem.with_suffix(".png").exists()  # drawn from the kinds that ran
+
+
+def test_only_out_of_memory_under_a_cap_is_caught(monkeypatch) -> None:
+    from benchmarks import round_point
+    from benchmarks.round_settings import settings_from_args
+
+    parser = bench.build_parser()
+    s = settings_from_args(parser.parse_args(["--device", "cpu", "--gpu-mem-gib", "12"]), parser)
+    s = dataclasses.replace(s, device="cuda:0")  # as on a GPU; measure_rounds is replaced below
+    errors = iter([torch.cuda.OutOfMemoryError(OOM), RuntimeError("CUDA error: illegal memory access"),
+                   torch.cuda.OutOfMemoryError(OOM)])
+    monkeypatch.setattr(round_point, "measure_rounds", lambda s, point: (_ for _ in ()).throw(next(errors)))
+    monkeypatch.setattr(round_point, "gpu_peaks", lambda device: {"peak_gpu_mem_mib": 1.0,
+                                                                  "peak_gpu_reserved_mib": 2.0})
+    monkeypatch.setattr(round_point, "cap_gpu_memory", lambda device, gib: dict(CAP))
+    row = round_point.measure_point(s, {"kind": "dali-gpu-resize"})
+    assert row["out_of_memory"] == OOM and row["fits_gpu_mem_cap"] is False and row["gpu_mem_cap_gib"] == 12.0
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # any other error is still an error
+        round_point.measure_point(s, {"kind": "dali-gpu-resize"})
+    monkeypatch.setattr(round_point, "cap_gpu_memory", lambda device, gib: None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # and without a cap, so is running out of memory
+        round_point.measure_point(s, {"kind": "dali-gpu-resize"})
+
+
+def test_the_cap_is_ignored_on_the_cpu(caplog) -> None:
+    from benchmarks import round_point
+
+    with caplog.at_level("INFO", logger="bench_round"):
+        assert round_point.cap_gpu_memory("cpu", 12.0) is None
+    assert "--gpu-mem-gib 12.0 ignored: device cpu has no GPU memory to cap" in caplog.text
+    assert round_point.cap_gpu_memory("cuda:0", None) is None  # no cap asked: CUDA is not even touched

@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
-# The GPU check on a lent machine that cannot install packages (it has torch, timm, peft, click, pytest).
-# Unpacks DALI from the parts pack-dali.sh wrote to CARRY (once), runs benchmarks.gpu_check with that
-# machine's python3, and leaves the log and the whole results folder as two files in $OUT, the most a
-# device call brings back. Exits with the check's status (124 when it ran out of time).
-#   usage: bash tools/gpu_check_lent.sh [CARRY=.carry] [gpu_check options, e.g. --quick or --steps round]
-# GPU_CHECK_LIMIT_S (default 540) stops the check in time for the archive to be written inside a
-# 600 s device call; summary.md is rewritten after every step, so a check cut short still reports.
+# One call of the GPU check on a lent machine that cannot install packages (it has torch, timm, peft, click,
+# pytest). Unpacks DALI from the parts tools/pack_dali.sh wrote to CARRY (once per machine), then runs one
+# part of benchmarks.gpu_check with that machine's python3 inside the call's time limit.
+#   usage: bash tools/gpu_check_lent.sh PART [CARRY=.carry] [gpu_check options, e.g. --quick]
+#   PART: stores  the synthetic stores the benchmarks read, without DALI: run it in a call that carries a part
+#         rounds  call A: the seed's configuration, FedLoRA then FedAvg over the loader kinds, and both
+#                 again with torch capped at 12 GiB (the seed's card)
+#         detail  call B: the GPU tests under a hard limit, the loader detail, torch.compile
+#         all     every step in one call (a machine lent for longer)
+# GPU_CHECK_LIMIT_S: the timeout_s this device call was given (default 300). The check gets what is left of it
+# after unpacking, less a reserve for the kill's grace and the archive, so $OUT is always complete in time.
+# $OUT gets gpu-check.log, and after every step summary.md, errors.txt and results.tgz (this call's new files
+# under benchmarks/results), four of the eight files a call brings back. Exits with the check's status
+# (124: out of time, 1: a step failed).
 set -uo pipefail
+part=${1:-}; shift || true
+case $part in
+  stores|rounds|detail) args=(--part "$part") ;;
+  all) args=() ;;
+  *) echo "usage: bash tools/gpu_check_lent.sh stores|rounds|detail|all [CARRY=.carry] [options]" >&2; exit 2 ;;
+esac
 carry=.carry
 if [[ $# -gt 0 && $1 != -* ]]; then carry=$1; shift; fi
-site=/tmp/dali-site
-if [[ ! -d $site/nvidia/dali ]]; then
-  bash "$carry/dali-1/unpack.sh" "$site" || { echo "error: DALI could not be unpacked from $carry"; exit 1; }
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$site:$PWD PYTHONUNBUFFERED=1
+limit=${GPU_CHECK_LIMIT_S:-300}
+reserve=30  # python's pages at its deadline, then `timeout`'s TERM (+10 s) and KILL (+5 s), then tar
 out=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/gpu-check.log"
-timeout -k 10 "${GPU_CHECK_LIMIT_S:-540}" python3 -m benchmarks.gpu_check "$@" 2>&1 | tee -a "$out/gpu-check.log"
+log=$out/gpu-check.log
+marker=$(mktemp)  # files under benchmarks/results newer than this are this call's results
+site=${DALI_SITE:-/tmp/dali-site}  # kept while the machine is warm: later calls skip the unpacking
+echo "gpu-check $part: limit ${limit} s" | tee "$log"
+if [[ $part != stores && ! -d $site/nvidia/dali ]]; then
+  bash "$carry/dali-1/unpack.sh" "$site" 2>&1 | tee -a "$log"
+  [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: DALI could not be unpacked from $carry" | tee -a "$log"; exit 1; }
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$site:$PWD PYTHONUNBUFFERED=1
+budget=$((limit - SECONDS - reserve))
+if ((budget < 30)); then
+  echo "error: ${budget} s left for the check after unpacking (${SECONDS} s); give the call a larger limit" | tee -a "$log"
+  exit 124
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$log"
+echo "gpu-check $part: ${budget} s for the check (unpacking took ${SECONDS} s)" | tee -a "$log"
+timeout -k 5 $((budget + 10)) "${PYTHON:-python3}" -m benchmarks.gpu_check "${args[@]}" --budget-s "$budget" \
+  --report-dir "$out" "$@" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
-# Everything under benchmarks/results (new and old, under a megabyte each) as one archive.
-tar -czf "$out/results.tgz" benchmarks/results
-echo "gpu-check exit $rc; log and results.tgz in $out"
+# Again at the end, from the files themselves: a step killed mid-way still left its partial output (gpu-tests.txt).
+mapfile -d '' new < <(find benchmarks/results -type f -newer "$marker" -print0 2>/dev/null)
+if ((${#new[@]})); then tar -czf "$out/results.tgz" "${new[@]}"; fi
+rm -f "$marker"
+echo "gpu-check $part: exit $rc after ${SECONDS} s; gpu-check.log, summary.md, errors.txt, results.tgz in $out" \
+  | tee -a "$log"
 exit "$rc"
