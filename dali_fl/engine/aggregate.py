@@ -24,7 +24,7 @@ class RunningSum:
         self.pairs = tuple(pairs)
         self.sums: State = {}
         self.products: State = {}
-        self.scalars = {name: 0.0 for name in scalars}  # per-round sums an algorithm adds to (FedNova's τ)
+        self.scalars = {name: 0.0 for name in scalars}  # per-round sums an algorithm adds to
         self.total = 0.0
         if like is not None:  # zeros of every shape, so a process with no clients still reduces alike
             self.sums = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in like.items()}

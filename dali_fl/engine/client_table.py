@@ -1,4 +1,4 @@
-"""Per-client state that outlives a round (SCAFFOLD's variates, FedSA-LoRA's B): one file, journaled.
+"""Per-client state that outlives a round (control variates, clients' own adapters): one file, journaled.
 
 N rows of D float32 values live in a file in the run directory, sparse until clients are sampled. A
 round's new rows are kept in memory, saved inside the round's checkpoint, and only then written to

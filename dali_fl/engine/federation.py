@@ -177,7 +177,7 @@ def new_sums(fx: Federation, start: dict[str, torch.Tensor]) -> tuple[RunningSum
 
 def add_update(fx: Federation, running: RunningSum, totals: dict, update: ClientUpdate,
                start: dict[str, torch.Tensor]) -> None:
-    """The server side of a client: the algorithms weigh its state (DP clips, FedNova normalises); add it."""
+    """The server side of a client: the algorithms weigh its state; add it."""
     res = update.result
     c = Contribution(update.state, res.num_samples, update.drift)
     for a in fx.algs:
@@ -257,7 +257,7 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
            "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
            "client_drift": totals["drift_sum"] / num_clients,
-           # Weighted spread of the clients' updates around their mean: what SCAFFOLD sets out to shrink. Undefined
+           # Weighted spread of the clients' updates around their mean: what drift-correcting algorithms set out to shrink. Undefined
            # for mixed ranks, whose clients start from different (truncated) points.
            "update_spread": None if fx.ranks is not None else
            math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),

@@ -25,7 +25,7 @@ class ClientResult:
     loss: float
     data_wait_s: float
     compute_s: float
-    steps: int = 0  # optimizer steps taken (SCAFFOLD's K, FedNova's τ_i)
+    steps: int = 0  # optimizer steps taken (algorithms that normalise by local steps read it)
 
 
 def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
@@ -49,7 +49,7 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
     """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings.
 
     `terms` are the algorithms' additions to every step: loss terms (FedProx) and gradient corrections
-    (SCAFFOLD); without them this is plain local training, bitwise.
+    (control variates); without them this is plain local training, bitwise.
     """
     model.train()
     params = trainable_params(model)
