@@ -257,7 +257,7 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
            "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
            "client_drift": totals["drift_sum"] / num_clients,
-           # Weighted spread of the clients' updates around their mean: what drift-correcting algorithms set out to shrink. Undefined
+           # Weighted spread of the clients' updates around their mean: what drift correction shrinks. Undefined
            # for mixed ranks, whose clients start from different (truncated) points.
            "update_spread": None if fx.ranks is not None else
            math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
