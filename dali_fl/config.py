@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from dali_fl.bounds import check_int64
 from dali_fl.data.partition import METHODS as PARTITION_METHODS
 from dali_fl.engine.aggregate import LORA_AGGREGATORS, MIXED_RANK_AGGREGATORS, PRODUCT_AGGREGATORS
 from dali_fl.errors import DaliFlError
@@ -55,6 +56,7 @@ def check_ints(obj: object, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise DaliFlError(f"{_flag(name)} must be an integer (got {value!r})")
+        check_int64(_flag(name), value)
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:

@@ -47,6 +47,10 @@ def make_loader(kind: str, store: Store, split: str, *, batch_size: int,
                 workers: Optional[LoaderWorkers] = None, resize_to: Optional[int] = None) -> Loader:
     """Build the loader once per run and reuse it; `resize_to=N` serves N x N images, resized on the device."""
     cls = loader_class(kind)
+    # No batch holds more than the split: capped, a huge --local-bs/--eval-bs gives the same batches, where DALI
+    # would try to allocate it (std::bad_alloc). Values that are not counts are left to LoaderConfig's message.
+    if type(batch_size) is int and batch_size > 1:
+        batch_size = min(batch_size, max(1, len(store.images(split))))
     cfg = LoaderConfig(store=store, split=split, batch_size=batch_size, device=torch.device(device),
                        norm=norm, augment=augment, out_dtype=out_dtype, data_on_gpu=data_on_gpu,
                        workers=workers if workers is not None else cls.default_workers, resize_to=resize_to)
