@@ -7,6 +7,7 @@ import numbers
 
 import numpy as np
 
+from dali_fl.bounds import check_int64
 from dali_fl.errors import DaliFlError
 
 
@@ -35,6 +36,7 @@ def check_ints(obj: object, *names: str) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise DaliFlError(f"{flag(name)} must be an integer (got {value!r})")
+        check_int64(flag(name), value)
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:

@@ -198,7 +198,7 @@ def _non_object_metrics_line(run: Path) -> None:
 
 
 @pytest.mark.parametrize("tamper,words", [
-    (_tamper_partition, ("partition.json", "out of range")),
+    (_tamper_partition, ("partition.json", "not the partition this run started with")),
     (_tamper_meta("{}"), ("meta.json", "no valid round")),
     (_tamper_meta('{"round": "2"}'), ("meta.json", "no valid round")),
     (_wrong_shape, ("shape", "does not belong")),

@@ -14,6 +14,16 @@ EXIT_USER_ERROR = 2
 class _Group(click.Group):
     """Click group that turns DaliFlError into a one-line message and exit code 2."""
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        """Parse the group's own options; a usage error there (`dali-fl --bogus train`) is one line too."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `dali-fl`: click's help is the answer
+        except click.UsageError as err:
+            click.echo(f"error: {err.format_message()} (see `dali-fl --help`)", err=True)
+            raise click.exceptions.Exit(EXIT_USER_ERROR) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -21,8 +21,11 @@ def _engine_options(f):
                         help="CPUs per simulated client worker: Ray runs (CPUs / this) workers.")(f)
 
 
-def _run_config(ctx: click.Context, p: dict, client_gpus: float) -> tuple[dict, int]:
+def _run_config(ctx: click.Context, p: dict, client_cpus: float, client_gpus: float) -> tuple[dict, int]:
     """(Flower run config, clients) from `dali-fl train` options; refused ones stop here with train's message."""
+    from dali_fl.flower.app import check_client_resources
+
+    check_client_resources(client_cpus, client_gpus)  # before the store is opened, and long before Ray starts
     given = sorted(set(NOT_HERE) & explicit_options(ctx))
     if given:
         raise DaliFlError(f"--{given[0]} is not available with `dali-fl flower`; use `dali-fl train --{given[0]}`")
@@ -67,7 +70,7 @@ def flower() -> None:
 @click.pass_context
 def run(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None:
     """Simulate the federation on Flower's engine (Ray), one SuperNode per client, writing a dali-fl run directory."""
-    run_config, _ = _run_config(ctx, p, client_gpus)
+    run_config, _ = _run_config(ctx, p, client_cpus, client_gpus)
     from dali_fl.flower.app import simulate
 
     [summary] = simulate(run_config, client_cpus=client_cpus, client_gpus=client_gpus)
@@ -83,10 +86,19 @@ def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: floa
     """Write APP_DIR/pyproject.toml, a Flower app with these options as its run config, and print `flwr run`."""
     from dali_fl.flower.options import flwr_command, write_app
 
-    run_config, clients = _run_config(ctx, p, client_gpus)
+    run_config, clients = _run_config(ctx, p, client_cpus, client_gpus)
+    check_app_dir(app_dir)
     path = write_app(app_dir, run_config)
     click.echo(f"wrote {path}; run it with:")
     click.echo(flwr_command(app_dir, clients, client_cpus, client_gpus))
+
+
+def check_app_dir(app_dir: Path) -> None:
+    """APP_DIR/pyproject.toml, if there, is a regular file: a symlink is not followed out of APP_DIR, no FIFO read."""
+    from dali_fl.safe_fs import check_regular
+
+    if app_dir.is_dir():
+        check_regular(app_dir / "pyproject.toml", "choose another APP_DIR")
 
 
 @flower.command("compare")
@@ -99,7 +111,7 @@ def compare(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> 
     from dali_fl.flower.compare import report
     from dali_fl.flower.options import options_from_run_config
 
-    run_config, _ = _run_config(ctx, p, client_gpus)
+    run_config, _ = _run_config(ctx, p, client_cpus, client_gpus)
     options, out, _ = options_from_run_config(run_config)
     click.echo(report(run_both(options, Path(out), client_cpus=client_cpus, client_gpus=client_gpus)))
 

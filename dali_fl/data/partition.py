@@ -12,13 +12,16 @@ from typing import Optional
 import numpy as np
 
 from dali_fl.atomic import atomic_write, atomic_write_text
+from dali_fl.bounds import INT64_MAX
 from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import check_regular, read_bytes
 
 log = logging.getLogger(__name__)
 
 METHODS = ("iid", "dirichlet", "shards")
 MAX_ATTEMPTS = 1000  # Dirichlet redraws before giving up: a hopeless setting must not hang
 JSON_KEYS = ("method", "seed", "num_classes", "params", "clients")
+MAX_PARTITION_BYTES = 1 << 32  # ImageNet-21k's 14 M indices take about 120 MB
 
 
 @dataclass(frozen=True)
@@ -243,13 +246,13 @@ def save_partition(p: Partition, labels: np.ndarray, path: Path | str) -> None:
 def load_partition(path: Path | str, num_samples: Optional[int] = None) -> Partition:
     """Read and check a partition JSON file; any problem is a DaliFlError naming the file."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if check_regular(path, "make it again with `dali-fl partition STORE --out FILE`") is None:  # FIFOs block
         raise DaliFlError(f"partition file {path} does not exist; make it with "
-                          "`dali-fl partition STORE --out FILE`") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DaliFlError(f"partition file {path} is not readable JSON ({err})") from None
+                          "`dali-fl partition STORE --out FILE`")
+    try:
+        doc = json.loads(read_bytes(path, MAX_PARTITION_BYTES))
+    except (ValueError, RecursionError) as err:
+        raise DaliFlError(f"partition file {path} is not readable JSON ({type(err).__name__}: {err})") from None
     try:
         p = _from_json(doc)
         if num_samples is not None:
@@ -278,9 +281,9 @@ def _client_from_json(i: int, client: object, num_classes: object) -> np.ndarray
     if not isinstance(client, dict) or "indices" not in client or "class_counts" not in client:
         raise DaliFlError(f"client {i} must be an object with 'indices' and 'class_counts'")
     indices, counts = client["indices"], client["class_counts"]
-    if not isinstance(indices, list) or not all(type(v) is int for v in indices):
-        raise DaliFlError(f"client {i}: 'indices' must be a list of integers")
-    if not isinstance(counts, list) or not all(type(v) is int and v >= 0 for v in counts):
+    if not isinstance(indices, list) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in indices):
+        raise DaliFlError(f"client {i}: 'indices' must be a list of sample indices (integers in 0..{INT64_MAX})")
+    if not isinstance(counts, list) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in counts):
         raise DaliFlError(f"client {i}: 'class_counts' must be a list of non-negative integers")
     if len(counts) != num_classes or sum(counts) != len(indices):
         raise DaliFlError(f"client {i}: 'class_counts' does not match num_classes or 'indices'")

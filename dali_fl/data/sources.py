@@ -5,6 +5,7 @@ import errno
 import io
 import logging
 import pickle
+import shutil
 import socket
 import stat
 import tarfile
@@ -258,6 +259,7 @@ def _download_cifar(name: str, root: Path) -> Path:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the first folder we create
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -268,6 +270,8 @@ def _download_cifar(name: str, root: Path) -> Path:
     try:
         cls(str(root), train=True, download=True)
     except Exception as err:  # urllib, socket and torchvision's own errors alike
+        if made is not None:  # what this call created holds only the failed download: leave nothing behind
+            shutil.rmtree(made, ignore_errors=True)
         raise DaliFlError(f"could not download {name} ({_one_line(err)}); without internet, fetch "
                           f"{_CIFAR[name]['archive']} elsewhere and pass --source-path PATH/TO/"
                           f"{_CIFAR[name]['archive']}") from None

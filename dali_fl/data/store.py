@@ -165,6 +165,16 @@ def _is_whole(store_dir: Path) -> bool:
     return (store_dir / MANIFEST).is_file()
 
 
+def check_replaceable(final: Path) -> None:
+    """`--force` replaces only a store (its manifest marks it) or an empty directory: never a directory of the user's."""
+    if final.is_symlink():
+        raise DaliFlError(f"{final} is a symlink; prep --force replaces only a store directory it made, so remove "
+                          "the link or choose another --out")
+    if final.is_dir() and not _is_whole(final) and any(final.iterdir()):
+        raise DaliFlError(f"{final} is not a store (no {MANIFEST}) and not empty; prep --force replaces only a store "
+                          "it made, so move that directory away or choose another --out")
+
+
 def _make_tmp(final: Path) -> Path:
     """Create the temporary sibling directory, clearing (or recovering) what interrupted runs left."""
     try:
@@ -182,6 +192,8 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
         recover_dir(final, _is_whole)
     if (final.exists() or final.is_symlink()) and not final.is_dir():
         raise DaliFlError(f"{final} exists but is not a store directory; remove it or choose another --out")
+    if force:
+        check_replaceable(final)
     if final.exists() and not force:
         existing = open_store(final).manifest  # raises with a clear message when damaged
         made = (existing.get("source_params", {}), existing.get("interpolation"))

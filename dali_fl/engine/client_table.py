@@ -71,5 +71,18 @@ class ClientTable:
             raise DaliFlError(f"{self.path} is missing: the {self.what} of rounds before {round_} are lost, so "
                               "this run cannot be resumed exactly; start a new run")
         if f"{prefix}clients" in tensors:
-            self.rows = dict(zip(tensors[f"{prefix}clients"].tolist(), tensors[f"{prefix}rows"]))
+            ids = self._checked_ids(tensors, prefix)  # all checked before any row is written
+            self.rows = dict(zip(ids, tensors[f"{prefix}rows"]))
             self.commit()
+
+    def _checked_ids(self, tensors: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+        """The checkpoint's client ids, refused unless distinct, in range and matched by rows of the right width."""
+        ids, rows = tensors[f"{prefix}clients"], tensors.get(f"{prefix}rows")
+        n = self.num_users
+        ok = ids.dim() == 1 and not ids.is_floating_point() and rows is not None \
+            and tuple(rows.shape) == (len(ids), self.width)
+        values = ids.tolist() if ok else []
+        if not ok or len(set(values)) != len(values) or any(not 0 <= i < n for i in values):
+            raise DaliFlError(f"the checkpoint's {self.what} are not rows of clients 0..{n - 1} with {self.width} "
+                              "values each; it does not belong to this run")
+        return values

@@ -18,7 +18,8 @@ from dali_fl.config import TrainConfig
 from dali_fl.data.partition import Partition, load_partition, make_partition, save_partition
 from dali_fl.engine.device import amp_dtype, explain_oom, resolve_device
 from dali_fl.engine.federation import RESTART_HINT, Federation, RoundHooks, run_round
-from dali_fl.engine.rundir import MetricsLog, RunLock, check_fresh, load_checkpoint, save_checkpoint
+from dali_fl.engine.rundir import MetricsLog, RunLock, algorithm_files, check_fresh, load_checkpoint, save_checkpoint
+from dali_fl.engine.trust import check_resume, record_identity
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import input_size, loader_class, make_loader
 from dali_fl.loaders.normalize import from_model
@@ -118,8 +119,10 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
     if write and not resume:
         check_fresh(run_dir)
-        for leftover in (f for cls in algorithms.REGISTRY.values() for f in cls.files):
+        for leftover in algorithm_files():
             (run_dir / leftover).unlink(missing_ok=True)  # left by a run that never finished starting
+    if resume:
+        check_resume(cfg, run_dir)  # every run file checked before anything is built or written
     fx = build_federation(cfg, run_dir, run_dir / "partition.json" if resume else None)
     try:
         start = resume_state(fx, run_dir) if resume else 1
@@ -132,6 +135,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
                 save_partition(fx.partition, fx.store.labels("train"), run_dir / "partition.json")
                 if fx.ranks is not None:  # derived from the seed, written for the reader
                     atomic_write_text(run_dir / "client_ranks.json", json.dumps(fx.ranks.tolist()))
+            record_identity(cfg, run_dir, fresh=not resume)  # what a resume checks the partition and store by
             # Written last: a directory with config.json is a run that --resume can continue.
             atomic_write_text(run_dir / "config.json", cfg.to_json())
     except BaseException:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -14,11 +15,25 @@ from safetensors.torch import load_file, save_file
 
 from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for
 from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
 
 BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
 
 
 LOCK = ".lock"
+IDENTITY = "run.json"
+# What a run writes before config.json (with the algorithms' own files): a directory holding only these is a run
+# that never finished starting.
+STARTING = (LOCK, IDENTITY, "partition.json", "client_ranks.json")
+MAX_META_BYTES = 1 << 20
+MAX_METRICS_BYTES = 1 << 30  # about a million rounds of rows
+
+
+def algorithm_files() -> tuple[str, ...]:
+    """The files that algorithms keep in a run directory (each declares its own `files`)."""
+    from dali_fl import algorithms  # here, not at the top: algorithms import engine modules
+
+    return tuple(f for cls in algorithms.REGISTRY.values() for f in cls.files)
 
 
 class RunLock:
@@ -33,11 +48,13 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
+        check_ours(self.run_dir)  # before the lock file is made: a foreign directory is left as it was
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             raise DaliFlError(f"cannot create run directory {self.run_dir} ({err.strerror})") from None
+        # No symlink followed (a planted one would have the pid written outside the run), no FIFO blocked on.
+        fd = open_regular(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, fix="remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -57,9 +74,27 @@ class RunLock:
 
 
 def check_fresh(run_dir: Path) -> None:
-    """Refuse to start a new run where one was started (config.json, written last, marks it)."""
-    if (run_dir / "config.json").exists():
+    """Refuse to start a new run where one was started (config.json, written last, marks it), or on foreign files."""
+    if (run_dir / "config.json").exists() or (run_dir / "config.json").is_symlink():
         raise DaliFlError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    check_ours(run_dir)
+
+
+def _starting_name(name: str) -> bool:
+    """A name a run writes before its config.json (atomic writes leave `.NAME.XXXX.tmp` while they work)."""
+    return name in STARTING or name in algorithm_files() or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def check_ours(run_dir: Path) -> None:
+    """Refuse a run directory that holds files dali-fl did not write: a run may replace or delete its own only."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / "config.json").is_file():
+        return  # absent (it will be made), not a directory (mkdir says so), or a run: its own names only are touched
+    foreign = sorted(name for name in os.listdir(run_dir) if not _starting_name(name))
+    if foreign:
+        raise DaliFlError(f"{run_dir} is not empty and not a dali-fl run (it holds {foreign[0]!r}"
+                          f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); dali-fl would overwrite "
+                          "or delete them, so choose another --out (or a new directory inside it)")
 
 
 def _is_whole(checkpoint: Path) -> bool:
@@ -74,7 +109,10 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     tensors.update({BASE_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in base.items()})
     # Every random stream is derived from (seed, round, client, epoch), so these two numbers are the RNG state.
-    meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1}})
+    # The metrics rows the round closes are fingerprinted, so that a resume can tell them from edited ones.
+    covered = [r for r in read_metrics(run_dir) if r["round"] <= round_]
+    meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1},
+                       "metrics": {"rows": len(covered), "sha256": metrics_digest(covered)}})
     try:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "meta.json").write_text(meta)
@@ -86,23 +124,39 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
                           ) from None
 
 
+def read_meta(run_dir: Path) -> Optional[dict]:
+    """checkpoint/meta.json (its round checked), or None before round 1; the checkpoint's files are checked too."""
+    final = run_dir / "checkpoint"
+    fix = "the run cannot be resumed"
+    if not check_dir(final, fix):
+        recover_dir(final, _is_whole)  # killed between the two renames: the old checkpoint is whole
+    if not check_dir(final, fix):
+        return None
+    if check_regular(final / "state.safetensors", fix) is None:
+        raise DaliFlError(f"{final / 'state.safetensors'} is missing; {fix}")
+    try:
+        meta = json.loads(read_bytes(final / "meta.json", MAX_META_BYTES, fix))
+    except (ValueError, RecursionError) as err:
+        raise DaliFlError(f"{final / 'meta.json'} is unreadable ({type(err).__name__}); {fix}") from None
+    round_ = meta.get("round") if isinstance(meta, dict) else None
+    if type(round_) is not int or not 1 <= round_ < 1 << 62:
+        raise DaliFlError(f"{final / 'meta.json'} holds no valid round ({round_!r}); {fix}")
+    return meta
+
+
 def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
     """(round, trainable state, base weights) of the last finished round, or None before round 1."""
-    final = run_dir / "checkpoint"
-    recover_dir(final, _is_whole)  # killed between the two renames: the old checkpoint is whole
-    if not final.exists():
+    meta = read_meta(run_dir)
+    if meta is None:
         return None
+    final = run_dir / "checkpoint"
     try:
-        meta = json.loads((final / "meta.json").read_text())
         tensors = load_file(str(final / "state.safetensors"))
     except Exception as err:
         raise DaliFlError(f"{final} is unreadable ({type(err).__name__}); the run cannot be resumed") from None
-    round_ = meta.get("round") if isinstance(meta, dict) else None
-    if type(round_) is not int or round_ < 1:
-        raise DaliFlError(f"{final / 'meta.json'} holds no valid round ({round_!r}); the run cannot be resumed")
     state = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}
     base = {k[len(BASE_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASE_PREFIX)}
-    return round_, state, base
+    return meta["round"], state, base
 
 
 class MetricsLog:
@@ -135,17 +189,24 @@ class MetricsLog:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rounds logged so far (a torn last line from a crash is ignored)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if check_regular(path, "the run cannot be resumed") is None:
         return []
-    lines = path.read_text(errors="replace").splitlines()
+    text = read_bytes(path, MAX_METRICS_BYTES, "the run cannot be resumed").decode(errors="replace")
+    lines = text.splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             row = None
         if isinstance(row, dict) and type(row.get("round")) is int:
             rows.append(row)
-        elif n < len(lines):  # only the last line can be torn by a crash; anything else was edited
+        elif n < len(lines) or text.endswith("\n"):  # only an unfinished last line is torn; anything else was edited
             raise DaliFlError(f"{path} line {n} is not a round record; fix or delete that line")
     return rows
+
+
+def metrics_digest(rows: list[dict]) -> str:
+    """sha256 of metrics rows, independent of how their file was spelled."""
+    text = "\n".join(json.dumps(r, sort_keys=True) for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -59,6 +60,7 @@ def simulate(*run_configs: Mapping[str, Any], client_cpus: float = 1.0, client_g
     """
     from flwr.simulation import run_simulation
 
+    check_client_resources(client_cpus, client_gpus)
     checked = [config_from_run_config(c) for c in run_configs]
     for _, run_dir in checked:
         check_fresh(run_dir)
@@ -70,6 +72,16 @@ def simulate(*run_configs: Mapping[str, Any], client_cpus: float = 1.0, client_g
     run_simulation(make_server_app(run_configs), client_app, num_supernodes=max(c.fed.num_users for c, _ in checked),
                    backend_config=backend)
     return [_summary(run_dir) for _, run_dir in checked]
+
+
+def check_client_resources(client_cpus: float, client_gpus: float) -> None:
+    """Refuse what Ray cannot place (it would start, place no client and never end): CPUs > 0, GPUs >= 0, finite."""
+    if not (isinstance(client_cpus, (int, float)) and math.isfinite(client_cpus) and client_cpus > 0):
+        raise DaliFlError(f"--client-cpus {client_cpus} must be a finite number > 0 (CPUs per client worker, "
+                          "e.g. 1 or 0.5)")
+    if not (isinstance(client_gpus, (int, float)) and math.isfinite(client_gpus) and client_gpus >= 0):
+        raise DaliFlError(f"--client-gpus {client_gpus} must be a finite number >= 0 (GPUs per client worker, "
+                          "e.g. 0, 0.5 or 1)")
 
 
 def _summary(run_dir: Path) -> dict:

@@ -54,6 +54,10 @@ def make_loader(kind: str, store: Store, split: str, *, batch_size: int,
     size = store.image_size if image_size is None else check_resize_to(image_size)
     if size != store.image_size and not cls.supports_resize:
         raise refuse_resize(kind)
+    # No batch holds more than the split: capped, a huge --local-bs/--eval-bs gives the same batches, where DALI
+    # would try to allocate it (std::bad_alloc). Values that are not counts are left to LoaderConfig's message.
+    if type(batch_size) is int and batch_size > 1:
+        batch_size = min(batch_size, max(1, len(store.images(split))))
     cfg = LoaderConfig(store=store, split=split, batch_size=batch_size, device=torch.device(device),
                        norm=norm, augment=augment, out_dtype=out_dtype, data_on_gpu=data_on_gpu,
                        workers=workers if workers is not None else cls.default_workers, image_size=size)

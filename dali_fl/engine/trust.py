@@ -1,0 +1,172 @@
+"""What a resume may trust: every run file is checked (kind, identity, agreement) before anything is built or written.
+
+A new run records what it trains on in `run.json` (the sha256 of its partition.json and of its store's
+manifest) before config.json. A resume then refuses, in one line and before it changes anything, a run
+whose files disagree: a partition edited, a config pointing at another store, metrics rows that the
+checkpoint does not account for. The one repair it makes is the one a kill leaves: a torn last row of
+metrics.jsonl, or a row one round beyond the checkpoint, dropped when the run continues.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from dali_fl.atomic import atomic_write_text
+from dali_fl.bounds import fits_int64
+from dali_fl.config import TrainConfig
+from dali_fl.data.store import MANIFEST
+from dali_fl.engine.rundir import IDENTITY, algorithm_files, metrics_digest, read_meta, read_metrics
+from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import check_dir, check_regular, read_bytes, sha256
+
+log = logging.getLogger(__name__)
+
+FIX = "the run cannot be resumed exactly; restore the file or start a new run"
+MAX_CONFIG_BYTES = 1 << 20
+RUN_FILES = (IDENTITY, "config.json", "partition.json", "metrics.jsonl", "client_ranks.json")
+
+
+def check_config_file(run_dir: Path) -> None:
+    """config.json of a run to resume: a plain file of JSON whose every field has the kind its section declares."""
+    path = Path(run_dir) / "config.json"
+    if check_regular(path, FIX) is None:
+        return  # load_config says that this is not a run
+    try:
+        doc = json.loads(read_bytes(path, MAX_CONFIG_BYTES, FIX))
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise DaliFlError(f"{path} is not readable JSON ({type(err).__name__}); it was not written by "
+                          "this dali-fl") from None
+    if not isinstance(doc, dict):
+        raise DaliFlError(f"{path} holds no JSON object; it was not written by this dali-fl")
+    for section in dataclasses.fields(TrainConfig):
+        values = doc.get(section.name)
+        if values is None:
+            continue  # a section a run from before it lacks; load_config refuses a missing required one
+        defaults = section.default_factory()
+        if not isinstance(defaults, dict):
+            _check_section(path, section.name, defaults, values)
+            continue
+        _check_object(path, section.name, values)  # the algorithms: name -> that algorithm's Params
+        for name, params in values.items():
+            if name in defaults:  # an unknown name is load_config's to refuse
+                _check_section(path, f"{section.name}.{name}", defaults[name], params)
+
+
+def _check_object(path: Path, label: str, values: object) -> None:
+    if not isinstance(values, dict):
+        raise DaliFlError(f"{path}: {label} is not an object; it was not written by this dali-fl")
+
+
+def _check_section(path: Path, label: str, defaults: object, values: object) -> None:
+    """Every field of one section has the kind of its default."""
+    _check_object(path, label, values)
+    for f in dataclasses.fields(defaults):
+        if f.name in values and not _same_kind(getattr(defaults, f.name), values[f.name]):
+            shown = repr(values[f.name])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise DaliFlError(f"{path}: {label}.{f.name} is {shown}, not a value of its kind (like "
+                              f"{getattr(defaults, f.name)!r}); it was not written by this dali-fl")
+
+
+def _scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, float, bool)) or (isinstance(value, int) and fits_int64(value))
+
+
+def _same_kind(default: object, value: object) -> bool:
+    """Whether a config.json value has the kind of the field's default (an int may stand for a float)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not fits_int64(value):
+        return False
+    if default is None:  # Optional fields (resize_to, weights) hold a scalar or nothing
+        return _scalar(value) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, list) and all(_same_kind(default[0], v) if default else _scalar(v) for v in value)
+    if isinstance(default, dict):
+        return isinstance(value, dict) and all(_scalar(v) for v in value.values())
+    return True
+
+
+def record_identity(cfg: TrainConfig, run_dir: Path, fresh: bool) -> None:
+    """run.json: sha256 of partition.json and of the store's manifest (a resumed run older than it gets one now)."""
+    path = Path(run_dir) / IDENTITY
+    if not fresh and check_regular(path, FIX) is not None:
+        return
+    doc = {"partition_sha256": sha256(Path(run_dir) / "partition.json", FIX),
+           "store_manifest_sha256": sha256(Path(cfg.data.store) / MANIFEST, FIX)}
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume whose files are of the wrong kind or disagree; reads only, so a refusal changes nothing."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES + algorithm_files():  # a FIFO would block the reader, a symlink would be written through
+        check_regular(run_dir / name, FIX)
+    check_dir(run_dir / "tensorboard", FIX)
+    _check_identity(cfg, run_dir)
+    meta = read_meta(run_dir)
+    done = meta["round"] if meta else 0
+    rng = (meta or {}).get("rng")
+    seed = rng.get("seed") if isinstance(rng, dict) else None
+    if type(seed) is int and seed != cfg.fed.seed:
+        raise DaliFlError(f"{run_dir / 'checkpoint'} was written with seed {seed} but config.json says "
+                          f"{cfg.fed.seed}; {FIX}")
+    covered = (meta or {}).get("metrics")
+    check_metrics(run_dir, done, covered if isinstance(covered, dict) else None)
+
+
+def _check_identity(cfg: TrainConfig, run_dir: Path) -> None:
+    """partition.json and the store are the ones the run started with (run.json holds their sha256)."""
+    path = run_dir / IDENTITY
+    if check_regular(path, FIX) is None:
+        log.warning("%s has no %s (it was started by an older dali-fl): its partition and store are not checked "
+                    "this time", run_dir, IDENTITY)
+        return
+    try:
+        doc = json.loads(read_bytes(path, MAX_CONFIG_BYTES, FIX))
+    except (ValueError, RecursionError):
+        doc = None
+    keys = ("partition_sha256", "store_manifest_sha256")
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in keys):
+        raise DaliFlError(f"{path} is not a run identity written by dali-fl; {FIX}")
+    partition = run_dir / "partition.json"
+    if check_regular(partition, FIX) is not None and sha256(partition, FIX) != doc["partition_sha256"]:
+        raise DaliFlError(f"{partition} is not the partition this run started with (its sha256 differs from "
+                          f"the one in {IDENTITY}); {FIX}")
+    manifest = Path(cfg.data.store) / MANIFEST
+    fix = "the store's own check says what is wrong"
+    if check_regular(manifest, fix) is not None and sha256(manifest, fix) != doc["store_manifest_sha256"]:
+        raise DaliFlError(f"the store {cfg.data.store} in config.json is not the store this run started on (its "
+                          f"{MANIFEST} differs from the one recorded in {IDENTITY}); point config.json back at "
+                          "that store, or start a new run")
+
+
+def check_metrics(run_dir: Path, done: int, covered: Optional[dict]) -> None:
+    """metrics.jsonl holds rounds 1..done (+1 when a kill fell between its row and the checkpoint), as recorded."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = read_metrics(run_dir)
+    rounds = [r["round"] for r in rows]
+    for line, round_ in enumerate(rounds, 1):
+        if round_ != line:
+            raise DaliFlError(f"{path} line {line} holds round {round_} where round {line} belongs (a row "
+                              f"duplicated, missing or out of order); {FIX}")
+    n = len(rounds)
+    if n < done:
+        held = f"ends at round {n}" if n else "holds no rounds"
+        raise DaliFlError(f"{path} {held} but the checkpoint holds round {done}; {FIX}")
+    if n > done + 1:
+        raise DaliFlError(f"{path} goes to round {n} but the checkpoint holds round {done} (a kill leaves at most "
+                          f"one row beyond it); {FIX}")
+    if covered is not None and isinstance(covered.get("sha256"), str):
+        if metrics_digest(rows[:done]) != covered["sha256"]:
+            raise DaliFlError(f"{path} rounds 1..{done} differ from those the checkpoint of round {done} "
+                              f"recorded; {FIX}")
