@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Run as a file (`python benchmarks/X.py`, from any directory), Python puts benchmarks/ first on sys.path, not the
+# repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.measure import command_line, machine_info
 from benchmarks.report import fmt, results_dir, table, with_ext, write_results
 
