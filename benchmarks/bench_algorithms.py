@@ -3,6 +3,7 @@
     python -m benchmarks.bench_algorithms                       # Dirichlet 0.1, tiny ViT, 32 px, 20 rounds
     python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
     python -m benchmarks.bench_algorithms --suite resize-to     # 224 px store vs 32 px store + --resize-to 224
+    python -m benchmarks.bench_algorithms --suite dp            # DP-FedAvg at epsilon 1, 4, 16, inf (delta 1e-5)
     python -m benchmarks.bench_algorithms --rounds 3 --out runs/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
@@ -16,6 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# Run as a file (`python benchmarks/X.py`, from any directory), Python puts benchmarks/ first on sys.path, not the
+# repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.measure import command_line, machine_info
 from benchmarks.report import fmt, results_dir, table, with_ext, write_results
@@ -46,7 +51,17 @@ RESIZE_TO: dict[str, dict[str, Any]] = {
     "native-32+resize-224": {**AT_224, "store_size": 32, "resize_to": 224},
     "store-224-seed1": {**AT_224, "store_size": 224, "seed": 1},
 }
-SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO}
+# DP-FedAvg's privacy-utility trade: Poisson sampling, the noise calibrated to spend epsilon over the run's rounds
+# (delta 1e-5); epsilon inf clips without noise. Each clip is about the mean client drift without DP (0.50 for FedAvg
+# in the algorithms suite, 0.40 for fedit at rank 8 in lora-ranks), so that about half the updates are clipped.
+DP_EPSILONS = (1.0, 4.0, 16.0, None)
+DP_CLIPS = {"fedavg": ({}, 0.5), "fedlora": ({"alg": "fedlora", "lora_agg": "fedit", "lora_r": 8}, 0.4)}
+DP_SUITE: dict[str, dict[str, Any]] = {
+    f"{alg}-eps{'inf' if eps is None else f'{eps:g}'}": {**opts, "dp_clip": clip, "dp_delta": 1e-5,
+                                                          **({} if eps is None else {"dp_epsilon": eps})}
+    for alg, (opts, clip) in DP_CLIPS.items() for eps in DP_EPSILONS
+}
+SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO, "dp": DP_SUITE}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,7 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--suite", choices=sorted(SUITES), default="algorithms",
                    help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD/FedNova; "
                         "lora-ranks: FedLoRA with mixed client ranks; "
-                        "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224")
+                        "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224; "
+                        "dp: FedAvg and FedLoRA under DP-FedAvg at epsilon 1, 4, 16 and inf")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     return p.parse_args(argv)
@@ -74,8 +90,9 @@ def store_px(suite: str) -> int:
     return max(spec.get("resize_to", spec.get("store_size", NATIVE_PX)) for spec in SUITES[suite].values())
 
 
-def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
-    """Train every algorithm on the same images (one store per image size); returns its metrics rows."""
+def run_all(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Train every algorithm on the same images (one store per image size); returns its metrics rows and the
+    noise multiplier each DP run settled on (calibrated from its epsilon)."""
     from dali_fl.config import TrainConfig
     from dali_fl.data.sources import load_synthetic
     from dali_fl.data.store import write_store
@@ -87,7 +104,7 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
     common = dict(rounds=args.rounds, num_users=args.num_users, frac=args.frac,
                   partition="dirichlet", alpha=args.alpha, min_size=5, optimizer="sgd", momentum=0.0,
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
-    out = {}
+    out, noise = {}, {}
     suite = SUITES[args.suite]
     for name in args.only or suite:
         spec = dict(suite[name])
@@ -98,7 +115,38 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
         logging.getLogger(__name__).warning("%s: %d rounds", name, args.rounds)
         train(cfg, work / name, progress=sys.stderr.isatty())
         out[name] = read_metrics(work / name)
-    return out
+        if "dp" in cfg.algorithms:
+            noise[name] = cfg.algorithms["dp"].dp_noise
+    return out, noise
+
+
+def mean_of(values: list) -> Any:
+    """The mean of the values that are defined (a round that sampled no client has no drift), or None."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def dp_markdown(doc: dict) -> str:
+    """The privacy-utility table: per run, the target epsilon, the calibrated z, epsilon spent, accuracy."""
+    rows = []
+    for name, metrics in doc["results"].items():
+        spec, last = SUITES["dp"][name], metrics[-1]
+        accs = [r["test_acc"] for r in metrics]
+        rows.append([name, "fedlora" if spec.get("alg") == "fedlora" else "fedavg", fmt(spec["dp_clip"], "g"),
+                     fmt(spec.get("dp_epsilon", float("inf")), "g"), fmt(doc["noise"].get(name), ".3f"),
+                     fmt(last.get("dp_epsilon"), ".3f"), fmt(last.get("dp_epsilon_rdp"), ".3f"),
+                     fmt(accs[-1], ".3f"), fmt(max(accs), ".3f"), fmt(mean_of([r["num_clients"] for r in metrics]),
+                                                                      ".1f")])
+    cols = ["run", "alg", "clip", "target epsilon", "z", "epsilon spent (PLD)", "epsilon (RDP)", "final acc",
+            "best acc", "clients / round"]
+    s = doc["settings"]
+    return "\n".join([f"# DP-FedAvg privacy-utility on a non-IID federation ({doc['machine']['cpu']}, "
+                      f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
+                      f"`{doc['command']}`", "",
+                      f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, each sampled with probability "
+                      f"{s['frac']} (Poisson), {s['rounds']} rounds, delta 1e-5, tiny ViT (tiny-32 preset, 32 px), "
+                      f"local SGD lr {s['lr']}, 2 local epochs. z is calibrated so that the {s['rounds']} rounds "
+                      "spend at most the target epsilon; inf clips without noise.", "", *table(cols, rows), ""])
 
 
 def markdown(doc: dict) -> str:
@@ -108,9 +156,8 @@ def markdown(doc: dict) -> str:
     for name, metrics in doc["results"].items():
         accs = [r["test_acc"] for r in metrics]
         gaps = [abs(a - r["test_acc"]) for a, r in zip(accs, first)]
-        drift = sum(r["client_drift"] for r in metrics) / len(metrics)
-        spreads = [r["update_spread"] for r in metrics if r.get("update_spread") is not None]
-        spread = sum(spreads) / len(spreads) if spreads else None  # undefined for mixed ranks
+        drift = mean_of([r["client_drift"] for r in metrics])
+        spread = mean_of([r.get("update_spread") for r in metrics])  # undefined for mixed ranks
         secs = sum(r["round_time_s"] for r in metrics) / len(metrics)
         upload = sum(r["upload_mb"] for r in metrics) / len(metrics)
         opts = ", ".join(f"{k}={v}" for k, v in SUITES[doc["settings"]["suite"]][name].items()) or "-"
@@ -141,7 +188,8 @@ def plot(doc: dict, path: Path) -> None:
     for name, metrics in doc["results"].items():
         rounds = [r["round"] for r in metrics]
         ax_a.plot(rounds, [r["test_acc"] for r in metrics], label=name)
-        ax_d.plot(rounds, [r["client_drift"] for r in metrics], label=name)
+        ax_d.plot(rounds, [float("nan") if r["client_drift"] is None else r["client_drift"] for r in metrics],
+                  label=name)
         spread = [float("nan") if r.get("update_spread") is None else r["update_spread"] for r in metrics]
         ax_s.plot(rounds, spread, label=name)
     ax_a.set(xlabel="round", ylabel="test accuracy", title=f"Dirichlet alpha {doc['settings']['alpha']}")
@@ -160,15 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: --only {unknown[0]} is not in the {args.suite} suite ({', '.join(SUITES[args.suite])})")
     with tempfile.TemporaryDirectory() as work:
-        results = run_all(args, Path(work))
+        results, noise = run_all(args, Path(work))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     doc = {"machine": machine_info(args.device), "settings": settings,
-           "command": command_line("benchmarks.bench_algorithms", argv), "results": results}
+           "command": command_line("benchmarks.bench_algorithms", argv), "results": results, "noise": noise}
     name = f"{args.suite}-{store_px(args.suite)}px-alpha{args.alpha:g}-frac{args.frac:g}"
     stem = results_dir(doc["machine"], args.out) / name
-    write_results(stem, doc, markdown(doc))
+    text = dp_markdown(doc) if args.suite == "dp" else markdown(doc)
+    write_results(stem, doc, text)
     plot(doc, with_ext(stem, ".png"))
-    print(markdown(doc))
+    print(text)
     print(f"wrote {stem}.json, .md and .png")
 
 

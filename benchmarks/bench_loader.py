@@ -26,6 +26,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+# Run as a file (`python benchmarks/X.py`, from any directory), Python puts benchmarks/ first on sys.path, not the
+# repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import MIB, ROOT, command_line, machine_info, shown_path, tree_cpu_seconds
 from benchmarks.report import results_dir, table, write_results

@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+# Run as a file (`python benchmarks/X.py`, from any directory), Python puts benchmarks/ first on sys.path, not the
+# repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.child import add_child_flag, run_child, serve_child
 from benchmarks.measure import ROOT, command_line, machine_info
 from benchmarks.plot import measured, plot

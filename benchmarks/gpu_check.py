@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# Run as a file (`python benchmarks/X.py`, from any directory), Python puts benchmarks/ first on sys.path, not the
+# repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks import bench_loader, bench_round
 from benchmarks.check_steps import Steps, TimeUp, write_pages
 from benchmarks.check_summary import SEED_GPU_GIB, summary

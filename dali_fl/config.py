@@ -217,7 +217,7 @@ class TrainConfig:
         cfg = cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]),
                   algorithms.params_from(opts))
         algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
-        return cfg
+        return algorithms.settle(cfg)  # derived options (DP's calibrated noise), saved in config.json as settled
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -241,6 +241,9 @@ def _legacy_options(doc: dict) -> tuple[dict, dict]:
     local = dict(doc["local"])
     flat = {k: local.pop(k) for k in ("prox_mu", "scaffold") if k in local}
     flat.update(doc.get("server", {}))
+    dp = doc.get("algorithms", {}).get("dp")
+    if dp is not None and "dp_sampling" not in dp:
+        flat["dp_sampling"] = "fixed"  # DP runs before Poisson sampling drew a fixed-size sample: resume them so
     return local, flat
 
 

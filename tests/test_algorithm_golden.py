@@ -4,6 +4,9 @@
 (commit daf3d24, `DALI_FL_WRITE_GOLDEN=1 pytest tests/test_algorithm_golden.py`): per combination, a
 sha256 of every checkpoint tensor (the model's trainable state and the server's state) and the
 deterministic metrics of each round. The same runs today must give the same bytes and the same numbers.
+The three DP combinations (dp-fedavg, dp-clip-only, fedlora-dp) were rewritten in issue 20, when DP began to
+sample clients by Poisson sampling and to divide by the expected count; with `dp_sampling="fixed"` they still
+give the old weights bitwise.
 """
 from __future__ import annotations
 

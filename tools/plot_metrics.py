@@ -25,7 +25,9 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
             raise SystemExit(f"error: {run} has no metrics.jsonl rows; is it a dali-fl run directory?")
         evals = [r for r in rows if r.get("test_acc") is not None]
         ax_acc.plot([r["round"] for r in evals], [r["test_acc"] for r in evals], marker="o", label=run.name)
-        ax_loss.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], label=f"{run.name} train")
+        # A DP round that sampled no client has no train loss.
+        losses = [float("nan") if r["train_loss"] is None else r["train_loss"] for r in rows]
+        ax_loss.plot([r["round"] for r in rows], losses, label=f"{run.name} train")
         ax_loss.plot([r["round"] for r in evals], [r["test_loss"] for r in evals], "--", label=f"{run.name} test")
     ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Test accuracy")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
@@ -48,7 +50,8 @@ def main() -> None:
         print(f"{run}:\n  round  test_acc  train_loss  round_time_s")
         for r in read_metrics(run):
             acc = "-" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
-            print(f"  {r['round']:>5}  {acc:>8}  {r['train_loss']:>10.4f}  {r['round_time_s']:>12.1f}")
+            loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+            print(f"  {r['round']:>5}  {acc:>8}  {loss:>10}  {r['round_time_s']:>12.1f}")
     print(f"curves: {plot(args.runs, args.out or args.runs[0] / 'curves.png')}")
 
 

@@ -74,6 +74,18 @@ def refuse(cfg: "TrainConfig") -> None:
         cls.refuse(cfg)
 
 
+def settle(cfg: "TrainConfig") -> "TrainConfig":
+    """The config with what each active algorithm derives from the other options filled in, in registry order."""
+    for cls in active_classes(cfg):
+        cfg = cls.settle(cfg)
+    return cfg
+
+
+def summary_keys(cfg: "TrainConfig") -> tuple[str, ...]:
+    """The metrics columns of the active algorithms that summary.json repeats from the last round."""
+    return tuple(k for cls in active_classes(cfg) for k in cls.summary_keys)
+
+
 def refuse_one_process(cfg: "TrainConfig", where: str, instead: str) -> None:
     """Refuse the algorithms that keep per-client state in one process's file where that cannot hold."""
     held = [c.flag for c in active_classes(cfg) if c.one_process]

@@ -5,19 +5,23 @@ and on Flower's strategies. An algorithm is one file under `dali_fl/algorithms/`
 
 - `Params`: a frozen dataclass whose fields are its command-line options (declared with `option`, so
   `dali-fl train` and `dali-fl flower` make their click options from them), checked in `__post_init__`;
-- `active(cfg)`: whether a run's config turns it on, and `refuse(cfg)`: the combinations it cannot serve;
+- `active(cfg)`: whether a run's config turns it on, `refuse(cfg)`: the combinations it cannot serve, and
+  `settle(cfg)`: the options it derives from the others (DP's noise multiplier from --dp-epsilon);
 - hooks, called by the engine on every active algorithm in registry order:
 
   client side (in the process that trains the client)
       `train_indices` → `start_client` → `local_terms` (per-step loss or gradient terms) → local training
       → `client_done`
-  server side (every process, after the round's one reduction)
+  server side (every process)
+      `sample` (the round's clients, from (seed, round) alone; the first active algorithm that draws them
+      decides, else a fixed-size draw without replacement), then, after the round's one reduction,
       `contribute` per client (how its update is weighed and added) → `aggregate` (mean, FedEx residual,
       FLoRA stack, ...) → `privatize` (noise) → `server_step` (FedOpt) → `end_round`
   state
       `state_tensors` / `load_state_tensors` (in the checkpoint, under the algorithm's own prefix),
       `commit` (per-client tables, after the checkpoint), `files` (its files in the run directory),
-      `metrics` (its columns of the round's row), `evaluate` (its columns on evaluation rounds).
+      `metrics` (its columns of the round's row; those named in `summary_keys` go into summary.json from the
+      last row), `evaluate` (its columns on evaluation rounds).
 
 The engine (`dali_fl.engine`, `dali_fl.flower`) names no algorithm.
 """
@@ -40,10 +44,12 @@ if TYPE_CHECKING:
 State = dict[str, torch.Tensor]
 
 
-def option(default: Any, help: str, choices: Sequence[str] = (), aliases: Sequence[str] = ()) -> Any:
-    """A Params field that is also a command-line option: its default, its --help text and its choices."""
+def option(default: Any, help: str, choices: Sequence[str] = (), aliases: Sequence[str] = (),
+           type: Optional[type] = None) -> Any:
+    """A Params field that is also a command-line option: its default, its --help text, its choices, and its type
+    where the default (None) does not tell it."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices),
-                                                        "aliases": tuple(aliases)})
+                                                        "aliases": tuple(aliases), "type": type})
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Algorithm:
     needs_products: ClassVar[bool] = False  # the running sum also adds each client's B @ A
     scalars: ClassVar[tuple[str, ...]] = ()  # per-round sums it adds to (reduced across processes with the rest)
     files: ClassVar[tuple[str, ...]] = ()  # files it keeps in the run directory
+    summary_keys: ClassVar[tuple[str, ...]] = ()  # its metrics columns that summary.json repeats from the last row
 
     def __init__(self, fx: "Federation"):
         self.fx = fx
@@ -111,9 +118,21 @@ class Algorithm:
         """Raise DaliFlError, in one line, for a combination this algorithm cannot serve (called when active)."""
 
     @classmethod
+    def settle(cls, cfg: "TrainConfig") -> "TrainConfig":
+        """The config with the options this algorithm derives from the others filled in, before config.json is
+        written (called once on a new run's options, after `refuse`; a resumed run keeps what was settled)."""
+        return cfg
+
+    @classmethod
     def label(cls, cfg: "TrainConfig") -> str:
         """The algorithm's part of a run directory's name."""
         return cls.name
+
+    @classmethod
+    def sample(cls, cfg: "TrainConfig", round_: int) -> Optional[np.ndarray]:
+        """The round's clients (sorted ids, from (seed, round) alone: every process draws the same), or None to
+        leave the draw to the next active algorithm or to the engine's fixed-size one."""
+        return None
 
     # ---- client side ---------------------------------------------------------------------------------------
     def train_indices(self, client: int, indices: np.ndarray) -> np.ndarray:

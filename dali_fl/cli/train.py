@@ -45,7 +45,7 @@ def algorithm_options() -> list:
         elif meta["choices"]:
             opts.append(o(flag, type=click.Choice(meta["choices"]), **kw))
         else:
-            opts.append(o(flag, type=type(f.default), **kw))
+            opts.append(o(flag, type=meta.get("type") or type(f.default), **kw))
     return opts
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dali_fl import algorithms
 from dali_fl.algorithms.base import Algorithm, Contribution, ServerRound
-from dali_fl.config import FederationConfig, TrainConfig
+from dali_fl.config import TrainConfig
 from dali_fl.data.partition import Partition
 from dali_fl.data.store import Store
 from dali_fl.engine.aggregate import RunningSum, mean_of, update_norm
@@ -41,8 +41,17 @@ RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum
                 "--resume would keep these settings")
 
 
-def sample_clients(fed: FederationConfig, round_: int) -> np.ndarray:
-    """The round's clients: depends on (seed, round) only, never on how many processes run."""
+def sample_clients(cfg: TrainConfig, round_: int) -> np.ndarray:
+    """The round's clients: depends on (seed, round) only, never on how many processes run.
+
+    The first active algorithm that draws its own sample decides (one whose guarantee assumes another kind of
+    draw, say); otherwise --frac of the clients, drawn without replacement. Only an algorithm's draw may be empty.
+    """
+    for cls in algorithms.active_classes(cfg):
+        clients = cls.sample(cfg, round_)
+        if clients is not None:
+            return clients
+    fed = cfg.fed
     rng = stream(fed.seed, round_, SAMPLE)
     return np.sort(rng.choice(fed.num_users, size=fed.clients_per_round, replace=False))
 
@@ -206,8 +215,11 @@ def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[
                   num_clients: int) -> float:
     """Aggregate, privatize, take the server's step, load the result; returns ‖mean update‖."""
     r = ServerRound(round_, num_clients, start, running.total, dict(running.scalars))
-    mean, deltas = mean_of(running), {}
-    products = {k: v / running.total for k, v in running.products.items()}
+    if running.total > 0:
+        mean, products = mean_of(running), {k: v / running.total for k, v in running.products.items()}
+    else:  # a round that sampled no client (DP's Poisson draw): the aggregate stays where it started
+        mean, products = {k: v.float().clone() for k, v in start.items()}, dict(running.products)
+    deltas: dict[str, torch.Tensor] = {}
     for a in fx.algs:
         mean, deltas = a.aggregate(r, mean, deltas, products)
     mean_norm = update_norm(mean, start)
@@ -233,7 +245,7 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
     t0 = time.perf_counter()
     if fx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fx.device)
-    clients = sample_clients(fx.cfg.fed, round_)
+    clients = sample_clients(fx.cfg, round_)
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     running, totals = train_clients(fx, round_, hooks.mine(clients, fx.partition.sizes()),
                                     loader or fx.train_loader, progress, start)
@@ -250,16 +262,17 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
               times: tuple[float, float, float]) -> dict:
     """The round's metrics row from its totals; `times` are when it started, aggregated and ended."""
     t0, t_agg, end = times
+    some = num_clients > 0 and running.total > 0  # a round may sample no client (DP's Poisson draw)
     row = {"round": round_, "test_acc": None, "test_loss": None,
-           "train_loss": totals["loss_sum"] / totals["num_samples"], "num_clients": num_clients,
+           "train_loss": totals["loss_sum"] / totals["num_samples"] if some else None, "num_clients": num_clients,
            "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,
            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
            "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
-           "client_drift": totals["drift_sum"] / num_clients,
+           "client_drift": totals["drift_sum"] / num_clients if some else None,
            # Weighted spread of the clients' updates around their mean: what drift correction shrinks. Undefined
            # for mixed ranks, whose clients start from different (truncated) points.
-           "update_spread": None if fx.ranks is not None else
+           "update_spread": None if fx.ranks is not None or not some else
            math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
            "peak_gpu_mem_mb": peak_memory_mb(fx.device)}
     for a in fx.algs:

@@ -193,16 +193,15 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
         fx.close()
         if metrics is not None:
             metrics.close()
-    return write_summary(run_dir, metrics.rows) if metrics is not None else {}
+    return write_summary(run_dir, metrics.rows, algorithms.summary_keys(cfg)) if metrics is not None else {}
 
 
-def write_summary(run_dir: Path, rows: list[dict]) -> dict:
-    """summary.json: final and best accuracy, rounds done, total time (and ε under DP)."""
+def write_summary(run_dir: Path, rows: list[dict], keys: tuple[str, ...] = ()) -> dict:
+    """summary.json: final and best accuracy, rounds done, total time, and the last row's `keys`."""
     accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
     summary = {"final_test_acc": accs[-1] if accs else None, "best_test_acc": max(accs) if accs else None,
                "rounds": rows[-1]["round"] if rows else 0,
                "total_time_s": sum(r["round_time_s"] + r.get("eval_s", 0.0) for r in rows)}
-    if rows and "dp_epsilon" in rows[-1]:
-        summary["dp_epsilon"] = rows[-1]["dp_epsilon"]  # ε at the run's --dp-delta after the last round
+    summary.update({k: rows[-1][k] for k in keys if rows and k in rows[-1]})  # e.g. ε after the last round
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary

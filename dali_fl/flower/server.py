@@ -131,12 +131,13 @@ def instructions(fx: Federation, nodes: Mapping[int, int], clients: np.ndarray, 
 def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: int) -> dict:
     """One round: send the sampled clients the state, aggregate their replies as dali-fl does; the metrics row."""
     t0 = time.perf_counter()
-    clients = sample_clients(fx.cfg.fed, round_)
+    clients = sample_clients(fx.cfg, round_)
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     messages = instructions(fx, nodes, clients, round_)
     bytes_down = sum(num_bytes(m.content) for m in messages)
     by_node = {nodes[int(c)]: int(c) for c in clients}
-    replies = collect(grid.send_and_receive(messages), by_node, round_, fx.device)
+    # A round may sample no client (DP's Poisson draw): nothing to send, and the server still adds its noise.
+    replies = collect(grid.send_and_receive(messages), by_node, round_, fx.device) if messages else {}
     t_agg = time.perf_counter()
     running, totals = add_replies(fx, [replies[int(c)] for c in clients], start)
     mean_norm = server_update(fx, round_, running, start, len(clients))
@@ -146,7 +147,7 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     # What crossed Flower's wire: tensor bytes (and their names) in the instructions and the replies.
     row.update(bytes_down=bytes_down, bytes_up=sum(int(m["bytes"]) for m in metrics),
                client_processes=len({int(m["pid"]) for m in metrics}),
-               federations_built=max(int(m["federations-built"]) for m in metrics))
+               federations_built=max((int(m["federations-built"]) for m in metrics), default=0))
     return row
 
 

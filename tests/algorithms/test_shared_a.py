@@ -29,7 +29,7 @@ def test_shared_a_averages_a_and_gives_each_client_back_its_own_b(rank_store, tm
         return res
 
     monkeypatch.setattr(fed, "local_train", recording)
-    first = fed.sample_clients(fx.cfg.fed, 1).tolist()
+    first = fed.sample_clients(fx.cfg, 1).tolist()
     fed.run_round(fx, 1)
     for a in fx.algs:
         a.commit()  # the round's B rows into the table, as the run does after its checkpoint
@@ -38,7 +38,7 @@ def test_shared_a_averages_a_and_gives_each_client_back_its_own_b(rank_store, tm
         want = sum(s[p.a] * n for s, n, _ in ends) / total
         torch.testing.assert_close(trainable_state(fx.model)[p.a], want)
     trained_b = {c: {p.b: s[p.b] for p in fx.pairs} for c, (s, _, _) in zip(first, ends)}
-    second = fed.sample_clients(fx.cfg.fed, 2).tolist()
+    second = fed.sample_clients(fx.cfg, 2).tolist()
     fed.run_round(fx, 2)
     for c, start in zip(second, starts[len(first):]):
         for p in fx.pairs:  # a returning client starts from its own B, a new one from zero
