@@ -34,6 +34,7 @@ from dali_fl.errors import DaliFlError
 
 if TYPE_CHECKING:
     from dali_fl.config import TrainConfig
+    from dali_fl.engine.asynchronous import AsyncPolicy
     from dali_fl.engine.federation import ClientUpdate, Federation
     from dali_fl.engine.local import ClientResult
 
@@ -92,6 +93,8 @@ class Algorithm:
     Params: ClassVar[type] = NoParams
     aggregation: ClassVar[bool] = False  # one of the mutually exclusive ways of turning the sum into a state
     one_process: ClassVar[bool] = False  # per-client state in one process's file: no --nproc, no Flower
+    asynchronous: ClassVar[bool] = False  # replaces synchronous rounds by buffered asynchronous steps (async_policy)
+    uniform_sample: ClassVar[bool] = False  # its guarantees rest on the round's clients being a uniform sample
     needs_products: ClassVar[bool] = False  # the running sum also adds each client's B @ A
     scalars: ClassVar[tuple[str, ...]] = ()  # per-round sums it adds to (reduced across processes with the rest)
     files: ClassVar[tuple[str, ...]] = ()  # files it keeps in the run directory
@@ -114,6 +117,10 @@ class Algorithm:
     def label(cls, cfg: "TrainConfig") -> str:
         """The algorithm's part of a run directory's name."""
         return cls.name
+
+    def async_policy(self) -> Optional["AsyncPolicy"]:
+        """Buffered asynchronous server steps in place of synchronous rounds (FedBuff), or None."""
+        return None
 
     # ---- client side ---------------------------------------------------------------------------------------
     def train_indices(self, client: int, indices: np.ndarray) -> np.ndarray:

@@ -86,6 +86,7 @@ class DP(Algorithm):
     name = "dp"
     flag = "--dp-clip"
     Params = DPParams
+    uniform_sample = True  # ε's sampling rate m/N assumes every client is equally likely to count
 
     @classmethod
     def active(cls, cfg) -> bool:
