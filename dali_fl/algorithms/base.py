@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from dali_fl.errors import DaliFlError
 
 if TYPE_CHECKING:
     from dali_fl.config import TrainConfig
-    from dali_fl.engine.asynchronous import AsyncPolicy
     from dali_fl.engine.federation import ClientUpdate, Federation
     from dali_fl.engine.local import ClientResult
 
@@ -85,6 +84,15 @@ class ServerRound:
     scalars: Mapping[str, float]  # the round's summed scalars (see Algorithm.scalars), over all processes
 
 
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """Buffered asynchronous server steps: C clients in flight, K updates a step, weights by staleness."""
+
+    concurrency: int
+    buffer: int
+    weight: Callable[[int], float]  # s(τ) for an update τ server steps stale
+
+
 class Algorithm:
     """One algorithm: its options, refusals, hooks and state. Every hook defaults to plain FedAvg."""
 
@@ -118,7 +126,7 @@ class Algorithm:
         """The algorithm's part of a run directory's name."""
         return cls.name
 
-    def async_policy(self) -> Optional["AsyncPolicy"]:
+    def async_policy(self) -> Optional[AsyncPolicy]:
         """Buffered asynchronous server steps in place of synchronous rounds (FedBuff), or None."""
         return None
 
