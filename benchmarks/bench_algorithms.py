@@ -3,6 +3,7 @@
     python -m benchmarks.bench_algorithms                       # Dirichlet 0.1, tiny ViT, 32 px, 20 rounds
     python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
     python -m benchmarks.bench_algorithms --suite resize-to     # 224 px store vs 32 px store + --resize-to 224
+    python -m benchmarks.bench_algorithms --suite clock         # stragglers and FedBuff on one simulated budget
     python -m benchmarks.bench_algorithms --rounds 3 --out runs/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks import clock_suite
 from benchmarks.measure import command_line, machine_info
 from benchmarks.report import fmt, results_dir, table, with_ext, write_results
 
@@ -46,7 +48,7 @@ RESIZE_TO: dict[str, dict[str, Any]] = {
     "native-32+resize-224": {**AT_224, "store_size": 32, "resize_to": 224},
     "store-224-seed1": {**AT_224, "store_size": 224, "seed": 1},
 }
-SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO}
+SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO, "clock": clock_suite.CLOCK}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,7 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--suite", choices=sorted(SUITES), default="algorithms",
                    help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD/FedNova; "
                         "lora-ranks: FedLoRA with mixed client ranks; "
-                        "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224")
+                        "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224; "
+                        "clock: sync FedAvg, a deadline, over-selection and FedBuff on one simulated-time budget "
+                        "(--rounds: sync FedAvg's rounds in the budget)")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     return p.parse_args(argv)
@@ -89,6 +93,10 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, list[dict]]:
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
     out = {}
     suite = SUITES[args.suite]
+    if args.suite == "clock":
+        store = str(write_store(source, work / "data", NATIVE_PX, progress=False)[0])
+        out, args.clock = clock_suite.run_clock(args, common, store, work)
+        return out
     for name in args.only or suite:
         spec = dict(suite[name])
         size = spec.pop("store_size", NATIVE_PX)
@@ -161,14 +169,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --only {unknown[0]} is not in the {args.suite} suite ({', '.join(SUITES[args.suite])})")
     with tempfile.TemporaryDirectory() as work:
         results = run_all(args, Path(work))
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "clock")}
     doc = {"machine": machine_info(args.device), "settings": settings,
            "command": command_line("benchmarks.bench_algorithms", argv), "results": results}
+    if args.suite == "clock":
+        doc["clock"] = args.clock
+    md, draw = (clock_suite.markdown, clock_suite.plot) if args.suite == "clock" else (markdown, plot)
     name = f"{args.suite}-{store_px(args.suite)}px-alpha{args.alpha:g}-frac{args.frac:g}"
     stem = results_dir(doc["machine"], args.out) / name
-    write_results(stem, doc, markdown(doc))
-    plot(doc, with_ext(stem, ".png"))
-    print(markdown(doc))
+    write_results(stem, doc, md(doc))
+    draw(doc, with_ext(stem, ".png"))
+    print(md(doc))
     print(f"wrote {stem}.json, .md and .png")
 
 
