@@ -4,6 +4,7 @@
     python -m benchmarks.bench_algorithms --suite lora-ranks    # FedLoRA with clients of ranks 2..16
     python -m benchmarks.bench_algorithms --suite resize-to     # 224 px store vs 32 px store + --resize-to 224
     python -m benchmarks.bench_algorithms --suite dp            # DP-FedAvg at epsilon 1, 4, 16, inf (delta 1e-5)
+    python -m benchmarks.bench_algorithms --suite clock         # stragglers and FedBuff on one simulated budget
     python -m benchmarks.bench_algorithms --rounds 3 --out runs/algs
 
 Every algorithm gets the same store, partition, seed, clients and local SGD; only the algorithm's own
@@ -22,6 +23,7 @@ from typing import Any
 # repository: put the repository first, so that `benchmarks` is this package whatever else is installed by that name.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import clock_suite
 from benchmarks.measure import command_line, machine_info
 from benchmarks.report import fmt, results_dir, table, with_ext, write_results
 
@@ -61,7 +63,8 @@ DP_SUITE: dict[str, dict[str, Any]] = {
                                                           **({} if eps is None else {"dp_epsilon": eps})}
     for alg, (opts, clip) in DP_CLIPS.items() for eps in DP_EPSILONS
 }
-SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO, "dp": DP_SUITE}
+SUITES = {"algorithms": ALGORITHMS, "lora-ranks": LORA_RANKS, "resize-to": RESIZE_TO, "dp": DP_SUITE,
+          "clock": clock_suite.CLOCK}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,7 +82,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="algorithms: FedAvg/FedProx/FedAdam/SCAFFOLD/FedNova; "
                         "lora-ranks: FedLoRA with mixed client ranks; "
                         "resize-to: FedAvg from a 224 px store vs a 32 px store with --resize-to 224; "
-                        "dp: FedAvg and FedLoRA under DP-FedAvg at epsilon 1, 4, 16 and inf")
+                        "dp: FedAvg and FedLoRA under DP-FedAvg at epsilon 1, 4, 16 and inf; "
+                        "clock: sync FedAvg, a deadline, over-selection and FedBuff on one simulated-time budget "
+                        "(--rounds: sync FedAvg's rounds in the budget)")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     return p.parse_args(argv)
@@ -106,6 +111,10 @@ def run_all(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]]
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
     out, noise = {}, {}
     suite = SUITES[args.suite]
+    if args.suite == "clock":
+        store = str(write_store(source, work / "data", NATIVE_PX, progress=False)[0])
+        out, args.clock = clock_suite.run_clock(args, common, store, work)
+        return out, noise
     for name in args.only or suite:
         spec = dict(suite[name])
         size = spec.pop("store_size", NATIVE_PX)
@@ -209,14 +218,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --only {unknown[0]} is not in the {args.suite} suite ({', '.join(SUITES[args.suite])})")
     with tempfile.TemporaryDirectory() as work:
         results, noise = run_all(args, Path(work))
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "clock")}
     doc = {"machine": machine_info(args.device), "settings": settings,
            "command": command_line("benchmarks.bench_algorithms", argv), "results": results, "noise": noise}
+    if args.suite == "clock":
+        doc["clock"] = args.clock
+    md, draw = {"clock": (clock_suite.markdown, clock_suite.plot), "dp": (dp_markdown, plot)}.get(args.suite,
+                                                                                                   (markdown, plot))
     name = f"{args.suite}-{store_px(args.suite)}px-alpha{args.alpha:g}-frac{args.frac:g}"
     stem = results_dir(doc["machine"], args.out) / name
-    text = dp_markdown(doc) if args.suite == "dp" else markdown(doc)
+    text = md(doc)
     write_results(stem, doc, text)
-    plot(doc, with_ext(stem, ".png"))
+    draw(doc, with_ext(stem, ".png"))
     print(text)
     print(f"wrote {stem}.json, .md and .png")
 

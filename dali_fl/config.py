@@ -19,6 +19,8 @@ import numpy as np
 from dali_fl import algorithms
 from dali_fl.checks import check_choice, check_ints, check_numbers, flag
 from dali_fl.data.partition import METHODS as PARTITION_METHODS
+from dali_fl.engine import clock
+from dali_fl.engine.clock import ClockConfig
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, check_resize
 from dali_fl.model.build import DEFAULT_LORA_TARGETS, MODEL_ALIASES, ModelSpec, parse_model_kwargs
@@ -122,7 +124,8 @@ class DataConfig:
         check_numbers(self, positive=("eval_bs", "eval_every"), non_negative=("num_workers",))
 
 
-SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig}
+SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig,
+            "clock": ClockConfig}  # the simulated clock's section lives in dali_fl/engine/clock.py
 # Flat option names that differ from their field's name.
 RENAMED = {"model": ("model", "name"), "model_kwargs": ("model", "kwargs")}
 DERIVED = {("model", "lora"), ("model", "freeze_lora_a")}  # set from --alg / --lora-agg, never directly
@@ -198,6 +201,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # Algorithm name -> its Params (dali_fl.algorithms), every algorithm at its defaults unless given.
     algorithms: dict = field(default_factory=lambda: algorithms.params_from({}))
+    clock: ClockConfig = field(default_factory=ClockConfig)  # speeds, bandwidths, stragglers (engine/clock.py)
 
     @classmethod
     def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
@@ -215,8 +219,9 @@ class TrainConfig:
         parts["fed"]["lora_agg"] = algorithms.resolve_lora_agg(parts["fed"]["lora_agg"])  # flora -> stack
         fed = FederationConfig(**parts["fed"])
         cfg = cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]),
-                  algorithms.params_from(opts))
+                  algorithms.params_from(opts), ClockConfig(**parts["clock"]))
         algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
+        clock.refuse(cfg)
         return algorithms.settle(cfg)  # derived options (DP's calibrated noise), saved in config.json as settled
 
     def to_json(self) -> str:
@@ -229,7 +234,7 @@ class TrainConfig:
         local, flat = _legacy_options(doc)
         flat.update({k: v for params in doc.get("algorithms", {}).values() for k, v in params.items()})
         return cls(FederationConfig(**doc["fed"]), LocalConfig(**local), ModelSpec(**model),
-                   DataConfig(**doc["data"]), algorithms.params_from(flat))
+                   DataConfig(**doc["data"]), algorithms.params_from(flat), ClockConfig(**doc.get("clock", {})))
 
     def replace(self, **parts) -> "TrainConfig":
         """Copy with some fields of the sub-configs replaced, e.g. replace(fed={'rounds': 4})."""

@@ -13,8 +13,12 @@ NOISE = 11  # DP-FedAvg's Gaussian noise: derive_seed(seed, round, NOISE)
 STACK = 13  # FLoRA's re-initialised adapters: derive_seed(seed, round, STACK)
 RANK = 17  # the draw of per-client LoRA ranks: (seed, RANK)
 HOLDOUT = 19  # FedSA-LoRA's held-out fifth of each client: derive_seed(seed, client, HOLDOUT)
-DP_SAMPLE = 23  # DP-FedAvg's Poisson draw of the round's clients: (seed, round, DP_SAMPLE)
-DP_COUNT = 29  # adaptive clipping's noise on the clipped count: (seed, round, DP_COUNT)
+SPEED = 23  # the simulated clock's client compute speeds: (seed, SPEED)
+BANDWIDTH = 29  # the simulated clock's client bandwidths: (seed, BANDWIDTH)
+DISPATCH = 31  # asynchronous rounds: the j-th (j >= 1) dispatch at one model version: (seed, version + 1, SAMPLE,
+# DISPATCH, j); the first is (seed, version + 1, SAMPLE), the synchronous round's sample
+DP_SAMPLE = 37  # DP-FedAvg's Poisson draw of the round's clients: (seed, round, DP_SAMPLE)
+DP_COUNT = 41  # adaptive clipping's noise on the clipped count: (seed, round, DP_COUNT)
 AUGMENT = 0xA06  # the loaders' flips and crops: (epoch seed, AUGMENT)
 # Local training takes derive_seed(seed, round, client) and, per epoch, derive_seed(that, epoch): no tag, as
 # these were the first streams; every tagged one above lies apart from them.

@@ -23,3 +23,16 @@ def test_resize_to_suite_trains_from_both_stores(tmp_path, capsys):
 def test_suites_name_their_image_size():
     assert store_px("algorithms") == store_px("lora-ranks") == 32
     assert store_px("resize-to") == 224
+
+
+def test_clock_suite_runs_to_one_simulated_budget(tmp_path):
+    main(["--suite", "clock", "--rounds", "1", "--num-train", "200", "--num-test", "20", "--alpha", "10",
+          "--only", "sync", "fedbuff-c10-k5", "--out", str(tmp_path)])
+    stem = tmp_path / "clock-32px-alpha10-frac0.5"
+    doc = json.loads(stem.with_name(stem.name + ".json").read_text())
+    budget = doc["clock"]["budget_s"]
+    assert len(doc["results"]["sync"]) == 1 and doc["results"]["sync"][-1]["sim_time_s"] == budget
+    steps = doc["results"]["fedbuff-c10-k5"]
+    assert len(steps) == doc["clock"]["rounds"]["fedbuff-c10-k5"] and steps[-1]["sim_time_s"] <= budget
+    assert "acc at budget" in stem.with_name(stem.name + ".md").read_text()
+    assert stem.with_name(stem.name + ".png").stat().st_size > 0

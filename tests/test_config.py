@@ -100,7 +100,7 @@ def test_bad_options_are_one_clear_error(options, words):
 
 def test_option_names_are_unique_and_cover_every_section():
     fields = option_fields()
-    assert {section for section, _ in fields.values()} == {"fed", "local", "model", "data", "algorithms"}
+    assert {section for section, _ in fields.values()} == {"fed", "local", "model", "data", "algorithms", "clock"}
     # Each algorithm's options are declared in its own file and land in its own Params.
     assert fields["prox_mu"] == ("algorithms", "fedprox") and fields["scaffold"] == ("algorithms", "scaffold")
     assert fields["server_opt"] == ("algorithms", "fedopt") and fields["fednova"] == ("algorithms", "fednova")

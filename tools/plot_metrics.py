@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Plot test accuracy and losses per round for one or more run directories into a PNG."""
+"""Plot test accuracy and losses per round (or against simulated time) for one or more run directories into a PNG.
+
+    python tools/plot_metrics.py RUN [RUN ...] [--x sim_time] [--out curves.png]
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from dali_fl.engine.rundir import read_metrics  # noqa: E402
 
+X_AXES = {"round": ("round", "round"), "sim_time": ("sim_time_s", "simulated time (s)")}
 
-def plot(run_dirs: list[Path], out: Path) -> Path:
-    """Write accuracy and loss curves of the runs side by side; returns the PNG path."""
+
+def plot(run_dirs: list[Path], out: Path, x: str = "round") -> Path:
+    """Write accuracy and loss curves of the runs side by side, against rounds or simulated time; the PNG path."""
+    key, label = X_AXES[x]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,14 +29,16 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
         rows = read_metrics(run)
         if not rows:
             raise SystemExit(f"error: {run} has no metrics.jsonl rows; is it a dali-fl run directory?")
+        if any(key not in r for r in rows):
+            raise SystemExit(f"error: {run} has rows without {key} (written before the simulated clock); plot it "
+                             "against --x round")
         evals = [r for r in rows if r.get("test_acc") is not None]
-        ax_acc.plot([r["round"] for r in evals], [r["test_acc"] for r in evals], marker="o", label=run.name)
-        # A DP round that sampled no client has no train loss.
-        losses = [float("nan") if r["train_loss"] is None else r["train_loss"] for r in rows]
-        ax_loss.plot([r["round"] for r in rows], losses, label=f"{run.name} train")
-        ax_loss.plot([r["round"] for r in evals], [r["test_loss"] for r in evals], "--", label=f"{run.name} test")
-    ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Test accuracy")
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+        trained = [r for r in rows if r.get("train_loss") is not None]  # a round may aggregate nobody
+        ax_acc.plot([r[key] for r in evals], [r["test_acc"] for r in evals], marker="o", label=run.name)
+        ax_loss.plot([r[key] for r in trained], [r["train_loss"] for r in trained], label=f"{run.name} train")
+        ax_loss.plot([r[key] for r in evals], [r["test_loss"] for r in evals], "--", label=f"{run.name} test")
+    ax_acc.set(xlabel=label, ylabel="test accuracy", ylim=(0, 1), title="Test accuracy")
+    ax_loss.set(xlabel=label, ylabel="cross-entropy", title="Loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -45,14 +53,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by `dali-fl train`")
     parser.add_argument("--out", type=Path, help="PNG path (default: RUN/curves.png of the first run)")
+    parser.add_argument("--x", choices=sorted(X_AXES), default="round",
+                        help="x axis: round, or sim_time (the simulated clock's sim_time_s)")
     args = parser.parse_args()
     for run in args.runs:
-        print(f"{run}:\n  round  test_acc  train_loss  round_time_s")
+        print(f"{run}:\n  round  test_acc  train_loss  round_time_s  sim_time_s")
         for r in read_metrics(run):
             acc = "-" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
-            loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-            print(f"  {r['round']:>5}  {acc:>8}  {loss:>10}  {r['round_time_s']:>12.1f}")
-    print(f"curves: {plot(args.runs, args.out or args.runs[0] / 'curves.png')}")
+            loss = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
+            sim = "-" if r.get("sim_time_s") is None else f"{r['sim_time_s']:.1f}"
+            print(f"  {r['round']:>5}  {acc:>8}  {loss:>10}  {r['round_time_s']:>12.1f}  {sim:>10}")
+    print(f"curves: {plot(args.runs, args.out or args.runs[0] / 'curves.png', args.x)}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from dali_fl.algorithms.base import Aggregation, Algorithm
 from dali_fl.algorithms.dp import DP
 from dali_fl.algorithms.fedavg import FedAvg
+from dali_fl.algorithms.fedbuff import FedBuff
 from dali_fl.algorithms.fedex import FedEx
 from dali_fl.algorithms.fedit import FedIT
 from dali_fl.algorithms.fednova import FedNova
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (
     FedAvg, FedIT, FFA, FedEx, ZeroPad, Stack, SharedA,  # aggregations: exactly one per run
     FedProx, Scaffold, FedNova,  # local training and how updates are weighed
+    FedBuff,  # asynchronous server steps in place of rounds
     FedOpt, DP,  # the server's step and privacy
 )}
 

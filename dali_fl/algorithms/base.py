@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -90,6 +90,15 @@ class ServerRound:
     scalars: Mapping[str, float]  # the round's summed scalars (see Algorithm.scalars), over all processes
 
 
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """Buffered asynchronous server steps: C clients in flight, K updates a step, weights by staleness."""
+
+    concurrency: int
+    buffer: int
+    weight: Callable[[int], float]  # s(τ) for an update τ server steps stale
+
+
 class Algorithm:
     """One algorithm: its options, refusals, hooks and state. Every hook defaults to plain FedAvg."""
 
@@ -98,6 +107,8 @@ class Algorithm:
     Params: ClassVar[type] = NoParams
     aggregation: ClassVar[bool] = False  # one of the mutually exclusive ways of turning the sum into a state
     one_process: ClassVar[bool] = False  # per-client state in one process's file: no --nproc, no Flower
+    asynchronous: ClassVar[bool] = False  # replaces synchronous rounds by buffered asynchronous steps (async_policy)
+    uniform_sample: ClassVar[bool] = False  # its guarantees rest on the round's clients being a uniform sample
     needs_products: ClassVar[bool] = False  # the running sum also adds each client's B @ A
     scalars: ClassVar[tuple[str, ...]] = ()  # per-round sums it adds to (reduced across processes with the rest)
     files: ClassVar[tuple[str, ...]] = ()  # files it keeps in the run directory
@@ -132,6 +143,10 @@ class Algorithm:
     def sample(cls, cfg: "TrainConfig", round_: int) -> Optional[np.ndarray]:
         """The round's clients (sorted ids, from (seed, round) alone: every process draws the same), or None to
         leave the draw to the next active algorithm or to the engine's fixed-size one."""
+        return None
+
+    def async_policy(self) -> Optional[AsyncPolicy]:
+        """Buffered asynchronous server steps in place of synchronous rounds (FedBuff), or None."""
         return None
 
     # ---- client side ---------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ class DP(Algorithm):
     Params = DPParams
     scalars = (UNCLIPPED,)
     summary_keys = ("dp_epsilon", "dp_epsilon_rdp")
+    uniform_sample = True  # ε's sampling rate m/N assumes every client is equally likely to count
 
     @classmethod
     def active(cls, cfg) -> bool:

@@ -1,6 +1,7 @@
 """`dali-fl train`: run a FedAvg or FedLoRA federation (the seed's flag spellings work too)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dali_fl.config import (
     option_defaults,
 )
 from dali_fl.data.store import open_store, store_name
+from dali_fl.engine.clock import ClockConfig
 from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS
@@ -32,21 +34,27 @@ RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
 o = click.option
 
 
-def algorithm_options() -> list:
-    """Click options made from every algorithm's Params fields: the declarations in dali_fl/algorithms/."""
+def declared_options(fields: list) -> list:
+    """Click options made from `option(...)` dataclass fields (a trailing _ is dropped: async_ is --async)."""
     opts = []
-    for name, (_, f) in algorithms.option_fields().items():
-        flag, meta = "--" + name.replace("_", "-"), f.metadata
+    for f in fields:
+        name = f.name
+        flag, meta = "--" + name.rstrip("_").replace("_", "-"), f.metadata
         kw = dict(default=f.default, show_default=True, help=meta["help"])
         if isinstance(f.default, bool):
-            opts.append(o(f"{flag}/--no-{flag[2:]}", **kw))
+            opts.append(o(f"{flag}/--no-{flag[2:]}", name, **kw))
         elif isinstance(f.default, tuple):
-            opts.append(o(flag, type=type(f.default[0]), nargs=len(f.default), **kw))
+            opts.append(o(flag, name, type=type(f.default[0]), nargs=len(f.default), **kw))
         elif meta["choices"]:
-            opts.append(o(flag, type=click.Choice(meta["choices"]), **kw))
+            opts.append(o(flag, name, type=click.Choice(meta["choices"]), **kw))
         else:
-            opts.append(o(flag, type=meta.get("type") or type(f.default), **kw))
+            opts.append(o(flag, name, type=meta.get("type") or type(f.default), **kw))
     return opts
+
+
+def algorithm_options() -> list:
+    """Click options made from every algorithm's Params fields: the declarations in dali_fl/algorithms/."""
+    return declared_options([f for _, f in algorithms.option_fields().values()])
 
 
 def train_options(f):
@@ -87,6 +95,7 @@ def train_options(f):
         o("--weight-decay", "--weight_decay", type=float, default=d["weight_decay"], show_default=True,
           help="Weight decay."),
         *algorithm_options(),  # each algorithm declares its own, next to its code
+        *declared_options(list(dataclasses.fields(ClockConfig))),  # the simulated clock's (engine/clock.py)
         o("--model", default=d["model"], show_default=True,
           help="timm model name; `vit` means ViT-B/16 (vit_base_patch16_224)."),
         o("--model-variant", "--model_variant", type=click.Choice(["pretrained", "scratch"]),
@@ -175,7 +184,8 @@ def _resolve_store(p: dict) -> str:
 def cli_config(p: dict, device: str) -> TrainConfig:
     """The resolved TrainConfig of a new run."""
     flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
-    return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device})
+    trace = str(Path(p["trace"]).absolute()) if p.get("trace") else ""  # so --resume finds it from anywhere
+    return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device, "trace": trace})
 
 
 def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:

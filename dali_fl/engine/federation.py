@@ -23,6 +23,7 @@ from dali_fl.algorithms.base import Algorithm, Contribution, ServerRound
 from dali_fl.config import TrainConfig
 from dali_fl.data.partition import Partition
 from dali_fl.data.store import Store
+from dali_fl.engine import clock
 from dali_fl.engine.aggregate import RunningSum, mean_of, update_norm
 from dali_fl.engine.device import peak_memory_mb
 from dali_fl.engine.local import ClientResult, evaluate, local_train, trainable_params
@@ -83,6 +84,11 @@ class Federation:
             self.close()
             raise
         self.scalars = tuple(name for a in self.algs for name in a.scalars)
+        try:
+            self.timeline = clock.timeline_for(self)  # the simulated clock: synchronous rounds or buffered async
+        except BaseException:
+            self.close()
+            raise
 
     def make_loader(self, split: str, batch_size: int, augment: bool) -> Loader:
         """Another loader over the run's store, like the run's own (an algorithm's evaluation uses one)."""
@@ -124,7 +130,7 @@ class Federation:
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """What the algorithms keep across rounds besides the model: optimizer moments, per-client rows."""
-        return {k: v for a in self.algs for k, v in a.state_tensors().items()}
+        return {**{k: v for a in self.algs for k, v in a.state_tensors().items()}, **self.timeline.state_tensors()}
 
     @property
     def uses_products(self) -> bool:
@@ -242,10 +248,15 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
     compute-only one); by default the clients read through `fx.train_loader`.
     """
     hooks = hooks or RoundHooks()
+    if fx.timeline.asynchronous:  # buffered asynchronous server steps (engine/asynchronous.py)
+        return fx.timeline.run_step(fx, round_, progress, hooks, loader or fx.train_loader)
     t0 = time.perf_counter()
     if fx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(fx.device)
-    clients = sample_clients(fx.cfg, round_)
+    plan = fx.timeline.plan(round_, sample_clients)  # the sample, less stragglers and offline clients
+    clients = plan.clients
+    if plan.sampled and not len(clients):  # the clock dropped every sampled client: the model stays as it was
+        return clock.empty_row(fx, plan)
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     running, totals = train_clients(fx, round_, hooks.mine(clients, fx.partition.sizes()),
                                     loader or fx.train_loader, progress, start)
@@ -255,7 +266,7 @@ def run_round(fx: Federation, round_: int, progress: bool = False, hooks: Option
     if fx.device.type == "cuda":
         torch.cuda.synchronize(fx.device)
     end = time.perf_counter()
-    return round_row(fx, round_, len(clients), running, totals, mean_norm, (t0, t_agg, end))
+    return {**round_row(fx, round_, len(clients), running, totals, mean_norm, (t0, t_agg, end)), **plan.metrics()}
 
 
 def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum, totals: dict, mean_norm: float,

@@ -112,6 +112,7 @@ def resume_state(fx: Federation, run_dir: Path) -> int:
     load_state_(fx.model, {**state, **base})
     for a in fx.algs:
         a.load_state_tensors(saved, round_)  # each takes the tensors under its own prefix
+    fx.timeline.load_state_tensors(saved, round_)  # the simulated clock: model versions clients in flight need
     return round_ + 1
 
 

@@ -64,10 +64,23 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, 
     opts, out, preset = options_from_run_config(run_config)
     cfg = TrainConfig.from_options(opts, preset)
     algorithms.refuse_one_process(cfg, "the Flower app does not run it", "use `dali-fl train`")
+    refuse_clock(cfg)
     if out is None:
         raise DaliFlError("the Flower run config has no `out` (the run directory); add out = \"RUN_DIR\" to "
                           "[tool.flwr.app.config] or write the app with `dali-fl flower app DIR --out RUN_DIR`")
     return cfg, Path(out)
+
+
+def refuse_clock(cfg: TrainConfig) -> None:
+    """The Flower app reports the simulated clock (sim_time_s) but drops, skips and buffers no client."""
+    clock, defaults = cfg.clock, type(cfg.clock)()
+    asked = [f for f, on in (("--deadline", clock.deadline != defaults.deadline),
+                             ("--over-select", clock.over_select != defaults.over_select),
+                             ("--trace", bool(clock.trace)),
+                             *((c.flag, True) for c in algorithms.active_classes(cfg) if c.asynchronous)) if on]
+    if asked:
+        raise DaliFlError(f"the Flower app runs synchronous rounds of every sampled client; {asked[0]} runs in "
+                          "`dali-fl train`")
 
 
 def _toml_value(value: Scalar) -> str:

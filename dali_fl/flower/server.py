@@ -131,7 +131,8 @@ def instructions(fx: Federation, nodes: Mapping[int, int], clients: np.ndarray, 
 def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: int) -> dict:
     """One round: send the sampled clients the state, aggregate their replies as dali-fl does; the metrics row."""
     t0 = time.perf_counter()
-    clients = sample_clients(fx.cfg, round_)
+    plan = fx.timeline.plan(round_, sample_clients)  # every sampled client: Flower refuses the straggler options
+    clients = plan.clients
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     messages = instructions(fx, nodes, clients, round_)
     bytes_down = sum(num_bytes(m.content) for m in messages)
@@ -147,7 +148,7 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     # What crossed Flower's wire: tensor bytes (and their names) in the instructions and the replies.
     row.update(bytes_down=bytes_down, bytes_up=sum(int(m["bytes"]) for m in metrics),
                client_processes=len({int(m["pid"]) for m in metrics}),
-               federations_built=max((int(m["federations-built"]) for m in metrics), default=0))
+               federations_built=max((int(m["federations-built"]) for m in metrics), default=0), **plan.metrics())
     return row
 
 

@@ -1,0 +1,168 @@
+"""The simulated clock: seeded speeds and bandwidths, traces, each client's round time, sim_time_s in every row,
+deadlines, over-selection and availability, exact replay on resume, and the bad inputs it refuses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dali_fl.config import TrainConfig
+from dali_fl.engine.clock import ClockConfig, Profiles, drawn_profiles, lognormal, plan_round, read_trace
+from dali_fl.engine.federation import sample_clients
+from dali_fl.engine.run import prepare, train
+from dali_fl.errors import DaliFlError
+from dali_fl.seeds import stream
+from tests.tiny import tiny_args, tiny_config, tiny_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tiny_store(tmp_path_factory.mktemp("clock-store"))
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lognormal_spread_is_the_ratio_of_the_90th_to_the_10th_percentile():
+    draws = lognormal(stream(0, 1), median=50.0, spread=10.0, n=200_000)
+    p10, p50, p90 = np.percentile(draws, [10, 50, 90])
+    assert p90 / p10 == pytest.approx(10.0, rel=0.02)
+    assert p50 == pytest.approx(50.0, rel=0.02)
+    assert (lognormal(stream(0, 1), 50.0, 1.0, 7) == 50.0).all()  # spread 1: every client alike
+
+
+def test_profiles_depend_on_the_seed_alone():
+    clock = ClockConfig(speed_spread=10, bandwidth_spread=4)
+    a, b, c = drawn_profiles(clock, 20, 0), drawn_profiles(clock, 20, 0), drawn_profiles(clock, 20, 1)
+    assert np.array_equal(a.speed, b.speed) and np.array_equal(a.down, b.down)
+    assert not np.array_equal(a.speed, c.speed)
+    assert np.allclose(a.up, a.down)  # upload defaults to the download bandwidth
+
+
+def test_plan_drops_late_clients_keeps_the_first_m_and_skips_offline_ones():
+    seconds = np.array([1.0, 5.0, 2.0, 9.0, 3.0])
+    always = Profiles(np.ones(5), np.ones(5), np.ones(5))
+    sampled = np.array([0, 1, 3, 4])
+    p = plan_round(1, 10.0, sampled, seconds, always, ClockConfig(), 4)
+    assert p.clients.tolist() == [0, 1, 3, 4] and p.end_s == 19.0 and p.dropped == 0
+    p = plan_round(1, 10.0, sampled, seconds, always, ClockConfig(deadline=4.0), 4)
+    assert p.clients.tolist() == [0, 4] and p.dropped == 2 and p.end_s == 14.0  # waited for the deadline
+    p = plan_round(1, 0.0, sampled, seconds, always, ClockConfig(over_select=1.5), 2)
+    assert p.clients.tolist() == [0, 4] and p.dropped == 2 and p.end_s == 3.0  # ends when the m-th arrives
+    windows = tuple(np.array([[0.0, 5.0]]) if c == 0 else np.zeros((0, 2)) for c in range(5))
+    p = plan_round(1, 6.0, sampled, seconds, Profiles(np.ones(5), np.ones(5), np.ones(5), windows), ClockConfig(), 4)
+    assert p.clients.tolist() == [1, 3, 4] and p.unavailable == 1
+
+
+def test_every_row_has_the_simulated_clock(store, tmp_path):
+    cfg = tiny_config(store, rounds=3, local_bs=25, speed=25.0, bandwidth=2.0)
+    train(cfg, tmp_path / "run", progress=False)
+    fx, _ = prepare(cfg, tmp_path / "x", resume=False, write=False)
+    values, sizes = fx.upload_values(0), fx.partition.sizes()
+    fx.close()
+    t = 0.0
+    for row in rows(tmp_path / "run"):
+        clients = sample_clients(cfg, row["round"])
+        slowest = max(2 * values * 4 / 1e6 / 2.0 + sizes[c] / 25.0 for c in clients)  # down + 1 epoch + up
+        t += slowest
+        assert row["sim_time_s"] == pytest.approx(t)
+        assert row["clients_dropped"] == 0 and row["clients_sampled"] == row["num_clients"] == 2
+
+
+def test_deadline_and_over_selection_aggregate_fewer_and_count_the_rest(store, tmp_path):
+    common = dict(rounds=2, local_bs=25, speed_spread=10.0, frac=0.5)
+    train(tiny_config(store, over_select=2.0, **common), tmp_path / "over", progress=False)
+    for row in rows(tmp_path / "over"):
+        assert row["clients_sampled"] == 4 and row["num_clients"] == 2 and row["clients_dropped"] == 2
+    fx, _ = prepare(tiny_config(store, **common), tmp_path / "x", resume=False, write=False)
+    seconds = fx.timeline.seconds
+    fx.close()
+    train(tiny_config(store, deadline=float(np.median(seconds)), **common), tmp_path / "deadline", progress=False)
+    got = rows(tmp_path / "deadline")
+    assert all(r["num_clients"] + r["clients_dropped"] == 2 for r in got)
+    assert sum(r["clients_dropped"] for r in got) > 0
+    assert all(r["sim_round_s"] <= float(np.median(seconds)) + 1e-9 for r in got)
+
+
+def test_resume_replays_the_clock(store, tmp_path):
+    common = dict(local_bs=25, speed_spread=10.0, deadline=0.0, over_select=1.5)
+    train(tiny_config(store, rounds=3, **common), tmp_path / "full", progress=False)
+    train(tiny_config(store, rounds=2, **common), tmp_path / "part", progress=False)
+    train(tiny_config(store, rounds=3, **common), tmp_path / "part", resume=True, progress=False)
+    assert [r["sim_time_s"] for r in rows(tmp_path / "full")] == [r["sim_time_s"] for r in rows(tmp_path / "part")]
+
+
+def write_trace(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_trace_gives_speeds_bandwidths_and_availability(store, tmp_path):
+    trace = write_trace(tmp_path / "t.csv", ["client,speed,bandwidth,upload_bandwidth,available",
+                                             "0,10,1,0.5,", "1,20,2,,0-1", "2,30,3,,", "3,40,4,,"])
+    p = read_trace(trace, 4)
+    assert p.speed.tolist() == [10, 20, 30, 40] and p.up.tolist() == [0.5, 2, 3, 4]
+    assert p.available(1, 0.5) and not p.available(1, 2.0) and p.available(0, 1e9)
+    train(tiny_config(store, rounds=4, frac=1.0, local_bs=25, trace=str(trace)), tmp_path / "run", progress=False)
+    got = rows(tmp_path / "run")
+    assert got[0]["clients_unavailable"] == 0 and all(r["clients_unavailable"] == 1 for r in got[1:])
+
+
+@pytest.mark.parametrize("lines, words", [
+    (["client,speed", "0,1"], ["header", "bandwidth"]),
+    (["client,speed,bandwidth", "0,1,1", "1,1,1", "2,1,1", "7,1,1"], ["client 7", "outside"]),
+    (["client,speed,bandwidth", "0,1,1", "1,1,1", "2,1,1"], ["no row for client 3"]),
+    (["client,speed,bandwidth", "0,1,1", "1,0,1", "2,1,1", "3,1,1"], ["speed must be > 0"]),
+    (["client,speed,bandwidth", "0,1,1", "1,1,fast", "2,1,1", "3,1,1"], ["not a number"]),
+    (["client,speed,bandwidth,available", "0,1,1,5-2", "1,1,1,", "2,1,1,", "3,1,1,"], ["window"]),
+])
+def test_bad_traces_are_refused(tmp_path, lines, words):
+    with pytest.raises(DaliFlError) as err:
+        read_trace(write_trace(tmp_path / "t.csv", lines), 4)
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--speed", "0"], ["--speed", "> 0"]),
+    (["--bandwidth", "-1"], ["--bandwidth", "> 0"]),
+    (["--speed-spread", "0.5"], ["--speed-spread", ">= 1"]),
+    (["--trace", "no-such.csv"], ["cannot read --trace"]),
+    (["--deadline", "1e-6"], ["--deadline", "no client"]),
+    (["--over-select", "3"], ["--over-select", "more than"]),
+    (["--deadline", "5", "--dp-clip", "1"], ["--deadline", "--dp-clip"]),
+])
+def test_bad_clock_options_are_one_line(invoke, assert_user_error, store, tmp_path, args, words):
+    out = tmp_path / "run"
+    assert_user_error(invoke("train", "--store", store, "--out", out, *tiny_args(), *args), *words)
+    assert not out.exists()
+
+
+def test_flower_refuses_what_it_does_not_run(store):
+    from dali_fl.flower.options import config_from_run_config, run_config_from_options
+
+    base = {"store": str(store), "device": "cpu"}
+    config_from_run_config(run_config_from_options({**base, "speed_spread": 10.0}, Path("out")))  # sim_time_s only
+    with pytest.raises(DaliFlError, match="--deadline runs in `dali-fl train`"):
+        config_from_run_config(run_config_from_options({**base, "deadline": 3.0}, Path("out")))
+
+
+def test_plot_against_simulated_time(store, tmp_path):
+    train(tiny_config(store, rounds=2, local_bs=25), tmp_path / "run", progress=False)
+    out = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "run"),
+                           "--x", "sim_time", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0 and "sim_time_s" in done.stdout
+
+
+def test_config_json_round_trips_the_clock(store):
+    cfg = tiny_config(store, speed_spread=3.0, deadline=2.5)
+    assert TrainConfig.from_json(cfg.to_json()).clock == cfg.clock
