@@ -244,6 +244,11 @@ def train(ctx: click.Context, **p) -> None:
         summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"], hooks=hooks)
     except KeyboardInterrupt:
         raise DaliFlError(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
+    finally:
+        if hooks is not None:
+            from dali_fl.engine.distributed import leave_world
+
+            leave_world()
     if hooks is not None and not hooks.is_writer:
         return
     click.echo(summary_line(summary, run_dir))

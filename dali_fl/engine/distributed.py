@@ -57,6 +57,12 @@ def init_process_group(cpu: bool = False) -> torch.device:
     return device
 
 
+def leave_world() -> None:
+    """Leave the process group before exit: a group left to the interpreter's teardown can abort in gloo's threads."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_str(value: Optional[str]) -> str:
     """Rank 0's value of a string, on every rank (e.g. a default run directory with a timestamp)."""
     box = [value]
