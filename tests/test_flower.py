@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -184,3 +185,43 @@ def test_flower_s_simulation_engine_reaches_dali_fl_s_weights_and_accuracies(sto
         names = {k[len(BASE_PREFIX):]: v for k, v in base.items()}
         assert all(r["bytes_down"] == 2 * (_wire_bytes(trainable) + _wire_bytes(names)) for r in rows)
     assert json.loads((tmp_path / "flower-fedex" / "config.json").read_text())["fed"]["lora_agg"] == "fedex"
+
+
+def test_a_node_reads_its_own_store_only_when_it_is_the_run_s(store, tmp_path):
+    """--node-config store: the node's copy; missing or another store is refused in a line naming the node."""
+    from types import SimpleNamespace
+
+    from dali_fl.data.store import MANIFEST
+    from dali_fl.flower.client import node_store
+    from dali_fl.safe_fs import sha256
+
+    want = sha256(store / MANIFEST)
+    node = lambda **config: SimpleNamespace(node_config={"partition-id": 1, **config})  # noqa: E731
+    assert node_store(node(), str(store), want) == str(store)  # simulation: the run's path
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    assert node_store(node(store=str(copy)), str(store), want) == str(copy)
+    with pytest.raises(DaliFlError, match=r"the SuperNode holding client 1 has no store at .*nowhere \(no manifest"):
+        node_store(node(store=str(tmp_path / "nowhere")), str(store), want)
+    other, _ = write_store(load_synthetic(200, 50, seed=1), tmp_path / "other", 16, progress=False)
+    with pytest.raises(DaliFlError, match=r"client 1: the store at .*other.* is not the run's"):
+        node_store(node(store=str(other)), str(store), want)
+
+
+def test_a_flower_resume_keeps_the_run_s_settings_but_rounds(store, tmp_path):
+    """`flwr run --run-config resume=true`: the saved config, with only rounds and device taken from the run config."""
+    from dali_fl.flower.options import resume_of
+    from dali_fl.flower.server import resumed_config
+
+    run = tmp_path / "run"
+    train(TrainConfig.from_options({**TINY, "store": str(store)}), run, progress=False)
+    more, _ = config_from_run_config(run_config_from_options({**TINY, "store": str(store), "rounds": 4}, run))
+    assert resumed_config(more, run).fed.rounds == 4
+    assert resumed_config(more, run).to_json() == TrainConfig.from_options({**TINY, "store": str(store),
+                                                                            "rounds": 4}).to_json()
+    other, _ = config_from_run_config(run_config_from_options({**TINY, "store": str(store), "lr": 0.5}, run))
+    with pytest.raises(DaliFlError, match=r"resume keeps the run's settings: the run config's lr is 0.5"):
+        resumed_config(other, run)
+    assert resume_of({"resume": True}) and not resume_of({})
+    with pytest.raises(DaliFlError, match="must be true or false"):
+        resume_of({"resume": "yes"})

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from dali_fl.engine.rundir import check_fresh
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import handle_query, handle_train
-from dali_fl.flower.options import config_from_run_config
+from dali_fl.flower.options import config_from_run_config, resume_of
 from dali_fl.flower.server import serve
 
 log = logging.getLogger("flwr.dali_fl")
@@ -31,7 +31,7 @@ def _main(grid: Grid, context: Context, run_configs: Optional[Sequence[Mapping[s
     try:
         for run_config in run_configs if run_configs is not None else [context.run_config]:
             cfg, run_dir = config_from_run_config(run_config)
-            serve(grid, cfg, run_dir)
+            serve(grid, cfg, run_dir, resume=resume_of(run_config))
     except DaliFlError as err:
         log.error("error: %s", err)  # the one line `dali-fl train` would print, in Flower's log stream
         raise

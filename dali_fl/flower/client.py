@@ -6,23 +6,30 @@ config (sent by the server with every instruction) and serves every client it is
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from dali_fl.config import TrainConfig
+from dali_fl.data.store import MANIFEST
 from dali_fl.engine.federation import Federation, train_one
 from dali_fl.engine.local import ClientResult
 from dali_fl.engine.run import build_federation
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.wire import ARRAYS, BASE, CONFIG, at_rank, config_of, from_record, pad_like, reply_content
 from dali_fl.model.build import load_state_, trainable_state
+from dali_fl.safe_fs import sha256
 
+log = logging.getLogger("flwr.dali_fl")  # Flower's handler: the line lands in the SuperNode's log
 PARTITION_KEY = "partition-id"  # set per SuperNode by the simulation engine, or by --node-config in deployment
+STORE_KEY = "store"  # --node-config in deployment: this node's copy of the store (default: the run's path)
+REFUSED = 3900  # the error code of a reply refused in dali-fl's words (Flower's own are 0 to 8)
 _FEDERATIONS: dict[str, Federation] = {}  # this process's federation per run config (normally one)
 # Federations this process built per config: the evidence that it builds one and reuses it for every client.
 _BUILT: Counter[str] = Counter()
@@ -68,6 +75,35 @@ def node_partition(context: Context) -> int:
     return int(value)
 
 
+def node_store(context: Context, run_store: str, manifest_sha256: str) -> str:
+    """The store this node reads (its node-config `store`, else the run's), refused unless it is the run's."""
+    store = str(context.node_config.get(STORE_KEY) or run_store)
+    who = f"the SuperNode holding client {node_partition(context)}"
+    manifest = Path(store) / MANIFEST
+    if not manifest.is_file():
+        raise DaliFlError(f"{who} has no store at {store} (no {MANIFEST}); copy the run's store there or start the "
+                          f"node with --node-config '{PARTITION_KEY}=N {STORE_KEY}=\"DIR\"'")
+    if sha256(manifest) != manifest_sha256:
+        raise DaliFlError(f"{who}: the store at {store} is not the run's (its {MANIFEST} differs from the server's); "
+                          "give the node a copy of the store the run was started with")
+    return store
+
+
+def one_line(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A refusal is the one `error:` line `dali-fl train` prints, in this node's log, and the reply's error reason.
+
+    Replied rather than raised: Flower would log a traceback under the line and wrap the reason in its own text.
+    """
+    @functools.wraps(handler)
+    def wrapped(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except DaliFlError as err:
+            log.error("error: %s", err)
+            return Message(error=Error(code=REFUSED, reason=str(err)), reply_to=message)
+    return wrapped
+
+
 def worker_config(cfg: TrainConfig) -> TrainConfig:
     """The config on this worker: Ray shows a worker only its own GPUs, so the server's cuda:N is its cuda:0."""
     device = torch.device(cfg.data.device)
@@ -76,10 +112,13 @@ def worker_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+@one_line
 def handle_train(message: Message, context: Context) -> Message:
     """Train this node's client from the message's state; reply with its trainable tensors and metrics."""
     cfg, run_dir, round_, client = config_of(message.content)
     cfg = worker_config(cfg)
+    if context.node_config.get(STORE_KEY):  # checked against the run's by the query every run starts with
+        cfg = cfg.replace(data={"store": str(context.node_config[STORE_KEY])})
     if client != node_partition(context):
         raise DaliFlError(f"round {round_}: asked to train client {client} on the node holding "
                           f"{node_partition(context)}")
@@ -92,7 +131,10 @@ def handle_train(message: Message, context: Context) -> Message:
     return Message(reply_content(sent, res, extra), reply_to=message)
 
 
+@one_line
 def handle_query(message: Message, context: Context) -> Message:
-    """Tell the server which dali-fl client this node holds."""
+    """Tell the server which dali-fl client this node holds, once its store is checked to be the run's."""
+    asked = message.content[CONFIG]
+    node_store(context, str(asked["store"]), str(asked["store-manifest-sha256"]))
     reply = RecordDict({CONFIG: ConfigRecord({"client": node_partition(context), "pid": os.getpid()})})
     return Message(reply, reply_to=message)

@@ -12,8 +12,9 @@ from dali_fl.errors import DaliFlError
 Scalar = Union[bool, int, float, str]
 # Options whose default is None: a TOML table cannot hold None, so "" stands for it.
 NULLABLE = frozenset({"model_variant", *(k for k, v in option_defaults().items() if v is None)})
-# Keys a Flower run config has besides the run's options: where the server writes, and a named preset.
-OUT, PRESET = "out", "preset"
+# Keys a Flower run config has besides the run's options: where the server writes, a named preset, and whether
+# to continue that run directory from its last finished round (`flwr run APP --run-config resume=true`).
+OUT, PRESET, RESUME = "out", "preset", "resume"
 MARKER = "# Written by `dali-fl flower app`"
 COMPONENTS = {"serverapp": "dali_fl.flower.app:server_app", "clientapp": "dali_fl.flower.app:client_app"}
 
@@ -34,6 +35,7 @@ def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, 
     merged = {**option_defaults(), **options}
     config = {name.replace("_", "-"): _scalar(value) for name, value in merged.items()}
     config[OUT] = str(out)
+    config[RESUME] = False
     return config
 
 
@@ -48,6 +50,7 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, An
             value = _floats(value)
         opts[name] = value
     out, preset = opts.pop(OUT, None), opts.pop(PRESET, None) or None
+    opts.pop(RESUME, None)  # the ServerApp's, read by `resume_of`
     return opts, None if out in (None, "") else str(out), preset
 
 
@@ -69,6 +72,14 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, 
         raise DaliFlError("the Flower run config has no `out` (the run directory); add out = \"RUN_DIR\" to "
                           "[tool.flwr.app.config] or write the app with `dali-fl flower app DIR --out RUN_DIR`")
     return cfg, Path(out)
+
+
+def resume_of(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run config asks to continue its run directory (`resume = true`)."""
+    value = run_config.get(RESUME, False)
+    if not isinstance(value, bool):
+        raise DaliFlError(f"the Flower run config's resume = {value!r} must be true or false")
+    return value
 
 
 def refuse_clock(cfg: TrainConfig) -> None:

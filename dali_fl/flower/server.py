@@ -5,6 +5,7 @@ metrics and the checkpoint are dali-fl's own, so a Flower run writes a dali-fl r
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dali_fl.config import TrainConfig
+from dali_fl.config import TrainConfig, load_config
+from dali_fl.data.store import MANIFEST
 from dali_fl.engine.aggregate import RunningSum
 from dali_fl.engine.federation import (
     ClientUpdate,
@@ -30,6 +32,7 @@ from dali_fl.engine.federation import (
 from dali_fl.engine.local import ClientResult
 from dali_fl.engine.run import checkpoint_tensors, prepare, run_rounds
 from dali_fl.engine.rundir import RunLock
+from dali_fl.engine.trust import check_config_file
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import client_rank
 from dali_fl.flower.wire import (
@@ -44,6 +47,7 @@ from dali_fl.flower.wire import (
     train_content,
 )
 from dali_fl.model.build import trainable_state
+from dali_fl.safe_fs import sha256
 
 NODE_WAIT_S = 120.0  # how long to wait for every SuperNode to connect
 NODE_SETTLE_S = 5.0  # ...or for their number to stop changing, when fewer than needed came
@@ -65,16 +69,30 @@ def wait_for_nodes(grid: Grid, want: int) -> list[int]:
         time.sleep(0.1)
 
 
-def client_nodes(grid: Grid, num_users: int) -> dict[int, int]:
-    """dali-fl client id -> the node holding it, asked of every node; each client needs one."""
+def reason_of(reply: Message) -> str:
+    """A failed reply's reason in one line: a node's refusal is its own line, else the last line Flower gives."""
+    reason = (reply.error.reason or "").strip()
+    return (reason.splitlines()[-1] if reason else f"Flower error code {reply.error.code}")[:400]
+
+
+def exchange(grid: Grid, messages: list[Message]) -> list[tuple[int, Message]]:
+    """Send and wait: (node each reply answers for, reply). The SuperLink answers for a node it lost, as node 1."""
+    replies = list(grid.send_and_receive(messages))  # gives every message its id
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+
+
+def client_nodes(grid: Grid, cfg: TrainConfig) -> dict[int, int]:
+    """dali-fl client id -> the node holding it, asked of every node; each client needs one, on the run's store."""
+    num_users = cfg.fed.num_users
     ids = wait_for_nodes(grid, num_users)
-    asks = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
+    store = {"store": cfg.data.store, "store-manifest-sha256": sha256(Path(cfg.data.store) / MANIFEST)}
+    asks = [Message(RecordDict({CONFIG: ConfigRecord(store)}), dst_node_id=n, message_type="query") for n in ids]
     nodes: dict[int, int] = {}
-    for reply in grid.send_and_receive(asks):
+    for node, reply in exchange(grid, asks):
         if reply.has_error():
-            raise DaliFlError(f"Flower node {reply.metadata.src_node_id} did not say which client it holds "
-                              f"({reply.error.reason.strip().splitlines()[-1][:300]})")
-        nodes[int(reply.content[CONFIG]["client"])] = reply.metadata.src_node_id
+            raise DaliFlError(f"Flower node {node}: {reason_of(reply)}")
+        nodes[int(reply.content[CONFIG]["client"])] = node
     missing = sorted(set(range(num_users)) - set(nodes))
     if missing:
         raise DaliFlError(f"no Flower SuperNode holds client {missing[0]} ({num_users - len(missing)} of "
@@ -82,21 +100,22 @@ def client_nodes(grid: Grid, num_users: int) -> dict[int, int]:
     return nodes
 
 
-def collect(replies: Iterable[Message], clients: Mapping[int, int], round_: int,
+def collect(replies: Iterable[tuple[int, Message]], clients: Mapping[int, int], round_: int,
             device: torch.device) -> dict[int, tuple[dict, Mapping]]:
     """client -> (trained state, metrics) from the round's replies; a failed or missing client stops the run."""
     out = {}
-    for reply in replies:
-        client = clients[reply.metadata.src_node_id]
+    for node, reply in replies:
+        client = clients[node]
         if reply.has_error():
-            reason = reply.error.reason.strip().splitlines()[-1][:300]
-            raise DaliFlError(f"client {client} failed in round {round_} ({reason}); nothing of round {round_} "
-                              "was saved")
+            raise DaliFlError(f"client {client} (Flower node {node}) failed in round {round_} ({reason_of(reply)}); "
+                              f"nothing of round {round_} was saved")
         metrics = {**reply.content[METRICS], "bytes": num_bytes(reply.content)}
         out[client] = (from_record(reply.content[ARRAYS], device), metrics)
     missing = sorted(set(clients.values()) - set(out))
     if missing:
-        raise DaliFlError(f"client {missing[0]} sent no reply in round {round_}; nothing of round {round_} was saved")
+        node = {c: n for n, c in clients.items()}[missing[0]]
+        raise DaliFlError(f"client {missing[0]} (Flower node {node}) sent no reply in round {round_}; nothing of "
+                          f"round {round_} was saved")
     return out
 
 
@@ -138,7 +157,7 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     bytes_down = sum(num_bytes(m.content) for m in messages)
     by_node = {nodes[int(c)]: int(c) for c in clients}
     # A round may sample no client (DP's Poisson draw): nothing to send, and the server still adds its noise.
-    replies = collect(grid.send_and_receive(messages), by_node, round_, fx.device) if messages else {}
+    replies = collect(exchange(grid, messages), by_node, round_, fx.device) if messages else {}
     t_agg = time.perf_counter()
     running, totals = add_replies(fx, [replies[int(c)] for c in clients], start)
     mean_norm = server_update(fx, round_, running, start, len(clients))
@@ -152,20 +171,36 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     return row
 
 
-def serve(grid: Grid, cfg: TrainConfig, run_dir: Path) -> dict:
-    """Run a whole federation over `grid`, writing RUN_DIR as `dali-fl train` does; returns the summary."""
+def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """RUN_DIR's saved config with the run config's rounds and device; any other difference is refused."""
+    check_config_file(run_dir)  # kind, nesting and field types, before the config is built from it
+    saved = load_config(run_dir)
+    asked = json.loads(cfg.replace(fed={"rounds": saved.fed.rounds}, data={"device": saved.data.device}).to_json())
+    kept = json.loads(saved.to_json())
+    for section, fields in kept.items():
+        for name, value in fields.items() if isinstance(fields, dict) else ():
+            if asked.get(section, {}).get(name) != value:
+                raise DaliFlError(f"resume keeps the run's settings: the run config's {name.replace('_', '-')} is "
+                                  f"{asked.get(section, {}).get(name)!r}, {run_dir}/config.json has {value!r} (only "
+                                  "rounds and device may change)")
+    return saved.replace(fed={"rounds": cfg.fed.rounds}, data={"device": cfg.data.device})
+
+
+def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue) a federation over `grid`, writing RUN_DIR as `dali-fl train` does."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created = not resume and not run_dir.exists()
     with RunLock(run_dir):
         try:
-            fx, _ = prepare(cfg, run_dir, resume=False)  # the same checks, partition.json and config.json
+            cfg = resumed_config(cfg, run_dir) if resume else cfg
+            fx, start = prepare(cfg, run_dir, resume=resume)  # the same checks, partition.json and config.json
             try:
-                nodes = client_nodes(grid, cfg.fed.num_users)
+                nodes = client_nodes(grid, cfg)
             except BaseException:
                 fx.close()
                 raise
             # dali-fl's own loop (evaluation, metrics, checkpoint, summary) with Flower playing each round.
-            return run_rounds(cfg, fx, run_dir, 1, False, RoundHooks(),
+            return run_rounds(cfg, fx, run_dir, start, False, RoundHooks(),
                               play=lambda fx, r: flower_round(grid, fx, nodes, r))
         except BaseException:
             if created and not (run_dir / "checkpoint").exists():
