@@ -84,13 +84,17 @@ def run(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None
 @click.pass_context
 def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: float, **p) -> None:
     """Write APP_DIR/pyproject.toml, a Flower app with these options as its run config, and print `flwr run`."""
-    from dali_fl.flower.options import flwr_command, write_app
+    from dali_fl.flower.options import deploy_commands, flwr_command, write_app
 
     run_config, clients = _run_config(ctx, p, client_cpus, client_gpus)
     check_app_dir(app_dir)
     path = write_app(app_dir, run_config)
-    click.echo(f"wrote {path}; run it with:")
+    click.echo(f"wrote {path}; simulate it with:")
     click.echo(flwr_command(app_dir, clients, client_cpus, client_gpus))
+    click.echo(f"or deploy it on this machine: a SuperLink, a SuperNode per client (partition-id 0 to {clients - 1}, "
+               "each on its own --port), then flwr run (README, Flower, \"Deployed\"):")
+    for line in deploy_commands(app_dir, run_config["store"], clients):
+        click.echo(f"  {line}")
 
 
 def check_app_dir(app_dir: Path) -> None:

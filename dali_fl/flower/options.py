@@ -150,3 +150,13 @@ def flwr_command(app_dir: Path, num_supernodes: int, client_cpus: float = 1, cli
     gpus = f" client-resources-num-gpus={client_gpus:g}" if client_gpus else ""
     return (f"flwr run {app_dir} local --stream --federation-config "
             f"\"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus:g}{gpus}\"")
+
+
+def deploy_commands(app_dir: Path, store: str, num_users: int) -> list[str]:
+    """The commands of a deployment on this machine: a SuperLink, one SuperNode per client, `flwr run`."""
+    last = num_users - 1
+    return ["flower-superlink --insecure",
+            *(f"flower-supernode --insecure --superlink 127.0.0.1:8000 --port {9094 + c} "
+              f"--node-config 'partition-id={c} store=\"{store}\"'" for c in sorted({0, last})),
+            f"flwr run {app_dir} deployment --stream  # [superlink.deployment] address = \"127.0.0.1:8000\", "
+            "insecure = true in $FLWR_HOME/config.toml"]
