@@ -189,7 +189,7 @@ def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
 def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run (or, with `resume`, continue) a federation over `grid`, writing RUN_DIR as `dali-fl train` does."""
     run_dir = Path(run_dir)
-    created = not resume and not run_dir.exists()
+    created = not run_dir.exists()
     with RunLock(run_dir):
         try:
             cfg = resumed_config(cfg, run_dir) if resume else cfg
