@@ -95,26 +95,30 @@ def store_px(suite: str) -> int:
     return max(spec.get("resize_to", spec.get("store_size", NATIVE_PX)) for spec in SUITES[suite].values())
 
 
-def run_all(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """Train every algorithm on the same images (one store per image size); returns its metrics rows and the
-    noise multiplier each DP run settled on (calibrated from its epsilon)."""
+def run_all(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]], dict[str, float], dict[str, str]]:
+    """Train every algorithm on the same images (one store per image size); returns its metrics rows, the
+    noise multiplier each DP run settled on (calibrated from its epsilon), and why a run stopped early.
+
+    A run dali-fl stops (a loss that became NaN under heavy DP noise) keeps the rounds it finished, and the
+    suite goes on: its row says where it stopped instead of the suite losing every run before it."""
     from dali_fl.config import TrainConfig
     from dali_fl.data.sources import load_synthetic
     from dali_fl.data.store import write_store
     from dali_fl.engine.run import train
     from dali_fl.engine.rundir import read_metrics
+    from dali_fl.errors import DaliFlError
 
     source = load_synthetic(args.num_train, args.num_test, seed=0)
     stores: dict[int, str] = {}
     common = dict(rounds=args.rounds, num_users=args.num_users, frac=args.frac,
                   partition="dirichlet", alpha=args.alpha, min_size=5, optimizer="sgd", momentum=0.0,
                   lr=args.lr, local_ep=2, device=args.device, loader=args.loader, alg="fedavg")
-    out, noise = {}, {}
+    out, noise, stopped = {}, {}, {}
     suite = SUITES[args.suite]
     if args.suite == "clock":
         store = str(write_store(source, work / "data", NATIVE_PX, progress=False)[0])
         out, args.clock = clock_suite.run_clock(args, common, store, work)
-        return out, noise
+        return out, noise, stopped
     for name in args.only or suite:
         spec = dict(suite[name])
         size = spec.pop("store_size", NATIVE_PX)
@@ -122,11 +126,15 @@ def run_all(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]]
             stores[size] = str(write_store(source, work / "data", size, progress=False)[0])
         cfg = TrainConfig.from_options({**common, "store": stores[size], **spec}, preset="tiny-32")
         logging.getLogger(__name__).warning("%s: %d rounds", name, args.rounds)
-        train(cfg, work / name, progress=sys.stderr.isatty())
-        out[name] = read_metrics(work / name)
+        try:
+            train(cfg, work / name, progress=sys.stderr.isatty())
+        except DaliFlError as err:
+            logging.getLogger(__name__).warning("%s stopped: %s", name, err)
+            stopped[name] = str(err).split(";")[0]  # "training loss became nan in round 8 at client 16"
+        out[name] = read_metrics(work / name) if (work / name / "metrics.jsonl").exists() else []
         if "dp" in cfg.algorithms:
             noise[name] = cfg.algorithms["dp"].dp_noise
-    return out, noise
+    return out, noise, stopped
 
 
 def mean_of(values: list) -> Any:
@@ -139,15 +147,16 @@ def dp_markdown(doc: dict) -> str:
     """The privacy-utility table: per run, the target epsilon, the calibrated z, epsilon spent, accuracy."""
     rows = []
     for name, metrics in doc["results"].items():
-        spec, last = SUITES["dp"][name], metrics[-1]
+        spec, last = SUITES["dp"][name], (metrics or [{}])[-1]
         accs = [r["test_acc"] for r in metrics]
         rows.append([name, "fedlora" if spec.get("alg") == "fedlora" else "fedavg", fmt(spec["dp_clip"], "g"),
                      fmt(spec.get("dp_epsilon", float("inf")), "g"), fmt(doc["noise"].get(name), ".3f"),
                      fmt(last.get("dp_epsilon"), ".3f"), fmt(last.get("dp_epsilon_rdp"), ".3f"),
-                     fmt(accs[-1], ".3f"), fmt(max(accs), ".3f"), fmt(mean_of([r["num_clients"] for r in metrics]),
-                                                                      ".1f")])
+                     fmt(accs[-1] if accs else None, ".3f"), fmt(max(accs, default=None), ".3f"),
+                     fmt(mean_of([r["num_clients"] for r in metrics]), ".1f"),
+                     doc["stopped"].get(name, "")])
     cols = ["run", "alg", "clip", "target epsilon", "z", "epsilon spent (PLD)", "epsilon (RDP)", "final acc",
-            "best acc", "clients / round"]
+            "best acc", "clients / round", "stopped early"]
     s = doc["settings"]
     return "\n".join([f"# DP-FedAvg privacy-utility on a non-IID federation ({doc['machine']['cpu']}, "
                       f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
@@ -217,10 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: --only {unknown[0]} is not in the {args.suite} suite ({', '.join(SUITES[args.suite])})")
     with tempfile.TemporaryDirectory() as work:
-        results, noise = run_all(args, Path(work))
+        results, noise, stopped = run_all(args, Path(work))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "clock")}
     doc = {"machine": machine_info(args.device), "settings": settings,
-           "command": command_line("benchmarks.bench_algorithms", argv), "results": results, "noise": noise}
+           "command": command_line("benchmarks.bench_algorithms", argv), "results": results, "noise": noise,
+           "stopped": stopped}
     if args.suite == "clock":
         doc["clock"] = args.clock
     md, draw = {"clock": (clock_suite.markdown, clock_suite.plot), "dp": (dp_markdown, plot)}.get(args.suite,
