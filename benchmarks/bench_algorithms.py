@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import clock_suite
 from benchmarks.measure import command_line, machine_info
-from benchmarks.report import fmt, results_dir, table, with_ext, write_results
+from benchmarks.report import federation_page, fmt, results_dir, with_ext, write_results
 
 # Each paper's knob at a value its authors use for small models: mu 0.01 (FedProx), server lr 0.01 with
 # tau 1e-3 (FedAdam, Reddi et al.), option II (SCAFFOLD), plain-SGD normalisation (FedNova): NIID-Bench's set.
@@ -158,13 +158,11 @@ def dp_markdown(doc: dict) -> str:
     cols = ["run", "alg", "clip", "target epsilon", "z", "epsilon spent (PLD)", "epsilon (RDP)", "final acc",
             "best acc", "clients / round", "stopped early"]
     s = doc["settings"]
-    return "\n".join([f"# DP-FedAvg privacy-utility on a non-IID federation ({doc['machine']['cpu']}, "
-                      f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
-                      f"`{doc['command']}`", "",
-                      f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, each sampled with probability "
-                      f"{s['frac']} (Poisson), {s['rounds']} rounds, delta 1e-5, tiny ViT (tiny-32 preset, 32 px), "
-                      f"local SGD lr {s['lr']}, 2 local epochs. z is calibrated so that the {s['rounds']} rounds "
-                      "spend at most the target epsilon; inf clips without noise.", "", *table(cols, rows), ""])
+    settings = (f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, each sampled with probability "
+                f"{s['frac']} (Poisson), {s['rounds']} rounds, delta 1e-5, tiny ViT (tiny-32 preset, 32 px), "
+                f"local SGD lr {s['lr']}, 2 local epochs. z is calibrated so that the {s['rounds']} rounds "
+                "spend at most the target epsilon; inf clips without noise.")
+    return federation_page(doc, "DP-FedAvg privacy-utility", settings, cols, rows)
 
 
 def markdown(doc: dict) -> str:
@@ -185,14 +183,12 @@ def markdown(doc: dict) -> str:
     cols = ["run", "options", "final acc", "best acc", f"mean / max round gap to {first_name}", "client drift",
             "update spread", "upload MB / round", "s / round"]
     s = doc["settings"]
-    return "\n".join([f"# {s['suite']} on a non-IID federation ({doc['machine']['cpu']}, "
-                      f"{doc['machine']['cores']} cores, {doc['machine']['gpu'] or 'no GPU'})", "",
-                      f"`{doc['command']}`", "",
-                      f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']}, {s['rounds']} "
-                      f"rounds, tiny ViT (tiny-32 preset, {store_px(s['suite'])} px), local SGD lr {s['lr']}, "
-                      "2 local epochs. Means over rounds of the client drift (mean L2 norm of a client's update) "
-                      "and the update spread (weighted standard deviation of the clients' updates around their "
-                      "mean).", "", *table(cols, rows), ""])
+    settings = (f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']}, {s['rounds']} "
+                f"rounds, tiny ViT (tiny-32 preset, {store_px(s['suite'])} px), local SGD lr {s['lr']}, "
+                "2 local epochs. Means over rounds of the client drift (mean L2 norm of a client's update) "
+                "and the update spread (weighted standard deviation of the clients' updates around their "
+                "mean).")
+    return federation_page(doc, s["suite"], settings, cols, rows)
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import fmt, table
+from benchmarks.report import federation_page, fmt
 
 SPREAD = {"speed": 50.0, "speed_spread": 10.0}
 CLOCK: dict[str, dict[str, Any]] = {
@@ -102,15 +102,14 @@ def markdown(doc: dict) -> str:
     cols = ["run", "acc at budget", "best acc", "server steps", "updates aggregated", "dropped", "stale",
             "mean staleness", "sim time of last step (s)"]
     c = x["client_seconds"]
-    return "\n".join([f"# Simulated clock on a non-IID federation ({doc['machine']['cpu']}, {doc['machine']['cores']} "
-                      f"cores, {doc['machine']['gpu'] or 'no GPU'})", "", f"`{doc['command']}`", "",
-                      f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']} (m = "
-                      f"{round(s['frac'] * s['num_users'])}), tiny ViT (tiny-32 preset), local SGD lr {s['lr']}, "
-                      "2 local epochs. Log-normal client speeds around 50 samples/s, 90th/10th percentile 10x; "
-                      f"client time p10/p50/p90 {c['p10']:.1f}/{c['p50']:.1f}/{c['p90']:.1f} s. "
-                      f"Budget: {x['budget_s']:.0f} simulated s (synchronous FedAvg's {s['rounds']} rounds); "
-                      f"deadline {x['deadline_s']:.1f} s "
-                      "(70th percentile of client time).", "", *table(cols, rows), ""])
+    settings = (f"Dirichlet alpha {s['alpha']}, {s['num_users']} clients, frac {s['frac']} (m = "
+                f"{round(s['frac'] * s['num_users'])}), tiny ViT (tiny-32 preset), local SGD lr {s['lr']}, "
+                "2 local epochs. Log-normal client speeds around 50 samples/s, 90th/10th percentile 10x; "
+                f"client time p10/p50/p90 {c['p10']:.1f}/{c['p50']:.1f}/{c['p90']:.1f} s. "
+                f"Budget: {x['budget_s']:.0f} simulated s (synchronous FedAvg's {s['rounds']} rounds); "
+                f"deadline {x['deadline_s']:.1f} s "
+                "(70th percentile of client time).")
+    return federation_page(doc, "Simulated clock", settings, cols, rows)
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -27,6 +27,13 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+def federation_page(doc: dict, title: str, settings: str, cols: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A suite's page: its title and machine, the command, what the federation was, then its table."""
+    m = doc["machine"]
+    return "\n".join([f"# {title} on a non-IID federation ({m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'})",
+                      "", f"`{doc['command']}`", "", settings, "", *table(cols, rows), ""])
+
+
 def with_ext(stem: Path, ext: str) -> Path:
     """`stem` + `ext`; unlike Path.with_suffix, a dot inside the stem (alpha0.1) is kept."""
     return stem.parent / (stem.name + ext)
