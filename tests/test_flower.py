@@ -228,3 +228,20 @@ def test_a_flower_resume_keeps_the_run_s_settings_but_rounds(store, tmp_path):
     assert resume_of({"resume": True}) and not resume_of({})
     with pytest.raises(DaliFlError, match="must be true or false"):
         resume_of({"resume": "yes"})
+
+
+def test_a_node_holds_one_client_or_several():
+    """--node-config partition-id=N, or clients="A-B,C" for a site with several; anything else in one line."""
+    from types import SimpleNamespace
+
+    from dali_fl.flower.client import node_clients
+
+    node = lambda **config: SimpleNamespace(node_config=config)  # noqa: E731
+    assert node_clients(node(**{"partition-id": 3})) == [3]
+    assert node_clients(node(clients="0-2,7, 5")) == [0, 1, 2, 5, 7]
+    assert node_clients(node(clients=4, **{"partition-id": 9})) == [4]  # clients wins over the simulation's id
+    for bad in ("", "a", "3-1", "-1", "1-", "0-9999999", "1e3", "²"):
+        with pytest.raises(DaliFlError, match=r"is not a client id or a range A-B"):
+            node_clients(node(clients=bad))
+    with pytest.raises(DaliFlError, match=r"holds no client; start it with --node-config 'partition-id=N'"):
+        node_clients(node())

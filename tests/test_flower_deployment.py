@@ -24,8 +24,10 @@ from dali_fl.flower.deployment import LocalDeployment, node_config  # noqa: E402
 from dali_fl.flower.options import run_config_from_options, write_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TWO_NODES = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
-                 pretrained=False, num_users=2, frac=1.0, partition="dirichlet", alpha=0.5, local_bs=25, rounds=2,
+# Three clients on two SuperNodes: node 0 holds clients 0 and 2 (a site with several), node 1 holds client 1.
+HELD = ([0, 2], 1)
+FEDERATION = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
+                 pretrained=False, num_users=3, frac=1.0, partition="dirichlet", alpha=0.5, local_bs=25, rounds=2,
                  lr=2e-3, lora_r=2, alg="fedlora", device="cpu")
 RUN_S = 400  # one `flwr run` on a shared 2-core machine: about 15 s per round, a minute for a dead node's heartbeat
 
@@ -35,25 +37,26 @@ def simulated(tmp_path_factory) -> dict:
     """The store, the federation's run config and its run on Flower's simulation engine (`dali-fl flower run`)."""
     root = tmp_path_factory.mktemp("deploy")
     store, _ = write_store(load_synthetic(200, 50, seed=0), root / "stores", 16, progress=False)
-    options = {**TWO_NODES, "store": str(store)}
+    options = {**FEDERATION, "store": str(store)}
     [summary] = simulate(run_config_from_options(options, root / "simulated"))
-    assert summary["rounds"] == TWO_NODES["rounds"]
+    assert summary["rounds"] == FEDERATION["rounds"]
     return {"root": root, "store": store, "options": options, "run": root / "simulated"}
 
 
-def node_store(simulated: dict, client: int) -> Path:
-    """A copy of the store in which every train image of the other clients is overwritten with noise.
+def node_store(simulated: dict, node: int) -> Path:
+    """A copy of the store in which every train image of the clients the node does not hold is noise.
 
     Its manifest is the original's, so the node accepts it as the run's store (a node does not re-hash the images
     at every start; `dali-fl verify` would). A node that read any other client's image would train differently.
     """
-    copy = simulated["root"] / f"node{client}-store"
+    copy = simulated["root"] / f"node{node}-store"
     if not copy.exists():
         shutil.copytree(simulated["store"], copy)
+        held = np.atleast_1d(HELD[node])
         clients = json.loads((simulated["run"] / "partition.json").read_text())["clients"]
-        others = np.concatenate([c["indices"] for i, c in enumerate(clients) if i != client]).astype(np.int64)
+        others = np.concatenate([c["indices"] for i, c in enumerate(clients) if i not in held]).astype(np.int64)
         images = np.load(copy / "train_images.npy", mmap_mode="r+")
-        images[others] = np.random.default_rng(client).integers(0, 256, images[others].shape, dtype=np.uint8)
+        images[others] = np.random.default_rng(node).integers(0, 256, images[others].shape, dtype=np.uint8)
         images.flush()
         del images
     return copy
@@ -85,15 +88,16 @@ def wait_for_round(run: Path, round_: int, timeout_s: float = RUN_S) -> None:
 
 
 def test_a_node_killed_mid_run_fails_in_one_line_and_the_resumed_run_equals_the_simulated_one(simulated):
-    """Two SuperNodes, each on its own store copy: kill one in round 2, resume, end where simulation ends."""
+    """Two SuperNodes hold three clients, each node on its own store copy: kill one in round 2, resume, and end
+    where the simulation (three SuperNodes) ends."""
     app, run = write_deployed_app(simulated, "deployed")
-    stores = [node_store(simulated, c) for c in (0, 1)]
+    stores = [node_store(simulated, n) for n in (0, 1)]
     # One torch thread per process, as Flower's simulation gives a worker of one CPU: with two, the weights differ
     # by float rounding (3e-8 measured), since the client's matmuls sum in another order.
     with LocalDeployment(simulated["root"] / "flwr", threads=1) as d:
         d.start_superlink()
-        for c in (0, 1):
-            d.start_node(f"node{c}", c, stores[c])
+        for n in (0, 1):
+            d.start_node(f"node{n}", HELD[n], stores[n])
         pending = d.popen_run(app)
         wait_for_round(run, 1)
         d.kill("node1")  # mid-run: round 2 has started, or starts without it (the SuperLink notices in about 60 s)
@@ -101,7 +105,7 @@ def test_a_node_killed_mid_run_fails_in_one_line_and_the_resumed_run_equals_the_
         failed = [ln for ln in out.splitlines() if "error: client 1 (Flower node" in ln]
         assert len(failed) == 1 and "failed in round 2" in failed[0] and "Node Unavailable" in failed[0], out[-3000:]
         assert [r["round"] for r in read_metrics(run)] == [1]  # round 1 kept, nothing of round 2
-        d.start_node("node1", 1, stores[1])
+        d.start_node("node1", HELD[1], stores[1])
         resumed = d.run(app, {"resume": True}, timeout_s=RUN_S)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         started = d.family()
@@ -116,8 +120,8 @@ def test_a_node_on_another_store_ends_the_run_in_a_line_that_names_it(simulated)
     app, run = write_deployed_app(simulated, "refused")
     with LocalDeployment(simulated["root"] / "flwr-refused") as d:
         d.start_superlink()
-        d.start_node("node0", 0)
-        d.start_node("node1", 1, other)
+        d.start_node("node0", HELD[0])
+        d.start_node("node1", HELD[1], other)
         res = d.run(app, timeout_s=RUN_S)  # exits 0 whatever the run's outcome: Flower 1.42's `--stream`
     lines = [ln for ln in res.stdout.splitlines() if "error: Flower node" in ln]
     assert len(lines) == 1 and "the SuperNode holding client 1: the store at" in lines[0], res.stdout[-3000:]
@@ -132,7 +136,7 @@ def test_a_node_on_another_store_ends_the_run_in_a_line_that_names_it(simulated)
 def test_flwr_run_without_a_superlink_fails_in_flower_s_words(tmp_path):
     """Nothing listens at the connection's address: `flwr run` fails, and nothing of dali-fl's is in the way."""
     app = tmp_path / "app"
-    write_app(app, run_config_from_options({**TWO_NODES, "store": str(tmp_path / "store")}, tmp_path / "run"))
+    write_app(app, run_config_from_options({**FEDERATION, "store": str(tmp_path / "store")}, tmp_path / "run"))
     d = LocalDeployment(tmp_path / "flwr")
     d.write_connection()  # the connection only: no SuperLink was started
     res = d.run(app, timeout_s=120)
@@ -146,3 +150,4 @@ def test_flwr_run_without_a_superlink_fails_in_flower_s_words(tmp_path):
 def test_node_config_quotes_the_store_path():
     assert node_config(3) == "partition-id=3"
     assert node_config(0, Path("/data/a store")) == 'partition-id=0 store="/data/a store"'
+    assert node_config([0, 2]) == 'clients="0,2"'

@@ -92,7 +92,8 @@ def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: floa
     click.echo(f"wrote {path}; simulate it with:")
     click.echo(flwr_command(app_dir, clients, client_cpus, client_gpus))
     click.echo(f"or deploy it on this machine: a SuperLink, a SuperNode per client (partition-id 0 to {clients - 1}, "
-               "each on its own --port), then flwr run (README, Flower, \"Deployed\"):")
+               "each on its own --port; or one per site, clients=\"A-B\"), then flwr run (README, Flower, "
+               "\"Deployed\"):")
     for line in deploy_commands(app_dir, run_config["store"], clients):
         click.echo(f"  {line}")
 

@@ -28,6 +28,8 @@ from dali_fl.safe_fs import sha256
 
 log = logging.getLogger("flwr.dali_fl")  # Flower's handler: the line lands in the SuperNode's log
 PARTITION_KEY = "partition-id"  # set per SuperNode by the simulation engine, or by --node-config in deployment
+CLIENTS_KEY = "clients"  # --node-config in deployment: several clients on one node (a site), "0-9" or "0,3,7"
+MAX_NODE_CLIENTS = 1_000_000  # clients in one range: bounds what a node config can make this process hold
 STORE_KEY = "store"  # --node-config in deployment: this node's copy of the store (default: the run's path)
 REFUSED = 3900  # the error code of a reply refused in dali-fl's words (Flower's own are 0 to 8)
 _FEDERATIONS: dict[str, Federation] = {}  # this process's federation per run config (normally one)
@@ -67,18 +69,43 @@ def client_rank(fx: Federation, client: int) -> Optional[int]:
     return None if fx.ranks is None else int(fx.ranks[client])
 
 
-def node_partition(context: Context) -> int:
-    """The dali-fl client this SuperNode holds (its partition-id)."""
+def node_clients(context: Context) -> list[int]:
+    """The dali-fl clients this SuperNode holds: its `clients` ("0-9", "0,3,7"), else its one `partition-id`."""
+    spec = context.node_config.get(CLIENTS_KEY)
+    if spec is not None:
+        return parse_clients(str(spec))
     value = context.node_config.get(PARTITION_KEY)
     if value is None:
-        raise DaliFlError(f"this SuperNode has no {PARTITION_KEY}; start it with --node-config '{PARTITION_KEY}=N'")
-    return int(value)
+        raise DaliFlError(f"this SuperNode holds no client; start it with --node-config '{PARTITION_KEY}=N' (one "
+                          f"client) or '{CLIENTS_KEY}=\"A-B\"' (several)")
+    return [int(value)]
+
+
+def parse_clients(spec: str) -> list[int]:
+    """"0-3,7" -> [0, 1, 2, 3, 7]: client ids and inclusive ranges, comma-separated."""
+    out: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        lo, dash, hi = part.partition("-")
+        ok = len(part) <= 20 and lo.isdecimal() and (hi.isdecimal() if dash else True)
+        if not ok or (dash and not 0 <= int(hi) - int(lo) <= MAX_NODE_CLIENTS):
+            raise DaliFlError(f"--node-config {CLIENTS_KEY}=\"{spec}\": {part!r} is not a client id or a range A-B "
+                              "of them (e.g. \"0-9\" or \"0,3,7\")")
+        out.update(range(int(lo), int(hi if dash else lo) + 1))
+    return sorted(out)
+
+
+def holding(clients: list[int]) -> str:
+    """"the SuperNode holding client 1", "... holding clients 0,2", or a count for many, for a message."""
+    if len(clients) == 1:
+        return f"the SuperNode holding client {clients[0]}"
+    shown = ",".join(map(str, clients)) if len(clients) <= 8 else f"{clients[0]} to {clients[-1]} ({len(clients)})"
+    return f"the SuperNode holding clients {shown}"
 
 
 def node_store(context: Context, run_store: str, manifest_sha256: str) -> str:
     """The store this node reads (its node-config `store`, else the run's), refused unless it is the run's."""
     store = str(context.node_config.get(STORE_KEY) or run_store)
-    who = f"the SuperNode holding client {node_partition(context)}"
+    who = holding(node_clients(context))
     manifest = Path(store) / MANIFEST
     if not manifest.is_file():
         raise DaliFlError(f"{who} has no store at {store} (no {MANIFEST}); copy the run's store there or start the "
@@ -119,9 +146,8 @@ def handle_train(message: Message, context: Context) -> Message:
     cfg = worker_config(cfg)
     if context.node_config.get(STORE_KEY):  # checked against the run's by the query every run starts with
         cfg = cfg.replace(data={"store": str(context.node_config[STORE_KEY])})
-    if client != node_partition(context):
-        raise DaliFlError(f"round {round_}: asked to train client {client} on the node holding "
-                          f"{node_partition(context)}")
+    if client not in node_clients(context):
+        raise DaliFlError(f"round {round_}: {holding(node_clients(context))} was asked to train client {client}")
     fx = federation_for(cfg, run_dir)
     start = pad_like(from_record(message.content[ARRAYS], fx.device), trainable_state(fx.model))
     base = from_record(message.content[BASE], fx.device) if BASE in message.content else {}
@@ -133,8 +159,8 @@ def handle_train(message: Message, context: Context) -> Message:
 
 @one_line
 def handle_query(message: Message, context: Context) -> Message:
-    """Tell the server which dali-fl client this node holds, once its store is checked to be the run's."""
+    """Tell the server which dali-fl clients this node holds, once its store is checked to be the run's."""
     asked = message.content[CONFIG]
     node_store(context, str(asked["store"]), str(asked["store-manifest-sha256"]))
-    reply = RecordDict({CONFIG: ConfigRecord({"client": node_partition(context), "pid": os.getpid()})})
+    reply = RecordDict({CONFIG: ConfigRecord({"clients": node_clients(context), "pid": os.getpid()})})
     return Message(reply, reply_to=message)

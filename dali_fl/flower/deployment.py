@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import psutil
 
@@ -37,9 +37,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_config(partition: int, store: Optional[Path] = None) -> str:
-    """A SuperNode's --node-config: the dali-fl client it holds and, when not the run's, the store it reads."""
-    items = [f"partition-id={int(partition)}"]
+def node_config(clients: Union[int, Sequence[int]], store: Optional[Path] = None) -> str:
+    """A SuperNode's --node-config: the dali-fl client(s) it holds and, when not the run's, the store it reads."""
+    many = not isinstance(clients, int)
+    items = [f'clients="{",".join(str(int(c)) for c in clients)}"' if many else f"partition-id={int(clients)}"]
     if store is not None:
         items.append(f'store="{Path(store).absolute()}"')  # a TOML string: quoted
     return " ".join(items)
@@ -161,10 +162,10 @@ class LocalDeployment:
         proc = self._spawn("superlink", superlink_command(self.port))
         _wait_listening(self.port, proc, "flower-superlink", self.log_path("superlink"))
 
-    def start_node(self, name: str, partition: int, store: Optional[Path] = None) -> None:
-        """Start a SuperNode holding dali-fl client `partition` (and reading `store`, when given)."""
+    def start_node(self, name: str, clients: Union[int, Sequence[int]], store: Optional[Path] = None) -> None:
+        """Start a SuperNode holding dali-fl client(s) `clients` (and reading `store`, when given)."""
         port = free_port()
-        proc = self._spawn(name, supernode_command(self.port, port, node_config(partition, store)))
+        proc = self._spawn(name, supernode_command(self.port, port, node_config(clients, store)))
         _wait_listening(port, proc, f"flower-supernode {name}", self.log_path(name))
 
     def run_command(self, app_dir: Path, run_config: Optional[Mapping[str, object]] = None) -> list[str]:

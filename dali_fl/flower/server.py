@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,10 +76,11 @@ def reason_of(reply: Message) -> str:
 
 
 def exchange(grid: Grid, messages: list[Message]) -> list[tuple[int, Message]]:
-    """Send and wait: (node each reply answers for, reply). The SuperLink answers for a node it lost, as node 1."""
+    """Send and wait: (index of the message each reply answers, reply), by message id, not by sender: a node
+    may hold several clients, and the SuperLink answers for a node it lost as node 1."""
     replies = list(grid.send_and_receive(messages))  # gives every message its id
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+    index = {m.metadata.message_id: i for i, m in enumerate(messages)}
+    return [(index[r.metadata.reply_to_message_id], r) for r in replies]
 
 
 def client_nodes(grid: Grid, cfg: TrainConfig) -> dict[int, int]:
@@ -89,33 +90,39 @@ def client_nodes(grid: Grid, cfg: TrainConfig) -> dict[int, int]:
     store = {"store": cfg.data.store, "store-manifest-sha256": sha256(Path(cfg.data.store) / MANIFEST)}
     asks = [Message(RecordDict({CONFIG: ConfigRecord(store)}), dst_node_id=n, message_type="query") for n in ids]
     nodes: dict[int, int] = {}
-    for node, reply in exchange(grid, asks):
+    for i, reply in exchange(grid, asks):
+        node = ids[i]
         if reply.has_error():
             raise DaliFlError(f"Flower node {node}: {reason_of(reply)}")
-        nodes[int(reply.content[CONFIG]["client"])] = node
+        for client in (int(c) for c in reply.content[CONFIG]["clients"]):
+            if nodes.setdefault(client, node) != node:
+                raise DaliFlError(f"client {client} is held by two Flower nodes, {nodes[client]} and {node}; give "
+                                  "each client to one node (--node-config partition-id or clients)")
     missing = sorted(set(range(num_users)) - set(nodes))
     if missing:
         raise DaliFlError(f"no Flower SuperNode holds client {missing[0]} ({num_users - len(missing)} of "
-                          f"{num_users} clients have one); run one SuperNode per client: num-supernodes={num_users}")
+                          f"{num_users} clients have one); simulated: num-supernodes={num_users}; deployed: give "
+                          "every client to a node (--node-config 'partition-id=N' or 'clients=\"A-B\"')")
     return nodes
 
 
-def collect(replies: Iterable[tuple[int, Message]], clients: Mapping[int, int], round_: int,
+def collect(replies: Iterable[tuple[int, Message]], clients: Sequence[int], nodes: Mapping[int, int], round_: int,
             device: torch.device) -> dict[int, tuple[dict, Mapping]]:
-    """client -> (trained state, metrics) from the round's replies; a failed or missing client stops the run."""
+    """client -> (trained state, metrics) from the replies to the instructions for `clients`, in that order; a
+    failed or missing client stops the run."""
     out = {}
-    for node, reply in replies:
-        client = clients[node]
+    for i, reply in replies:
+        client = clients[i]
+        node = nodes[client]
         if reply.has_error():
             raise DaliFlError(f"client {client} (Flower node {node}) failed in round {round_} ({reason_of(reply)}); "
                               f"nothing of round {round_} was saved")
         metrics = {**reply.content[METRICS], "bytes": num_bytes(reply.content)}
         out[client] = (from_record(reply.content[ARRAYS], device), metrics)
-    missing = sorted(set(clients.values()) - set(out))
+    missing = sorted(set(clients) - set(out))
     if missing:
-        node = {c: n for n, c in clients.items()}[missing[0]]
-        raise DaliFlError(f"client {missing[0]} (Flower node {node}) sent no reply in round {round_}; nothing of "
-                          f"round {round_} was saved")
+        raise DaliFlError(f"client {missing[0]} (Flower node {nodes[missing[0]]}) sent no reply in round {round_}; "
+                          f"nothing of round {round_} was saved")
     return out
 
 
@@ -155,9 +162,8 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     messages = instructions(fx, nodes, clients, round_)
     bytes_down = sum(num_bytes(m.content) for m in messages)
-    by_node = {nodes[int(c)]: int(c) for c in clients}
     # A round may sample no client (DP's Poisson draw): nothing to send, and the server still adds its noise.
-    replies = collect(exchange(grid, messages), by_node, round_, fx.device) if messages else {}
+    replies = collect(exchange(grid, messages), [int(c) for c in clients], nodes, round_, fx.device) if messages else {}
     t_agg = time.perf_counter()
     running, totals = add_replies(fx, [replies[int(c)] for c in clients], start)
     mean_norm = server_update(fx, round_, running, start, len(clients))
