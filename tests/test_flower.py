@@ -245,3 +245,15 @@ def test_a_node_holds_one_client_or_several():
             node_clients(node(clients=bad))
     with pytest.raises(DaliFlError, match=r"holds no client; start it with --node-config 'partition-id=N'"):
         node_clients(node())
+
+
+def test_every_client_is_held_by_exactly_one_node():
+    from dali_fl.flower.server import assign
+
+    assert assign([(11, [0, 2]), (12, [1])], 3) == {0: 11, 2: 11, 1: 12}
+    with pytest.raises(DaliFlError, match=r"client 2 is held by two Flower nodes, 11 and 13"):
+        assign([(11, [0, 2]), (12, [1]), (13, [2])], 3)
+    with pytest.raises(DaliFlError, match=r"no Flower SuperNode holds client 1 \(2 of 3 clients have one\)"):
+        assign([(11, [0, 2])], 3)
+    with pytest.raises(DaliFlError, match=r"Flower node 12 holds client 3, but the run has 3 clients \(0 to 2\)"):
+        assign([(11, [0, 1, 2]), (12, [3])], 3)

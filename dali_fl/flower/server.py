@@ -89,12 +89,22 @@ def client_nodes(grid: Grid, cfg: TrainConfig) -> dict[int, int]:
     ids = wait_for_nodes(grid, num_users)
     store = {"store": cfg.data.store, "store-manifest-sha256": sha256(Path(cfg.data.store) / MANIFEST)}
     asks = [Message(RecordDict({CONFIG: ConfigRecord(store)}), dst_node_id=n, message_type="query") for n in ids]
-    nodes: dict[int, int] = {}
+    held = []
     for i, reply in exchange(grid, asks):
-        node = ids[i]
         if reply.has_error():
-            raise DaliFlError(f"Flower node {node}: {reason_of(reply)}")
-        for client in (int(c) for c in reply.content[CONFIG]["clients"]):
+            raise DaliFlError(f"Flower node {ids[i]}: {reason_of(reply)}")
+        held.append((ids[i], [int(c) for c in reply.content[CONFIG]["clients"]]))
+    return assign(held, num_users)
+
+
+def assign(held: Sequence[tuple[int, Sequence[int]]], num_users: int) -> dict[int, int]:
+    """client -> node from what each node says it holds: every client of the run on exactly one node."""
+    nodes: dict[int, int] = {}
+    for node, clients in held:
+        for client in clients:
+            if not 0 <= client < num_users:
+                raise DaliFlError(f"Flower node {node} holds client {client}, but the run has {num_users} clients "
+                                  f"(0 to {num_users - 1})")
             if nodes.setdefault(client, node) != node:
                 raise DaliFlError(f"client {client} is held by two Flower nodes, {nodes[client]} and {node}; give "
                                   "each client to one node (--node-config partition-id or clients)")
