@@ -6,6 +6,7 @@ metrics and the checkpoint are dali-fl's own, so a Flower run writes a dali-fl r
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ from dali_fl.flower.wire import (
 from dali_fl.model.build import trainable_state
 from dali_fl.safe_fs import sha256
 
+log = logging.getLogger("flwr.dali_fl")
 NODE_WAIT_S = 120.0  # how long to wait for every SuperNode to connect
 NODE_SETTLE_S = 5.0  # ...or for their number to stop changing, when fewer than needed came
 
@@ -102,9 +104,10 @@ def assign(held: Sequence[tuple[int, Sequence[int]]], num_users: int) -> dict[in
     nodes: dict[int, int] = {}
     for node, clients in held:
         for client in clients:
-            if not 0 <= client < num_users:
-                raise DaliFlError(f"Flower node {node} holds client {client}, but the run has {num_users} clients "
-                                  f"(0 to {num_users - 1})")
+            if not 0 <= client < num_users:  # simulating federations of several sizes: the larger's nodes
+                log.warning("Flower node %d holds client %d, outside this run's %d clients: it gets no work",
+                            node, client, num_users)
+                continue
             if nodes.setdefault(client, node) != node:
                 raise DaliFlError(f"client {client} is held by two Flower nodes, {nodes[client]} and {node}; give "
                                   "each client to one node (--node-config partition-id or clients)")
