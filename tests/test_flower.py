@@ -113,7 +113,7 @@ def test_flower_app_writes_an_app_and_the_flwr_command(store, tmp_path, invoke):
     assert result.exit_code == 0, result.output
     assert (f"flwr run {tmp_path / 'app'} local --stream --federation-config "
             "\"num-supernodes=4 client-resources-num-cpus=2\"") in result.output
-    assert "flower-superlink --insecure" in result.output
+    assert "flower-superlink --insecure --disable-runtime-dependency-installation" in result.output
     assert (f"--node-config 'partition-id=3 store=\"{store.absolute()}\"'") in result.output  # the last client
     assert f"flwr run {tmp_path / 'app'} deployment --stream" in result.output
     run_config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -155,7 +155,7 @@ def flwr_command(app_dir: Path, num_supernodes: int, client_cpus: float = 1, cli
 def deploy_commands(app_dir: Path, store: str, num_users: int) -> list[str]:
     """The commands of a deployment on this machine: a SuperLink, one SuperNode per client, `flwr run`."""
     last = num_users - 1
-    return ["flower-superlink --insecure",
+    return ["flower-superlink --insecure --disable-runtime-dependency-installation",
             *(f"flower-supernode --insecure --superlink 127.0.0.1:8000 --port {9094 + c} "
               f"--node-config 'partition-id={c} store=\"{store}\"'" for c in sorted({0, last})),
             f"flwr run {app_dir} deployment --stream  # [superlink.deployment] address = \"127.0.0.1:8000\", "
