@@ -50,6 +50,14 @@ def lora_agg_choices() -> tuple[str, ...]:
     return (*names, *(a for c in aggregations("fedlora") for a in c.aliases))
 
 
+def lora_agg_help() -> str:
+    """`--lora-agg`'s help: each FedLoRA aggregation, its paper names, and what it does."""
+    def entry(c: type[Aggregation]) -> str:
+        return f"{c.name} ({', '.join(c.aliases)}): {c.summary}" if c.aliases else f"{c.name}: {c.summary}"
+
+    return "; ".join(entry(c) for c in aggregations("fedlora")) + "."
+
+
 def resolve_lora_agg(value: str) -> str:
     """The aggregation's own name for a name or an alias (flora -> stack); anything else as given."""
     return next((c.name for c in aggregations("fedlora") if value in c.aliases), value)

@@ -232,6 +232,7 @@ class Aggregation(Algorithm):
     aggregation = True
     alg: ClassVar[str] = "fedlora"  # the --alg it serves
     aliases: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""  # what it does, in a few words, for `--lora-agg`'s help
     mixed_ranks: ClassVar[bool] = False  # defined for clients of different --lora-ranks
     rank_hint: ClassVar[str] = "it rests on one shared A and scale"  # why it needs one rank, when it does
     freezes_lora_a: ClassVar[bool] = False  # the model's LoRA A is frozen at its shared init

@@ -21,6 +21,7 @@ class FedEx(Aggregation):
     """Average A and B, fold the exact residual into the base weights (`--lora-agg fedex`)."""
 
     name = "fedex"
+    summary = "average + exact residual"  # its line in `--lora-agg`'s help
     flag = "--lora-agg fedex"
     mixed_ranks = True
     needs_products = True

@@ -12,5 +12,6 @@ class FedIT(Aggregation):
     """The weighted mean of A and B separately (`--lora-agg fedit`, the default for FedLoRA)."""
 
     name = "fedit"
+    summary = "average A and B"  # its line in `--lora-agg`'s help
     flag = "--lora-agg fedit"
     rank_hint = "its padded form is zero-pad"

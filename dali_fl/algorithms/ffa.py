@@ -12,5 +12,6 @@ class FFA(Aggregation):
     """Freeze A, average B (`--lora-agg ffa`)."""
 
     name = "ffa"
+    summary = "freeze A, average B (exact)"  # its line in `--lora-agg`'s help
     flag = "--lora-agg ffa"
     freezes_lora_a = True

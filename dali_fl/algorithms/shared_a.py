@@ -28,6 +28,7 @@ class SharedA(Aggregation):
     """The clients' own B matrices (a journaled table) and their held-out samples (`--lora-agg shared-a`)."""
 
     name = "shared-a"
+    summary = "average A, each client keeps its B (personal_acc is reported)"  # its line in `--lora-agg`'s help
     flag = "--lora-agg shared-a"
     aliases = ("fedsa",)
     one_process = True

@@ -39,6 +39,7 @@ class Stack(Aggregation):
     """Fold the exact stacked product into the base weights, restart the adapters (`--lora-agg stack`, `flora`)."""
 
     name = "stack"
+    summary = "fold the exact product"  # its line in `--lora-agg`'s help
     flag = "--lora-agg stack"
     aliases = ("flora",)
     mixed_ranks = True

@@ -13,6 +13,7 @@ class ZeroPad(Aggregation):
     """Average the zero-padded factors (`--lora-agg zero-pad`, or `hetlora`)."""
 
     name = "zero-pad"
+    summary = "pad to the largest rank and average"  # its line in `--lora-agg`'s help
     flag = "--lora-agg zero-pad"
     aliases = ("hetlora",)
     mixed_ranks = True

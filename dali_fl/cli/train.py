@@ -34,6 +34,11 @@ RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
 o = click.option
 
 
+def _either(names: list[str]) -> str:
+    """"a, b or c" (one name: itself)."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def declared_options(fields: list) -> list:
     """Click options made from `option(...)` dataclass fields (a trailing _ is dropped: async_ is --async)."""
     opts = []
@@ -112,11 +117,9 @@ def train_options(f):
           help="Comma-separated module names or regexes to adapt."),
         o("--lora-ranks", default=d["lora_ranks"],
           help="Per-client LoRA ranks: 2,4,8 (cycled over clients) or uniform:2,4,8,16 (drawn from --seed); "
-               "overrides --lora-r. Mixed ranks need --lora-agg fedex, zero-pad or stack."),
+               f"overrides --lora-r. Mixed ranks need --lora-agg {_either(algorithms.mixed_rank_aggregations())}."),
         o("--lora-agg", type=click.Choice(algorithms.lora_agg_choices()), default=d["lora_agg"], show_default=True,
-          help="fedit: average A and B; ffa: freeze A, average B (exact); fedex: average + exact residual; "
-               "zero-pad (hetlora): pad to the largest rank and average; stack (flora): fold the exact product; "
-               "shared-a (fedsa): average A, each client keeps its B (personal_acc is reported)."),
+          help=algorithms.lora_agg_help()),
         o("--loader", type=click.Choice(LOADER_KINDS), default=d["loader"], show_default=True,
           help="dali: GPU pipeline (CPU ops without GPU); memmap: DataLoader; memmap-seed: the old pipeline."),
         o("--data-on-gpu", is_flag=True, default=d["data_on_gpu"],
