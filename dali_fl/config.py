@@ -222,7 +222,7 @@ class TrainConfig:
                   algorithms.params_from(opts), ClockConfig(**parts["clock"]))
         algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
         clock.refuse(cfg)
-        return algorithms.settle(cfg)  # derived options (DP's calibrated noise), saved in config.json as settled
+        return algorithms.settle(cfg)  # derived options (a calibrated noise), saved in config.json as settled
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -231,25 +231,15 @@ class TrainConfig:
     def from_json(cls, text: str) -> "TrainConfig":
         doc = json.loads(text)
         model = dict(doc["model"], lora_targets=tuple(doc["model"]["lora_targets"]))
-        local, flat = _legacy_options(doc)
-        flat.update({k: v for params in doc.get("algorithms", {}).values() for k, v in params.items()})
+        # Older files kept some algorithms' options in "local": they are the algorithms' (saved_options).
+        local = {k: v for k, v in doc["local"].items() if k not in algorithms.option_fields()}
         return cls(FederationConfig(**doc["fed"]), LocalConfig(**local), ModelSpec(**model),
-                   DataConfig(**doc["data"]), algorithms.params_from(flat), ClockConfig(**doc.get("clock", {})))
+                   DataConfig(**doc["data"]), algorithms.params_from(algorithms.saved_options(doc)),
+                   ClockConfig(**doc.get("clock", {})))
 
     def replace(self, **parts) -> "TrainConfig":
         """Copy with some fields of the sub-configs replaced, e.g. replace(fed={'rounds': 4})."""
         return dataclasses.replace(self, **{k: dataclasses.replace(getattr(self, k), **v) for k, v in parts.items()})
-
-
-def _legacy_options(doc: dict) -> tuple[dict, dict]:
-    """(local section, algorithm options) of a config.json written before the algorithms had their own Params."""
-    local = dict(doc["local"])
-    flat = {k: local.pop(k) for k in ("prox_mu", "scaffold") if k in local}
-    flat.update(doc.get("server", {}))
-    dp = doc.get("algorithms", {}).get("dp")
-    if dp is not None and "dp_sampling" not in dp:
-        flat["dp_sampling"] = "fixed"  # DP runs before Poisson sampling drew a fixed-size sample: resume them so
-    return local, flat
 
 
 def load_config(run_dir: Path) -> TrainConfig:

@@ -106,3 +106,22 @@ def test_option_names_are_unique_and_cover_every_section():
     assert fields["server_opt"] == ("algorithms", "fedopt") and fields["fednova"] == ("algorithms", "fednova")
     assert fields["model"] == ("model", "name") and fields["model_kwargs"] == ("model", "kwargs")
     assert "lora" not in fields and "freeze_lora_a" not in fields
+
+
+def test_a_config_json_from_before_the_algorithms_had_sections_loads_as_it_ran():
+    """Before the algorithm seam, config.json kept prox_mu and scaffold in "local", the server step and DP in
+    "server"; and DP drew a fixed-size sample then."""
+    import json
+
+    cfg = TrainConfig.from_options(dict(prox_mu=0.01, server_opt="adam", server_lr=0.01, dp_clip=1.0, dp_noise=0.5))
+    doc = json.loads(cfg.to_json())
+    algs = doc.pop("algorithms")
+    doc["local"].update(prox_mu=0.01, scaffold=False)
+    doc["server"] = {**algs["fedopt"], **{k: v for k, v in algs["dp"].items() if k in ("dp_clip", "dp_noise",
+                                                                                         "dp_delta")}}
+    old = TrainConfig.from_json(json.dumps(doc))
+    assert old.algorithms["fedprox"].prox_mu == 0.01 and not old.algorithms["scaffold"].scaffold
+    assert old.algorithms["fedopt"] == cfg.algorithms["fedopt"]
+    assert (old.algorithms["dp"].dp_clip, old.algorithms["dp"].dp_noise) == (1.0, 0.5)
+    assert old.algorithms["dp"].dp_sampling == "fixed" and cfg.algorithms["dp"].dp_sampling == "poisson"
+    assert old.local == cfg.local

@@ -119,6 +119,19 @@ def option_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return {f.name: (name, f) for name, cls in REGISTRY.items() for f in dataclasses.fields(cls.Params)}
 
 
+def saved_options(doc: dict) -> dict:
+    """Every algorithm's flat options in a config.json of any dali-fl version: its own section, the sections that
+    held its options before it had one, and for an option an older file lacks, what that run used."""
+    flat: dict = {}
+    for name, cls in REGISTRY.items():
+        fields = {f.name for f in dataclasses.fields(cls.Params)}
+        found = {k: v for section in cls.saved_in for k, v in doc.get(section, {}).items() if k in fields}
+        found.update(doc.get("algorithms", {}).get(name, {}))
+        if found:
+            flat.update({**cls.saved_before, **found})
+    return flat
+
+
 def params_from(opts: dict) -> dict:
     """Each algorithm's Params from flat options (missing ones at their defaults); validated on creation."""
     out = {}

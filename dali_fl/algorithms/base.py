@@ -113,6 +113,10 @@ class Algorithm:
     scalars: ClassVar[tuple[str, ...]] = ()  # per-round sums it adds to (reduced across processes with the rest)
     files: ClassVar[tuple[str, ...]] = ()  # files it keeps in the run directory
     summary_keys: ClassVar[tuple[str, ...]] = ()  # its metrics columns that summary.json repeats from the last row
+    # config.json written by an older dali-fl: the sections that then held its options, and what it ran with for
+    # an option such a file lacks (read by `algorithms.saved_options`, so that old runs resume as they ran)
+    saved_in: ClassVar[tuple[str, ...]] = ()
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, fx: "Federation"):
         self.fx = fx

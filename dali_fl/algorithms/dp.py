@@ -116,6 +116,8 @@ class DP(Algorithm):
     name = "dp"
     flag = "--dp-clip"
     Params = DPParams
+    saved_in = ("server",)
+    saved_before = {"dp_sampling": "fixed"}  # DP runs before Poisson sampling drew a fixed-size sample
     scalars = (UNCLIPPED,)
     summary_keys = ("dp_epsilon", "dp_epsilon_rdp")
     uniform_sample = True  # ε's sampling rate m/N assumes every client is equally likely to count

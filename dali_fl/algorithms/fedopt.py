@@ -65,6 +65,7 @@ class FedOpt(Algorithm):
     name = "fedopt"
     flag = "--server-opt"
     Params = FedOptParams
+    saved_in = ("server",)
 
     @classmethod
     def active(cls, cfg) -> bool:

@@ -44,6 +44,7 @@ class FedProx(Algorithm):
     name = "fedprox"
     flag = "--prox-mu"
     Params = FedProxParams
+    saved_in = ("local",)
 
     @classmethod
     def active(cls, cfg) -> bool:

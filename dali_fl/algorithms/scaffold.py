@@ -48,6 +48,7 @@ class Scaffold(Algorithm):
     name = "scaffold"
     flag = "--scaffold"
     Params = ScaffoldParams
+    saved_in = ("local",)
     one_process = True
     files = ("scaffold_clients.f32",)
 
