@@ -17,7 +17,7 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 
 
 class RunningSum:
-    """n-weighted sum of client states, kept on the device; adds sum of n * B @ A for FedEx-LoRA."""
+    """n-weighted sum of client states, kept on the device; plus sum of n * B @ A when an aggregation needs it."""
 
     def __init__(self, pairs: Sequence[LoraPair] = (), like: Mapping[str, torch.Tensor] | None = None,
                  scalars: Sequence[str] = ()):
@@ -72,13 +72,13 @@ class RunningSum:
 
 @torch.no_grad()
 def update_norm(state: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]) -> float:
-    """‖y − x‖ over all tensors together (one device sync): a client's drift, DP's clipping norm."""
+    """‖y − x‖ over all tensors together (one device sync): a client's drift, or the norm an update is clipped by."""
     squares = torch.stack([(state[k].float() - start[k].float()).pow(2).sum() for k in start])
     return float(squares.sum().sqrt())
 
 
 def mean_of(running: RunningSum) -> State:
-    """The weighted mean of every exchanged tensor (FedAvg, FedIT and FFA-LoRA all end here)."""
+    """The weighted mean of every exchanged tensor (every aggregation without its own step ends here)."""
     if running.total <= 0:
         raise ValueError("no samples were aggregated this round")
     return {k: v / running.total for k, v in running.sums.items()}

@@ -1,4 +1,4 @@
-"""Buffered asynchronous server steps on the simulated clock: the engine's side of FedBuff-like algorithms.
+"""Buffered asynchronous server steps on the simulated clock: the engine's side of buffered asynchronous algorithms.
 
 An algorithm turns this on by returning an `AsyncPolicy` (C clients in flight, K updates a step, a
 staleness weight); this module names none. `Schedule` is the event order: which client is dispatched

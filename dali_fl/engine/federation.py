@@ -147,7 +147,7 @@ class Federation:
 
 @torch.no_grad()
 def add_to_params_(model: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """Add the aggregation's deltas (FedEx-LoRA's residual, FLoRA's product) into the frozen base weights."""
+    """Add the aggregation's deltas (an exact residual, a stacked product) into the frozen base weights."""
     params = dict(model.named_parameters())
     for name, delta in deltas.items():
         params[name].add_(delta.to(params[name].dtype))
@@ -223,7 +223,7 @@ def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[
     r = ServerRound(round_, num_clients, start, running.total, dict(running.scalars))
     if running.total > 0:
         mean, products = mean_of(running), {k: v / running.total for k, v in running.products.items()}
-    else:  # a round that sampled no client (DP's Poisson draw): the aggregate stays where it started
+    else:  # a round that sampled no client (a Poisson draw may): the aggregate stays where it started
         mean, products = {k: v.float().clone() for k, v in start.items()}, dict(running.products)
     deltas: dict[str, torch.Tensor] = {}
     for a in fx.algs:
@@ -273,7 +273,7 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
               times: tuple[float, float, float]) -> dict:
     """The round's metrics row from its totals; `times` are when it started, aggregated and ended."""
     t0, t_agg, end = times
-    some = num_clients > 0 and running.total > 0  # a round may sample no client (DP's Poisson draw)
+    some = num_clients > 0 and running.total > 0  # a round may sample no client (a Poisson draw)
     row = {"round": round_, "test_acc": None, "test_loss": None,
            "train_loss": totals["loss_sum"] / totals["num_samples"] if some else None, "num_clients": num_clients,
            "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,

@@ -48,8 +48,8 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
                 amp: Optional[torch.dtype], device: torch.device, terms: Sequence[LocalTerm] = ()) -> ClientResult:
     """Train `cfg.local_ep` epochs over the client's indices; returns its count, mean loss and timings.
 
-    `terms` are the algorithms' additions to every step: loss terms (FedProx) and gradient corrections
-    (control variates); without them this is plain local training, bitwise.
+    `terms` are the algorithms' additions to every step: loss terms (a proximal term) and gradient
+    corrections (control variates); without them this is plain local training, bitwise.
     """
     model.train()
     params = trainable_params(model)

@@ -85,7 +85,7 @@ def _partition(cfg: TrainConfig, store, saved: Optional[Path]) -> Partition:
 
 
 def checkpoint_tensors(fx: Federation) -> tuple[dict, dict]:
-    """(global trainable state with the server optimizer's moments, base weights FedEx-LoRA changed) as now."""
+    """(global trainable state with the server optimizer's moments, base weights an aggregation changed) as now."""
     params = dict(fx.model.named_parameters())
     base = {p.base: params[p.base] for p in fx.pairs} if fx.uses_products else {}
     return {**trainable_state(fx.model), **fx.server_state()}, base

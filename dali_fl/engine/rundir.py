@@ -17,7 +17,7 @@ from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
 
-BASE_PREFIX = "base::"  # base weights changed by FedEx-LoRA travel in the checkpoint under this prefix
+BASE_PREFIX = "base::"  # base weights an aggregation changed travel in the checkpoint under this prefix
 
 
 LOCK = ".lock"

@@ -56,7 +56,7 @@ def train_client(fx: Federation, start: dict[str, torch.Tensor], base: Mapping[s
     Returns its trainable state, its result, and what the server adds besides: its LoRA scale over the
     model's (weighing B @ A), its drift, and the values it uploads.
     """
-    load_state_(fx.model, base)  # base weights FedEx-LoRA and FLoRA changed, sent by the server
+    load_state_(fx.model, base)  # base weights the aggregation changed, sent by the server
     update = train_one(fx, round_, client, start, fx.train_loader)
     state = {k: v.clone() for k, v in update.state.items()}
     fx.end_clients()

@@ -144,7 +144,7 @@ def add_replies(fx: Federation, replies: list[tuple[dict, Mapping]], start: dict
     running, totals = new_sums(fx, start)
     for received, m in replies:
         result = ClientResult(int(m["num-examples"]), float(m["train-loss"]), float(m["data-wait-s"]),
-                              float(m["compute-s"]), int(m["steps"]))  # τ_i: FedNova weighs by it
+                              float(m["compute-s"]), int(m["steps"]))  # τ_i: an algorithm may weigh by it
         # A lower-rank client's factors go back to the model's rank; its drift it measured from its own start.
         update = ClientUpdate(pad_like(received, start), result, float(m["product-scale"]), float(m["drift"]),
                               int(m["upload-values"]))
@@ -175,7 +175,7 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
     start = {k: v.clone() for k, v in trainable_state(fx.model).items()}
     messages = instructions(fx, nodes, clients, round_)
     bytes_down = sum(num_bytes(m.content) for m in messages)
-    # A round may sample no client (DP's Poisson draw): nothing to send, and the server still adds its noise.
+    # A round may sample no client (a Poisson draw): nothing to send; the server step still runs (noise, say).
     replies = collect(exchange(grid, messages), [int(c) for c in clients], nodes, round_, fx.device) if messages else {}
     t_agg = time.perf_counter()
     running, totals = add_replies(fx, [replies[int(c)] for c in clients], start)
