@@ -257,3 +257,16 @@ def test_every_client_is_held_by_exactly_one_node():
         assign([(11, [0, 2])], 3)
     # Simulating federations of several sizes on one engine start: the larger one's extra nodes get no work.
     assert assign([(11, [0, 1, 2]), (12, [3])], 3) == {0: 11, 1: 11, 2: 11}
+
+
+def test_max_weight_diff_is_the_largest_difference_of_two_runs_final_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from dali_fl.flower.compare import max_weight_diff
+
+    for name, shift in (("a", 0.0), ("b", 0.25)):
+        (tmp_path / name / "checkpoint").mkdir(parents=True)
+        save_file({"w": torch.zeros(3) + torch.tensor([0.0, shift, 0.0]), "v": torch.ones(2)},
+                  str(tmp_path / name / "checkpoint" / "state.safetensors"))
+    assert max_weight_diff(tmp_path / "a", tmp_path / "b") == 0.25
+    assert max_weight_diff(tmp_path / "a", tmp_path / "a") == 0.0

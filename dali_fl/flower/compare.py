@@ -32,11 +32,16 @@ def compare(options: Mapping[str, Any], out: Path, client_cpus: float = 1.0, cli
         t2 = time.perf_counter()
     finally:
         torch.set_num_threads(saved)
-    dali, flower = (load_file(str(out / name / "checkpoint" / "state.safetensors")) for name in ("dali-fl", "flower"))
     rows = {name: read_metrics(out / name) for name in ("dali-fl", "flower")}
     return {"wall_s": {"dali-fl": t1 - t0, "flower": t2 - t1}, "rows": rows, "threads": max(1, int(client_cpus)),
-            "max_abs_diff": max(float((dali[k] - flower[k]).abs().max()) for k in dali),
+            "max_abs_diff": max_weight_diff(out / "dali-fl", out / "flower"),
             "same_accuracies": [r["test_acc"] for r in rows["dali-fl"]] == [r["test_acc"] for r in rows["flower"]]}
+
+
+def max_weight_diff(run_a: Path, run_b: Path) -> float:
+    """The largest |a - b| over the final checkpoints' tensors of two runs."""
+    a, b = (load_file(str(Path(r) / "checkpoint" / "state.safetensors")) for r in (run_a, run_b))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def report(result: dict) -> str:
