@@ -76,7 +76,7 @@ def train_options(f):
         o("--alg", type=click.Choice(ALGORITHMS), default=d["alg"], show_default=True,
           help="fedavg: all weights trained and averaged; fedlora: LoRA adapters + head only."),
         o("--out", type=click.Path(path_type=Path),
-          help="Run directory (default runs/<what ran>-<time>, e.g. runs/fedavg-scaffold-20261202-101500)."),
+          help="Run directory (default runs/<what ran>-<time>, e.g. runs/fedlora-fedex-fedadam-20261202-101500)."),
         o("--rounds", "--epochs", type=int, default=d["rounds"], show_default=True,
           help="Federated rounds (seed: --epochs)."),
         o("--num-users", "--num_users", type=int, default=d["num_users"], show_default=True, help="Simulated clients."),
@@ -265,7 +265,7 @@ def summary_line(summary: dict, run_dir: object, engine: str = "") -> str:
 
 
 def _default_run_dir(cfg: TrainConfig) -> Path:
-    """runs/<what ran>-<time> (fedavg-scaffold-..., fedlora-fedex-fedadam-...), for runs started without --out."""
+    """runs/<what ran>-<time> (e.g. fedlora-fedex-fedadam-...), for runs started without --out."""
     return Path("runs") / f"{algorithms.run_label(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
