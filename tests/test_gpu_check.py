@@ -259,3 +259,31 @@ def test_the_stores_part_names_its_machine_without_dali(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as on the lent machine before the parts are in
     info = machine_info("cpu")
     assert info["dali"] is None and info["id"].startswith("cpu")
+
+
+# Installed here for dali-fl's other parts, absent from the lent GPU machine (nothing can be installed there, and
+# only DALI's parts are carried): the check must neither import them nor need them.
+NOT_ON_THE_GPU_MACHINE = ("flwr", "ray", "dp_accounting")
+
+
+@pytest.mark.slow
+def test_the_rounds_run_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    """A module-level import of Flower, Ray or dp-accounting on the rounds' path would stop the lent call at once."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    site.mkdir()  # sitecustomize runs in every interpreter the check starts, its child processes too
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({NOT_ON_THE_GPU_MACHINE}))\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--steps", "stores,round",
+           "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary-stores-round.md").read_text()
+    assert "| bench_round fedlora |" in summary and "| bench_round fedavg |" in summary and "| ok |" in summary
+    assert "failed" not in summary.lower(), summary
+    probe = subprocess.run([sys.executable, "-c", "import flwr"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 1 and "ModuleNotFoundError" in probe.stderr  # the blocking itself works
