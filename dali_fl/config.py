@@ -249,6 +249,9 @@ def load_config(run_dir: Path) -> TrainConfig:
         raise DaliFlError(f"{run_dir} is not a dali-fl run (no config.json); start one with `dali-fl train --out DIR`")
     try:
         return TrainConfig.from_json(path.read_text())
+    except DaliFlError as err:  # a value the options would refuse: say where it came from, not which flag
+        raise DaliFlError(f"{path} holds a setting dali-fl refuses ({err}); restore the file or start a new "
+                          "run") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise DaliFlError(f"{path} is unreadable ({err!r}); it was not written by this dali-fl") from None
 

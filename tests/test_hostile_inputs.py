@@ -26,6 +26,16 @@ SCAFFOLD = tiny_args(alg="fedlora", lora_r=2, optimizer="sgd", scaffold=True, mo
 HUGE = str(2**70)
 
 
+class _Sha256:
+    """Equal to any 64-digit hex string (a digest whose value the test does not fix)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and len(other) == 64 and all(c in "0123456789abcdef" for c in other)
+
+
+ANY_SHA256 = _Sha256()
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny store and another of the same shape made from another seed."""
@@ -223,6 +233,12 @@ RESUME_TAMPERS = [
     ("moved-sample", _moved_sample, ("partition.json", "not the partition this run started with")),
     ("config-seed-edited", lambda run: _config_field("fed", "seed", 7)(run), ("written with seed 0", "says 7")),
     ("run-json-garbage", lambda run: (run / "run.json").write_text("{"), ("run.json", "not a run identity")),
+    # Hand edits that pass every kind check: the settings' sha256 in run.json tells them.
+    ("config-lr-edited", lambda run: _config_field("local", "lr", 0.5)(run), ("config.json", "other than those")),
+    ("config-frac-edited", lambda run: _config_field("fed", "frac", 1.0)(run), ("config.json", "other than those")),
+    ("config-alg-edited", lambda run: _config_field("fed", "alg", "fedavg")(run), ("config.json", "other than")),
+    ("config-clock-edited", lambda run: _config_field("clock", "speed", 5.0)(run), ("config.json", "other than")),
+    ("config-lr-refused", lambda run: _config_field("local", "lr", -1.0)(run), ("config.json", "--lr")),
 ]
 
 
@@ -261,7 +277,32 @@ def test_a_run_from_before_run_json_resumes_with_a_warning_and_gets_one(invoke, 
     (run / "run.json").unlink()
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
-    assert set(json.loads((run / "run.json").read_text())) == {"partition_sha256", "store_manifest_sha256"}
+    assert set(json.loads((run / "run.json").read_text())) == {"partition_sha256", "store_manifest_sha256",
+                                                                "settings_sha256"}
+
+
+def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_it(invoke, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    ident = json.loads((run / "run.json").read_text())
+    del ident["settings_sha256"]
+    (run / "run.json").write_text(json.dumps(ident))
+    result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "run.json").read_text()) == dict(ident, settings_sha256=ANY_SHA256)
+    _config_field("local", "lr", 0.5)(run)  # from now on a hand edit is told
+    assert invoke("train", "--resume", run, "--rounds", 4, "--quiet").exit_code == 2
+
+
+def test_rounds_device_and_the_store_path_may_change_on_resume(invoke, stores, finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    moved = tmp_path / "moved-store"
+    shutil.copytree(stores[0], moved)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["store"] = str(moved)  # the store moved: the same manifest at another path
+    (run / "config.json").write_text(json.dumps(cfg, indent=2))
+    result = invoke("train", "--resume", run, "--rounds", 3, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["fed"]["rounds"] == 3
 
 
 # --- 3. No tracebacks from values ----------------------------------------------------------------

@@ -1,14 +1,16 @@
 """What a resume may trust: every run file is checked (kind, identity, agreement) before anything is built or written.
 
-A new run records what it trains on in `run.json` (the sha256 of its partition.json and of its store's
-manifest) before config.json. A resume then refuses, in one line and before it changes anything, a run
-whose files disagree: a partition edited, a config pointing at another store, metrics rows that the
-checkpoint does not account for. The one repair it makes is the one a kill leaves: a torn last row of
-metrics.jsonl, or a row one round beyond the checkpoint, dropped when the run continues.
+A new run records what it trains on in `run.json` (the sha256 of its partition.json, of its store's
+manifest and of its settings) before config.json. A resume then refuses, in one line and before it changes
+anything, a run whose files disagree: a partition edited, a setting of config.json edited by hand, a config
+pointing at another store, metrics rows that the checkpoint does not account for. The one repair it makes is
+the one a kill leaves: a torn last row of metrics.jsonl, or a row one round beyond the checkpoint, dropped
+when the run continues.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 FIX = "the run cannot be resumed exactly; restore the file or start a new run"
 MAX_CONFIG_BYTES = 1 << 20
+# What --resume may change (RESUMABLE in cli/train.py) and the store's path (its manifest is checked instead).
+RESUMABLE_FIELDS = (("fed", "rounds"), ("data", "device"), ("data", "store"))
 RUN_FILES = (IDENTITY, "config.json", "partition.json", "metrics.jsonl", "client_ranks.json")
 
 
@@ -96,13 +100,27 @@ def _same_kind(default: object, value: object) -> bool:
     return True
 
 
+def settings_sha256(cfg: TrainConfig) -> str:
+    """sha256 of the settings a resume keeps: config.json less what may change (rounds, device, the store's path).
+
+    The store's path may move (its manifest's sha256 is checked instead); rounds and device are what
+    `--resume` may change, and dali-fl rewrites config.json with them.
+    """
+    doc = json.loads(cfg.to_json())
+    for section, key in RESUMABLE_FIELDS:
+        doc[section].pop(key, None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def record_identity(cfg: TrainConfig, run_dir: Path, fresh: bool) -> None:
-    """run.json: sha256 of partition.json and of the store's manifest (a resumed run older than it gets one now)."""
+    """run.json: sha256 of partition.json, of the store's manifest and of the settings (an older run gets them now)."""
     path = Path(run_dir) / IDENTITY
-    if not fresh and check_regular(path, FIX) is not None:
+    doc = None if fresh else _read_identity(run_dir)
+    if doc is not None and "settings_sha256" in doc:
         return
-    doc = {"partition_sha256": sha256(Path(run_dir) / "partition.json", FIX),
-           "store_manifest_sha256": sha256(Path(cfg.data.store) / MANIFEST, FIX)}
+    doc = doc or {"partition_sha256": sha256(Path(run_dir) / "partition.json", FIX),
+                  "store_manifest_sha256": sha256(Path(cfg.data.store) / MANIFEST, FIX)}
+    doc["settings_sha256"] = settings_sha256(cfg)
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
@@ -122,22 +140,45 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
                           f"{cfg.fed.seed}; {FIX}")
     covered = (meta or {}).get("metrics")
     check_metrics(run_dir, done, covered if isinstance(covered, dict) else None)
+    _check_settings(cfg, run_dir)  # last: the checks above name the file and the field more precisely
 
 
-def _check_identity(cfg: TrainConfig, run_dir: Path) -> None:
-    """partition.json and the store are the ones the run started with (run.json holds their sha256)."""
+def _read_identity(run_dir: Path) -> Optional[dict]:
+    """run.json's record (None when absent: a run started by an older dali-fl); one that is not dali-fl's is refused."""
     path = run_dir / IDENTITY
     if check_regular(path, FIX) is None:
-        log.warning("%s has no %s (it was started by an older dali-fl): its partition and store are not checked "
-                    "this time", run_dir, IDENTITY)
-        return
+        return None
     try:
         doc = json.loads(read_bytes(path, MAX_CONFIG_BYTES, FIX))
     except (ValueError, RecursionError):
         doc = None
     keys = ("partition_sha256", "store_manifest_sha256")
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in keys):
+    if (not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in keys)
+            or not isinstance(doc.get("settings_sha256", ""), str)):
         raise DaliFlError(f"{path} is not a run identity written by dali-fl; {FIX}")
+    return doc
+
+
+def _check_settings(cfg: TrainConfig, run_dir: Path) -> None:
+    """config.json holds the settings the run started with, less rounds, device and the store's path."""
+    doc = _read_identity(run_dir)
+    if doc is None or "settings_sha256" not in doc:
+        log.warning("%s records no sha256 of the run's settings (it was started by an older dali-fl): config.json "
+                    "is not checked this time", run_dir / IDENTITY)
+        return
+    if settings_sha256(cfg) != doc["settings_sha256"]:
+        raise DaliFlError(f"{run_dir / 'config.json'} holds settings other than those this run started with "
+                          f"(their sha256 differs from the one in {IDENTITY}); only --rounds and --gpu/--device "
+                          "may change on --resume; restore the file or start a new run with the new settings")
+
+
+def _check_identity(cfg: TrainConfig, run_dir: Path) -> None:
+    """partition.json and the store are the ones the run started with (run.json holds their sha256)."""
+    doc = _read_identity(run_dir)
+    if doc is None:
+        log.warning("%s has no %s (it was started by an older dali-fl): its partition and store are not checked "
+                    "this time", run_dir, IDENTITY)
+        return
     partition = run_dir / "partition.json"
     if check_regular(partition, FIX) is not None and sha256(partition, FIX) != doc["partition_sha256"]:
         raise DaliFlError(f"{partition} is not the partition this run started with (its sha256 differs from "
