@@ -6,6 +6,7 @@ fsynced after, so a crash or power cut leaves either the old version or the new 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -41,6 +42,15 @@ def _umask() -> int:
     return mask
 
 
+def what_to_do(err: OSError, other: str = "choose another path") -> str:
+    """The fix a failed write calls for: space for a full disk, permissions for a refusal, else `other`."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check that you may write there"
+    return other
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Let `write` fill a temp file in the same directory, sync it, then rename it over `path`."""
     path = Path(path)
@@ -49,7 +59,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as err:
-        raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
+        raise DaliFlError(f"cannot write {path} ({err.strerror}); {what_to_do(err)}") from None
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
@@ -57,7 +67,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
         fsync_path(path.parent)
     except OSError as err:
-        raise DaliFlError(f"cannot write {path} ({err.strerror}); choose another path") from None
+        raise DaliFlError(f"cannot write {path} ({err.strerror}); {what_to_do(err)}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

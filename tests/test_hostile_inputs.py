@@ -405,6 +405,16 @@ def test_a_fifo_where_a_run_file_belongs_is_refused_not_waited_on(invoke, assert
     assert_user_error(invoke("train", "--resume", run, "--rounds", 3, "--quiet"), rel.split("/")[-1], "FIFO")
 
 
+def test_a_directory_where_summary_json_belongs_is_refused_before_any_round(invoke, assert_user_error, finished,
+                                                                             tmp_path):
+    run = _copy(finished, tmp_path)
+    (run / "summary.json").unlink()
+    (run / "summary.json").mkdir()
+    before = _snapshot(run)
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 3, "--quiet"), "summary.json", "a directory")
+    assert _snapshot(run) == before  # no round 3 trained and then lost
+
+
 @pytest.mark.timeout(60)
 def test_a_fifo_as_pyproject_is_refused_by_flower_app(invoke, assert_user_error, stores, tmp_path):
     pytest.importorskip("flwr")

@@ -60,7 +60,7 @@ def _check_click(words: list[str]) -> None:
     """Walk the group to the subcommand, then parse its options as click would, without converting values."""
     command: click.Command = cli
     while isinstance(command, click.Group) and words and not words[0].startswith("-"):
-        command = command.commands[words.pop(0)]
+        command = command.get_command(click.Context(command), words.pop(0))
     ctx = click.Context(command, info_name=command.name)
     opts, _, order = command.make_parser(ctx).parse_args(list(words))  # raises on an unknown option
     for param in order:

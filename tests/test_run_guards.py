@@ -143,19 +143,65 @@ def test_a_run_killed_before_its_config_starts_fresh_and_one_killed_after_resume
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "atomic_write_text", killed)  # after the partition, before config.json
-    assert _train(invoke, store, tmp_path / "r", "--rounds", 1).exit_code == 2
+    result = _train(invoke, store, tmp_path / "r", "--rounds", 1)
+    assert result.exit_code == 130 and "--resume" not in result.output  # there is no run to continue
+    assert _interrupted_line(result) == "error: interrupted; nothing half-written was kept"
     monkeypatch.undo()
-    assert not (tmp_path / "r" / "config.json").exists()
+    assert not (tmp_path / "r").exists()
     _finished(invoke, store, tmp_path / "r", rounds=1)  # a fresh run takes the directory
 
     import dali_fl.engine.federation as fed
 
     monkeypatch.setattr(fed, "local_train", killed)  # config.json written, no round finished
-    assert _train(invoke, store, tmp_path / "s", "--rounds", 1).exit_code == 2
+    result = _train(invoke, store, tmp_path / "s", "--rounds", 1)
+    assert result.exit_code == 130
+    assert _interrupted_line(result) == f"error: interrupted; continue with `dali-fl train --resume {tmp_path / 's'}`"
     monkeypatch.undo()
     assert (tmp_path / "s" / "config.json").exists() and not (tmp_path / "s" / "checkpoint").exists()
     result = invoke("train", "--resume", tmp_path / "s", "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def _interrupted_line(result) -> str:
+    """The one line an interrupted command ends with (no traceback before it)."""
+    assert "Traceback" not in result.output, result.output
+    return result.output.rstrip("\n").splitlines()[-1]
+
+
+def test_a_ctrl_c_while_a_checkpoint_is_written_keeps_the_last_whole_one_and_no_temp(invoke, store, tmp_path,
+                                                                                     monkeypatch):
+    import dali_fl.engine.rundir as rundir
+
+    run = _finished(invoke, store, tmp_path / "r", rounds=1)
+    before = load_file(str(run / "checkpoint" / "state.safetensors"))
+
+    def killed(tensors, path):
+        Path(path).write_bytes(b"half")  # part of the new checkpoint is on disk when the Ctrl-C lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "save_file", killed)
+    result = invoke("train", "--resume", run, "--rounds", 2, "--quiet")
+    assert result.exit_code == 130 and "--resume" in _interrupted_line(result)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+    after = load_file(str(run / "checkpoint" / "state.safetensors"))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.undo()
+    assert invoke("train", "--resume", run, "--rounds", 2, "--quiet").exit_code == 0
+
+
+def test_a_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch):
+    import importlib
+
+    from click.testing import CliRunner
+
+    from dali_fl.cli import _Group
+
+    def interrupted(name):
+        raise KeyboardInterrupt  # torch's import takes seconds: the likeliest moment for a Ctrl-C
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    result = CliRunner().invoke(_Group("dali-fl"), ["train", "--help"])
+    assert result.exit_code == 130 and _interrupted_line(result) == "error: interrupted"
 
 
 def test_resume_cannot_go_below_the_finished_rounds(invoke, assert_user_error, store, tmp_path):

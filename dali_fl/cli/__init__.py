@@ -1,6 +1,7 @@
 """The `dali-fl` command line: a click group whose commands live in sibling modules."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -9,6 +10,8 @@ import click
 from dali_fl.errors import DaliFlError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+COMMAND_MODULES = ("prep", "partition", "train", "flower")
 
 
 class _Group(click.Group):
@@ -35,9 +38,29 @@ class _Group(click.Group):
             rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
             click.echo(f"error: {rank}{err}", err=True)
             ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt as err:  # a command may say how to go on (train: --resume)
+            click.echo(f"error: {str(err) or 'interrupted; nothing half-written was kept'}", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+    def _load(self) -> None:
+        """Import the commands on first use, so that a Ctrl-C during torch's import is one line too."""
+        if self.commands:
+            return
+        try:
+            for name in COMMAND_MODULES:  # each lives in its own module so the parts stay small
+                for command in importlib.import_module(f"dali_fl.cli.{name}").COMMANDS:
+                    self.add_command(command)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing half-written was kept", err=True)
-            ctx.exit(130)
+            click.echo("error: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        self._load()
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,24 +72,6 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
-
-
-def _register() -> None:
-    """Attach the commands; each lives in its own module so the parts stay small."""
-    import importlib
-
-    for name in ("prep", "partition", "train", "flower"):
-        try:
-            module = importlib.import_module(f"dali_fl.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"dali_fl.cli.{name}":
-                raise
-            continue
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

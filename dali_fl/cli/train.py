@@ -246,7 +246,9 @@ def train(ctx: click.Context, **p) -> None:
     try:
         summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"], hooks=hooks)
     except KeyboardInterrupt:
-        raise DaliFlError(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
+        if (Path(run_dir) / "config.json").is_file():  # the run started: its last finished round is kept
+            raise KeyboardInterrupt(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
+        raise
     finally:
         if hooks is not None:
             from dali_fl.engine.distributed import leave_world

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for
+from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for, what_to_do
 from dali_fl.errors import DaliFlError
 from dali_fl.data.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
 from dali_fl.data.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
@@ -215,7 +215,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DaliFlError(f"cannot write the store in {final.parent} ({err.strerror or err}); "
-                          "free some space or choose another --out") from None
+                          f"{what_to_do(err, 'free some space or choose another --out')}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

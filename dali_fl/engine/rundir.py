@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for
+from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for, what_to_do
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
 
@@ -119,9 +119,13 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
         replace_dir(tmp, final)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); free some space "
+        fix = what_to_do(err, "free some space") if isinstance(err, OSError) else "free some space"
+        raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); {fix} "
                           f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)"
                           ) from None
+    except BaseException:  # Ctrl-C mid-write: the last whole checkpoint stays, the half-written one goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_meta(run_dir: Path) -> Optional[dict]:

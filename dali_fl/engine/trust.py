@@ -30,7 +30,7 @@ FIX = "the run cannot be resumed exactly; restore the file or start a new run"
 MAX_CONFIG_BYTES = 1 << 20
 # What --resume may change (RESUMABLE in cli/train.py) and the store's path (its manifest is checked instead).
 RESUMABLE_FIELDS = (("fed", "rounds"), ("data", "device"), ("data", "store"))
-RUN_FILES = (IDENTITY, "config.json", "partition.json", "metrics.jsonl", "client_ranks.json")
+RUN_FILES = (IDENTITY, "config.json", "partition.json", "metrics.jsonl", "client_ranks.json", "summary.json")
 
 
 def check_config_file(run_dir: Path) -> None:
