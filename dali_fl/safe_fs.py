@@ -59,6 +59,42 @@ def check_dir(path: Path | str, fix: str = "remove it") -> bool:
     return True
 
 
+def _check_parent(path: Path, flag: str) -> None:
+    """The directory `path` goes in must exist already and be one we may write in; it is never created."""
+    parent = path.parent
+    try:
+        st = os.stat(parent)  # follows links: a parent that is a link to a directory is a user's choice
+    except FileNotFoundError:
+        raise DaliFlError(f"{flag} {path}: directory {parent} does not exist; create it first "
+                          f"or choose another {flag} path") from None
+    except OSError as err:
+        raise DaliFlError(f"{flag} {path}: cannot use directory {parent} ({err.strerror}); "
+                          f"choose another {flag} path") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DaliFlError(f"{flag} {path}: {parent} is not a directory; choose another {flag} path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DaliFlError(f"{flag} {path}: directory {parent} is not writable; choose another {flag} path")
+
+
+def check_output_file(path: Path | str, flag: str, force: bool) -> Path:
+    """Refuse, before any work, an output path dali-fl must not write; return it as a Path.
+
+    Refused: an empty path or one ending in a separator; a missing parent directory; a symlink,
+    directory, FIFO, socket or device at the path (even with `force`: replacing one would destroy
+    what it is); an existing regular file unless `force`.
+    """
+    raw = os.fspath(path)
+    if not raw:
+        raise DaliFlError(f"{flag} is empty; give the path of a file to write")
+    if raw.endswith(os.sep) or os.path.basename(raw) in (".", ".."):  # Path() would drop the `/`
+        raise DaliFlError(f"{flag} {raw} names a directory; give the path of a file to write")
+    path = Path(raw)
+    _check_parent(path, flag)
+    if check_regular(path, f"choose another {flag} path") is not None and not force:
+        raise DaliFlError(f"{path} already exists; pass --force to replace it, or choose another {flag} path")
+    return path
+
+
 def open_regular(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644, fix: str = "remove it") -> int:
     """os.open without following a symlink or blocking; the descriptor of a regular file, or a one-line refusal."""
     path = Path(path)

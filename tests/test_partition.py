@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -313,3 +315,109 @@ def test_cli_help_documents_every_option():
     for option in ("--num-users", "--partition", "--alpha", "--shards", "--min-size", "--seed",
                    "--out", "--plot", "Example"):
         assert option in result.output
+
+
+# --- where `partition --out/--plot` may write ---------------------------------------------
+
+def _run(store, *args):
+    return CliRunner().invoke(cli, ["partition", str(store), "--num-users", "3", *map(str, args)])
+
+
+def assert_refused(result, *words):
+    """Exit 2, one `error:` line on stderr naming `words`, and no summary: refused before any work."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert result.stdout == "", "the partition was made before the refusal"
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flag,name", [("--out", "p.json"), ("--plot", "p.png")])
+def test_cli_keeps_an_existing_file_unless_force(store, tmp_path, flag, name):
+    path = tmp_path / name
+    path.write_bytes(b"the user's own file\n")
+    assert_refused(_run(store, flag, path), str(path), "--force", "choose another")
+    assert path.read_bytes() == b"the user's own file\n"
+    result = _run(store, flag, path, "--force")
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes() != b"the user's own file\n"
+    assert sorted(f.name for f in tmp_path.iterdir()) == [name], "temp file left behind"
+
+
+@pytest.mark.parametrize("flag,name", [("--out", "p.json"), ("--plot", "p.png")])
+def test_cli_never_follows_or_replaces_a_symlink(store, tmp_path, flag, name):
+    target = tmp_path / "target"
+    target.write_bytes(b"keep me")
+    link = tmp_path / name
+    link.symlink_to(target)
+    for extra in ([], ["--force"]):
+        assert_refused(_run(store, flag, link, *extra), str(link), "symlink")
+        assert link.is_symlink() and target.read_bytes() == b"keep me"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_cli_refuses_a_fifo_or_directory_without_blocking(store, tmp_path, flag):
+    fifo, folder = tmp_path / "fifo.png", tmp_path / "dir.png"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    assert_refused(_run(store, flag, fifo, "--force"), str(fifo), "a FIFO")
+    assert_refused(_run(store, flag, folder, "--force"), str(folder), "a directory")
+    assert_refused(_run(store, flag, f"{tmp_path}/new/"), "names a directory")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir() and not (tmp_path / "new").exists()
+
+
+def test_cli_refuses_a_device(store):
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null here")
+    assert_refused(_run(store, "--out", "/dev/null", "--force"), "/dev/null", "a device")
+
+
+@pytest.mark.parametrize("flag,name", [("--out", "p.json"), ("--plot", "p.png")])
+def test_cli_refuses_a_missing_directory_and_does_not_create_it(store, tmp_path, flag, name):
+    path = tmp_path / "missing" / "deeper" / name
+    assert_refused(_run(store, flag, path), str(tmp_path / "missing" / "deeper"), "does not exist")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    assert_refused(_run(store, flag, tmp_path / "file" / name), "not a directory")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_cli_refuses_an_empty_path(store, flag):
+    assert_refused(_run(store, flag, ""), flag, "empty")
+
+
+def test_cli_refuses_the_same_path_for_out_and_plot(store, tmp_path):
+    path = tmp_path / "p.png"
+    assert_refused(_run(store, "--out", path, "--plot", tmp_path / "." / "p.png"), "same file")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "train_labels.npy"])
+def test_cli_refuses_the_stores_own_files_even_with_force(store, name):
+    before = (store / name).read_bytes()
+    assert_refused(_run(store, "--out", store / name, "--force"), "file of the store")
+    assert (store / name).read_bytes() == before
+
+
+def test_cli_bad_plot_is_refused_before_out_is_written(store, tmp_path):
+    out = tmp_path / "p.json"
+    assert_refused(_run(store, "--out", out, "--plot", tmp_path / "p.xyz"), ".xyz", ".png", ".svg")
+    assert_refused(_run(store, "--out", out, "--plot", tmp_path / "plot"), "no suffix")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name,check", [
+    ("p.svg", lambda b: b.startswith(b"<?xml") and b"<svg" in b),
+    ("p.pdf", lambda b: b.startswith(b"%PDF")),
+    ("p.PNG", lambda b: b.startswith(b"\x89PNG\r\n\x1a\n")),
+    ("p.jpg", lambda b: b.startswith(b"\xff\xd8")),
+])
+def test_cli_plot_writes_the_format_its_suffix_names(store, tmp_path, name, check):
+    if name.endswith(".jpg"):
+        pytest.importorskip("PIL")  # matplotlib writes JPEG through pillow
+    path = tmp_path / name
+    result = _run(store, "--plot", path)
+    assert result.exit_code == 0, result.output
+    assert check(path.read_bytes()), path.read_bytes()[:16]

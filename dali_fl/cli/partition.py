@@ -7,8 +7,17 @@ from typing import Optional
 import click
 
 from dali_fl.config import option_defaults
-from dali_fl.data.partition import METHODS, make_partition, plot_partition, save_partition, summarize
+from dali_fl.data.partition import (
+    METHODS,
+    make_partition,
+    plot_format,
+    plot_partition,
+    save_partition,
+    summarize,
+)
 from dali_fl.data.store import open_store
+from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import check_output_file
 
 D = option_defaults()  # the same defaults as `dali-fl train`
 
@@ -31,16 +40,22 @@ D = option_defaults()  # the same defaults as `dali-fl train`
                    "until it holds. At most train samples / --num-users.")
 @click.option("--seed", type=int, default=D["seed"], show_default=True,
               help="Random seed; the same seed and options give the same partition.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the partition as JSON here (indices and class counts per client).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Save a clients-by-classes heatmap PNG here.")
+@click.option("--out", type=click.Path(path_type=str), metavar="FILE", default=None,
+              help="Write the partition as JSON here (indices and class counts per client), "
+                   "to inspect or to use in your own code; `dali-fl train` makes its own.")
+@click.option("--plot", type=click.Path(path_type=str), metavar="FILE", default=None,
+              help="Save a clients-by-classes heatmap here, in the format the suffix names "
+                   "(.png, .svg, .pdf, .jpg, ...).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing file at --out or --plot (never a symlink, directory or device).")
 def partition(store: Path, num_users: int, method: str, alpha: float, shards_per_client: int,
-              min_size: int, seed: int, out: Optional[Path], plot: Optional[Path]) -> None:
+              min_size: int, seed: int, out: Optional[str], plot: Optional[str], force: bool) -> None:
     """Split STORE's train split across clients and print a summary.
 
     Prints client sizes and classes per client (min/median/max); --out saves the
-    partition as JSON for training, --plot saves a heatmap of it.
+    partition as JSON to inspect or to use in your own code (`dali-fl train` makes
+    the same partition from the same options and saves its own partition.json);
+    --plot saves a heatmap of it. Existing files are kept unless --force is given.
 
     Example:
 
@@ -48,18 +63,38 @@ def partition(store: Path, num_users: int, method: str, alpha: float, shards_per
         dali-fl partition data/synthetic-32 --num-users 100 \\
             --partition dirichlet --alpha 0.1 --out runs/p.json --plot runs/p.png
     """
+    out_path, plot_path = _check_outputs(out, plot, force)  # before any work, so nothing is half-done
     opened = open_store(store)
+    _check_not_store_files(opened.files(), {"--out": out_path, "--plot": plot_path})
     labels = opened.labels("train")
     p = make_partition(labels, num_users, method, seed=seed, alpha=alpha,
                        shards_per_client=shards_per_client, min_size=min_size,
                        num_classes=opened.num_classes)
     click.echo(summarize(p, labels))
-    if out is not None:
-        save_partition(p, labels, out)
-        click.echo(f"wrote {out}")
-    if plot is not None:
-        plot_partition(p, labels, plot)
-        click.echo(f"wrote {plot}")
+    if out_path is not None:
+        save_partition(p, labels, check_output_file(out_path, "--out", force))  # again: it may have appeared
+        click.echo(f"wrote {out_path}")
+    if plot_path is not None:
+        plot_partition(p, labels, check_output_file(plot_path, "--plot", force))
+        click.echo(f"wrote {plot_path}")
 
+
+def _check_outputs(out: Optional[str], plot: Optional[str], force: bool) -> tuple[Optional[Path], Optional[Path]]:
+    """Both output paths checked, so that a bad --plot is refused before --out is written."""
+    out_path = None if out is None else check_output_file(out, "--out", force)
+    plot_path = None if plot is None else check_output_file(plot, "--plot", force)
+    if plot_path is not None:
+        plot_format(plot_path)
+    if out_path is not None and plot_path is not None and out_path.resolve() == plot_path.resolve():
+        raise DaliFlError(f"--out and --plot are the same file ({out_path}); give them different paths")
+    return out_path, plot_path
+
+
+def _check_not_store_files(store_files: tuple[Path, ...], outputs: dict[str, Optional[Path]]) -> None:
+    """Refuse an output that is one of the store's own files: --force must not replace a store's data."""
+    owned = {f.resolve() for f in store_files}
+    for flag, path in outputs.items():
+        if path is not None and path.resolve() in owned:
+            raise DaliFlError(f"{flag} {path} is a file of the store itself; choose another {flag} path")
 
 COMMANDS = [partition]

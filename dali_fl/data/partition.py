@@ -308,8 +308,23 @@ def summarize(p: Partition, labels: np.ndarray) -> str:
     ])
 
 
+def plot_format(path: Path | str) -> str:
+    """The image format a plot path's suffix names (`png`, `svg`, `pdf`, `jpg`, ...), or a one-line refusal."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: slow to import
+
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in supported:
+        common = ", ".join(f".{f}" for f in ("png", "svg", "pdf", "jpg") if f in supported)
+        named = f"suffix .{fmt}" if fmt else "no suffix"
+        raise DaliFlError(f"plot file {path} has {named}, not an image format matplotlib writes; "
+                          f"use one such as {common}")
+    return fmt
+
+
 def plot_partition(p: Partition, labels: np.ndarray, path: Path | str) -> None:
-    """Save a clients-by-classes heatmap of sample counts as a PNG."""
+    """Save a clients-by-classes heatmap of sample counts, in the format the path's suffix names."""
+    fmt = plot_format(path)  # before drawing: an unknown suffix is refused without work
     import matplotlib  # lazy: plotting is optional and matplotlib is slow to import
 
     matplotlib.use("Agg")  # no display on training machines
@@ -332,7 +347,8 @@ def plot_partition(p: Partition, labels: np.ndarray, path: Path | str) -> None:
         ax.set_title(f"{p.method} partition" + (f" ({params})" if params else "")
                      + f": {p.num_clients} clients")
         fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        # format= explicitly: the temp file's .tmp suffix would otherwise decide it.
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
     finally:
         plt.close(fig)
     log.info("wrote partition plot to %s", path)

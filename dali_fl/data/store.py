@@ -69,6 +69,11 @@ class Store:
         """The split's labels as int64."""
         return np.load(self.path / self._entry(split)["labels"]["file"], allow_pickle=False)
 
+    def files(self) -> tuple[Path, ...]:
+        """Every file the store is made of: its manifest and each split's images and labels."""
+        names = [e[key]["file"] for e in self.manifest["splits"].values() for key in ("images", "labels")]
+        return (self.path / MANIFEST, *(self.path / name for name in names))
+
     def _entry(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
             raise DaliFlError(f"store {self.path} has no split {split!r} (it has {', '.join(self.splits)})")
