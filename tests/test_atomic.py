@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dali_fl.engine.rundir as rundir
-from dali_fl.atomic import recover_dir, replace_dir
+from dali_fl.atomic import recover_dir, replace_dir, what_to_do
 from dali_fl.data.sources import load_synthetic
 from dali_fl.data.store import open_store, write_store
 from dali_fl.engine.rundir import load_checkpoint, save_checkpoint
@@ -105,3 +105,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     assert "--resume" in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert load_checkpoint(tmp_path)[0] == 1
+
+
+@pytest.mark.parametrize("code,fix", [(errno.ENOSPC, "free some space"), (errno.EDQUOT, "free some space"),
+                                      (errno.EACCES, "check that you may write there"),
+                                      (errno.EROFS, "check that you may write there"), (errno.EIO, "other")])
+def test_a_failed_write_names_the_fix_its_cause_calls_for(code, fix):
+    assert what_to_do(OSError(code, os.strerror(code)), other="other") == fix

@@ -90,6 +90,11 @@ def test_json_round_trip():
     ({"alpha": 0.0}, ("--alpha",)),
     ({"frac": 1.5}, ("--frac",)),
     ({"model_kwargs": "img_size=32"}, ("img_size", "store")),
+    ({"model_kwargs": "depth=100000000"}, ("depth=100000000", "from 1 to 1024")),  # timm built it without end
+    ({"model_kwargs": "depth=nan"}, ("depth=nan", "whole number")),
+    ({"model_kwargs": "depth=2.5"}, ("depth=2.5", "whole number")),
+    ({"model_kwargs": "mlp_ratio=inf"}, ("mlp_ratio=inf", "from 1 to 64")),
+    ({"model_kwargs": "embed_dim=0"}, ("embed_dim=0",)),
 ])
 def test_bad_options_are_one_clear_error(options, words):
     with pytest.raises(DaliFlError) as err:
@@ -125,3 +130,12 @@ def test_a_config_json_from_before_the_algorithms_had_sections_loads_as_it_ran()
     assert (old.algorithms["dp"].dp_clip, old.algorithms["dp"].dp_noise) == (1.0, 0.5)
     assert old.algorithms["dp"].dp_sampling == "fixed" and cfg.algorithms["dp"].dp_sampling == "poisson"
     assert old.local == cfg.local
+
+
+def test_a_model_larger_than_the_machines_memory_is_refused_before_it_is_built():
+    from dali_fl.model.build import ModelSpec, build_model
+
+    spec = ModelSpec("vit_tiny_patch16_224", {"depth": 100, "embed_dim": 16384, "num_heads": 16, "patch_size": 8},
+                     pretrained=False)  # 322 G parameters: 1.2 TB of float32
+    with pytest.raises(DaliFlError, match=r"G parameters: \d+ GiB in float32, more than this machine"):
+        build_model(spec, num_classes=10, img_size=32, seed=0)

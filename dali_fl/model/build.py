@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,12 @@ log = logging.getLogger(__name__)
 MODEL_ALIASES = {"vit": "vit_base_patch16_224", "vit-b16": "vit_base_patch16_224"}
 DEFAULT_LORA_TARGETS = (r".*\.attn\.qkv", r".*\.attn\.proj")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
-# timm kwargs that are sizes or counts: zero or negative values crash deep inside timm instead of failing clearly.
-POSITIVE_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio", "in_chans")
+# timm kwargs that are sizes or counts, with their largest accepted value: zero, negative or non-finite values
+# crash deep inside timm, and a huge depth makes timm build modules (and lists of drop rates) without end.
+# The caps are far beyond the largest published ViTs (ViT-22B: depth 48, width 6144, 48 heads).
+KWARG_CAPS = {"patch_size": 1024, "depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "mlp_ratio": 64,
+              "in_chans": 64}
+INTEGER_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "in_chans")
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,20 @@ class ModelSpec:
             raise DaliFlError(f"--lora-r must be >= 1 and --lora-alpha > 0 (got {self.lora_r}, {self.lora_alpha})")
         if self.weights is not None and not str(self.weights).endswith(WEIGHT_SUFFIXES):
             raise DaliFlError(f"--weights {self.weights}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
-        for key in POSITIVE_KWARGS:
-            value = self.kwargs.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise DaliFlError(f"--model-kwargs {key}={value} must be a positive number")
+        for key, cap in KWARG_CAPS.items():
+            if key in self.kwargs:
+                _check_size_kwarg(key, self.kwargs[key], cap)
         if self.lora:
             _check_lora_targets(self.lora_targets)
+
+
+def _check_size_kwarg(key: str, value: object, cap: int) -> None:
+    """A size or count kwarg is a finite number in (0, cap], and a whole number where timm counts with it."""
+    whole = key in INTEGER_KWARGS
+    kind = "a whole number" if whole else "a number"
+    ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not 0 < value <= cap:
+        raise DaliFlError(f"--model-kwargs {key}={value} must be {kind} from 1 to {cap}")
 
 
 def _check_lora_targets(targets: tuple[str, ...]) -> None:
@@ -167,6 +181,23 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
         constants.HF_HUB_OFFLINE = saved
 
 
+def check_fits_memory(spec: ModelSpec, num_classes: int, img_size: int) -> None:
+    """Refuse a model whose float32 weights alone exceed this machine's memory (counted on the meta device)."""
+    import timm
+
+    kwargs = {**spec.kwargs, "num_classes": num_classes, "img_size": img_size}
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated, so any size is safe to count
+            params = sum(p.numel() for p in timm.create_model(spec.name, pretrained=False, **kwargs).parameters())
+    except Exception:  # noqa: BLE001 - the real build below reports what is wrong with the kwargs
+        return
+    need, have = 4 * params, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DaliFlError(f"{spec.name} with --model-kwargs {spec.kwargs} has {params / 1e9:.1f} G parameters: "
+                          f"{need / 2**30:.0f} GiB in float32, more than this machine's {have / 2**30:.0f} GiB; "
+                          "use a smaller depth or embed_dim")
+
+
 def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> nn.Module:
     """Build the model (and LoRA adapters) with a seeded init, so every run and resume agrees."""
     import timm
@@ -177,6 +208,7 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
     if want is not None and want != img_size:
         raise DaliFlError(f"the store holds {img_size}px images but pretrained {spec.name} expects {want}px; "
                           f"run `dali-fl prep --image-size {want}` (or train with --no-pretrained)")
+    check_fits_memory(spec, num_classes, img_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
