@@ -107,9 +107,9 @@ def test_non_finite_weights_with_a_finite_loss_are_not_saved(invoke, assert_user
     (("--seed", "-1"), ("--seed",)),
     (("--weight-decay", "-1"), ("--weight-decay",)),
     (("--momentum", "nan", "--optimizer", "sgd"), ("--momentum", "finite")),
-    (("--model-kwargs", "patch_size=0"), ("patch_size=0", "positive")),
-    (("--model-kwargs", "patch_size=4,depth=-1"), ("depth=-1", "positive")),
-    (("--model-kwargs", "patch_size=4,embed_dim=0"), ("embed_dim=0", "positive")),
+    (("--model-kwargs", "patch_size=0"), ("patch_size=0", "from 1 to")),
+    (("--model-kwargs", "patch_size=4,depth=-1"), ("depth=-1", "from 1 to")),
+    (("--model-kwargs", "patch_size=4,embed_dim=0"), ("embed_dim=0", "from 1 to")),
     (("--model-kwargs", "patch_size=4,embed_dim=30,num_heads=4"), ("vit_tiny_patch16_224",)),
     (("--lora-targets", "["), ("'['", "regular expression")),
     (("--lora-targets", ","), ("--lora-targets", "no module")),
@@ -130,6 +130,8 @@ def test_bad_options_fail_in_one_line_before_any_directory_exists(invoke, assert
     (("prep", "--image-size", "abc"), ("--image-size", "integer")),
     (("partition", "STORE", "--num-users", "4", "--seed", "-1"), ("--seed",)),
     (("trian",), ("trian", "train")),
+    (("train", "--store", "STORE", "--alg", "fedavg", "--lora-r", "4"), ("--lora-r", "--alg fedlora")),
+    (("train", "--store", "STORE", "--alg", "fedavg", "--lora-agg", "fedex"), ("--lora-agg", "--alg fedlora")),
 ])
 def test_usage_errors_are_one_line_with_the_choices(invoke, assert_user_error, store, args, words):
     assert_user_error(invoke(*[store if a == "STORE" else a for a in args]), *words)

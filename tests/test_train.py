@@ -179,7 +179,23 @@ def test_missing_store(invoke, assert_user_error, tmp_path):
 def test_image_size_mismatch_says_which_and_how(invoke, assert_user_error, stores, tmp_path):
     result = invoke("train", "--store", stores, "--out", tmp_path / "r", "--model", "vit", "--pretrained",
                     "--device", "cpu", "--quiet")
-    assert_user_error(result, "16px", "224", "prep --image-size 224")
+    assert_user_error(result, "16px", "224", "prep --image-size 224", "--resize-to 224")
+
+
+def test_a_presets_image_size_is_named_as_the_presets_and_resize_to_meets_it(invoke, assert_user_error, stores,
+                                                                             tmp_path):
+    preset = ("--preset", "fedlora-vit-b16", "--store", stores, "--out", tmp_path / "r", "--device", "cpu")
+    line = assert_user_error(invoke("train", *preset, "--no-pretrained"), "--preset fedlora-vit-b16 trains at 224px",
+                             "--resize-to 224")
+    assert "--image-size 224 but" not in line  # the user gave no --image-size
+    # With --resize-to 224 the preset's size is met: what stops this run is the missing pretrained weights.
+    assert_user_error(invoke("train", *preset, "--resize-to", "224", "--loader", "memmap", "--rounds", "1"),
+                      "pretrained weights", "--weights")
+
+
+def test_a_dataset_prep_does_not_know_is_told_with_the_sources_it_does(invoke, assert_user_error, tmp_path):
+    assert_user_error(invoke("train", "--dataset", "imagenet", "--data-dir", tmp_path), "imagenet",
+                      "cifar10", "imagefolder")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

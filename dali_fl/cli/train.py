@@ -23,6 +23,7 @@ from dali_fl.config import (
     merge_options,
     option_defaults,
 )
+from dali_fl.data.sources import SOURCES
 from dali_fl.data.store import open_store, store_name
 from dali_fl.engine.clock import ClockConfig
 from dali_fl.engine.device import resolve_device
@@ -31,6 +32,7 @@ from dali_fl.loaders import LOADER_KINDS
 
 DATASET_ALIASES = {"cifar": "cifar10"}
 RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
+LORA_OPTIONS = {"lora_r", "lora_alpha", "lora_targets", "lora_agg"}  # --lora-ranks: FederationConfig refuses it
 o = click.option
 
 
@@ -162,7 +164,12 @@ CLI_ONLY = ("store", "dataset", "image_size", "data_dir", "use_offline_data", "o
 def merged_options(ctx: click.Context, p: dict) -> dict:
     """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
     explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
-    return {**p, **merge_options(explicit, p["preset"])}
+    merged = {**p, **merge_options(explicit, p["preset"])}
+    lora_only = sorted(set(explicit) & LORA_OPTIONS)
+    if lora_only and merged["alg"] != "fedlora":  # silently ignored, it would look like it took effect
+        raise DaliFlError(f"--{lora_only[0].replace('_', '-')} applies to --alg fedlora; --alg {merged['alg']} "
+                          "trains every weight, so drop it or pass --alg fedlora")
+    return merged
 
 
 def _resolve_store(p: dict) -> str:
@@ -173,14 +180,22 @@ def _resolve_store(p: dict) -> str:
         source = DATASET_ALIASES.get(p["dataset"], p["dataset"])
         size = p["image_size"] or 224
         path = p["data_dir"] / store_name(source, size)
+        if not path.exists() and source not in SOURCES:
+            raise DaliFlError(f"no {source} store at {size}px in {p['data_dir']}, and prep knows no source "
+                              f"{source!r}; --dataset names one of {_either(list(SOURCES))} (a folder of class "
+                              "subfolders: prep --source imagefolder, then --dataset imagefolder)")
         if not path.exists():
             raise DaliFlError(f"no {source} store at {size}px in {p['data_dir']}; make it with `dali-fl prep "
                               f"--source {source} --source-path PATH --image-size {size} --out {p['data_dir']}`")
         return str(path.absolute())
     store = open_store(p["store"])
-    if p["image_size"] is not None and p["image_size"] != store.image_size:
-        raise DaliFlError(f"--image-size {p['image_size']} but {p['store']} holds {store.image_size}px images; "
-                          f"run `dali-fl prep --image-size {p['image_size']}` or drop --image-size")
+    size = p["image_size"]
+    if size is not None and size not in (store.image_size, p["resize_to"]):
+        from_preset = p["preset"] is not None and PRESETS[p["preset"]].get("image_size") == size
+        asked = f"--preset {p['preset']} trains at {size}px" if from_preset else f"--image-size {size}"
+        raise DaliFlError(f"{asked} but {p['store']} holds {store.image_size}px images; resize them on the "
+                          f"device with --resize-to {size}, or use a {size}px store (`dali-fl prep --image-size "
+                          f"{size}`)")
     return str(Path(p["store"]).absolute())  # so --resume works from any working directory
 
 

@@ -207,7 +207,8 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
     want = expected_image_size(spec)
     if want is not None and want != img_size:
         raise DaliFlError(f"the store holds {img_size}px images but pretrained {spec.name} expects {want}px; "
-                          f"run `dali-fl prep --image-size {want}` (or train with --no-pretrained)")
+                          f"resize them on the device with --resize-to {want}, use a {want}px store (`dali-fl prep "
+                          f"--image-size {want}`), or train with --no-pretrained")
     check_fits_memory(spec, num_classes, img_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
