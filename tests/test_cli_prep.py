@@ -83,6 +83,15 @@ def test_prep_cifar100_upsampled(invoke, make_cifar, tmp_path):
     assert np.array_equal(store.labels("train"), files.train[1])
     checked = invoke("verify", store.path, "--source-path", files.folder)
     assert checked.exit_code == 0, checked.output
+    unchecked = invoke("verify", store.path)  # every other check runs; the skipped one is said
+    assert unchecked.exit_code == 0 and "skip  samples: no --source-path" in unchecked.output
+    assert "samples train:" not in unchecked.output
+
+
+@pytest.mark.parametrize("option", ["--seed", "--num-train", "--num-test"])
+def test_verify_refuses_source_options_it_would_ignore(invoke, made, assert_user_error, option):
+    result = invoke("verify", made, option, "7")  # the synthetic store records its own settings
+    assert_user_error(result, option, "does nothing", "manifest.json")
 
 
 def test_prep_npz(invoke, tmp_path):

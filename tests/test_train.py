@@ -86,7 +86,7 @@ def test_killed_mid_round_resumes_from_round_before(invoke, stores, tmp_path, mo
     kill_at_client(monkeypatch, 6)  # round 3, first client
     result = invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS, "--rounds", "4",
                     "--loader", "memmap")
-    assert result.exit_code == 2 and "--resume" in result.output
+    assert result.exit_code == 130 and "--resume" in result.output
     assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["round"] == 2
     monkeypatch.undo()
     assert invoke("train", "--resume", tmp_path / "run", "--quiet").exit_code == 0
@@ -196,6 +196,10 @@ def test_a_presets_image_size_is_named_as_the_presets_and_resize_to_meets_it(inv
 def test_a_dataset_prep_does_not_know_is_told_with_the_sources_it_does(invoke, assert_user_error, tmp_path):
     assert_user_error(invoke("train", "--dataset", "imagenet", "--data-dir", tmp_path), "imagenet",
                       "cifar10", "imagefolder")
+
+
+def test_a_negative_gpu_is_not_an_index(invoke, assert_user_error, stores):
+    assert_user_error(invoke("train", "--store", stores, "--gpu", "-1"), "--gpu -1 is not a GPU index")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dali_fl.data.resize import METHODS
-from dali_fl.data.sources import SOURCES, check_synthetic_args, load_source
+from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, load_source
 from dali_fl.data.store import (
     DTYPES,
     check_prep_args,
@@ -77,7 +77,8 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
               help="The raw source, to compare re-resized samples with the stored ones.")
 @click.option("--check-samples", default=16, show_default=True, help="Samples to re-resize and compare.")
 @_source_options
-def verify(store, source_path, check_samples, num_train, num_test, seed):
+@click.pass_context
+def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     """Check a store: manifest, shapes, sha256, labels, class counts, values, samples.
 
     \b
@@ -90,16 +91,32 @@ def verify(store, source_path, check_samples, num_train, num_test, seed):
     check_synthetic_args(num_train, num_test, seed)
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
+    _refuse_unused_source_options(ctx, store)
     source = _source_for(store, source_path, num_train, num_test, seed)
     checks, counts, classes = verify_store(store, source, check_samples)
     for c in checks:
         click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
+    if source is None and check_samples > 0 and counts:  # said, so that "all passed" is not read as more
+        click.echo("skip  samples: no --source-path, so no sample was re-resized and compared")
     if counts:
         click.echo(_class_table(counts, classes))
     failed = [c.name for c in checks if not c.ok]
     if failed:
         raise DaliFlError(f"{len(failed)} check(s) failed ({', '.join(failed)}); rebuild with `dali-fl prep --force`")
     click.echo(f"all {len(checks)} checks passed: {store}")
+
+
+def _refuse_unused_source_options(ctx: click.Context, store: Path) -> None:
+    """--num-train/--num-test/--seed only regenerate a synthetic store that does not record them; else refuse."""
+    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    try:
+        manifest = open_store(store).manifest
+    except DaliFlError:
+        return  # verify_store reports the damage itself
+    if given and (manifest["source"] != "synthetic" or manifest.get("source_params")):
+        raise DaliFlError(f"--{given[0].replace('_', '-')} does nothing here: verify regenerates a synthetic store "
+                          f"from the settings in {store}/manifest.json and reads any other from --source-path; "
+                          "drop it")
 
 
 def _source_for(store: Path, source_path, num_train, num_test, seed):

@@ -47,7 +47,7 @@ def declared_options(fields: list) -> list:
     for f in fields:
         name = f.name
         flag, meta = "--" + name.rstrip("_").replace("_", "-"), f.metadata
-        kw = dict(default=f.default, show_default=True, help=meta["help"])
+        kw = dict(default=f.default, show_default=f.default != "", help=meta["help"])  # no `[default: ""]`
         if isinstance(f.default, bool):
             opts.append(o(f"{flag}/--no-{flag[2:]}", name, **kw))
         elif isinstance(f.default, tuple):
@@ -83,7 +83,7 @@ def train_options(f):
           help="Federated rounds (seed: --epochs)."),
         o("--num-users", "--num_users", type=int, default=d["num_users"], show_default=True, help="Simulated clients."),
         o("--frac", type=float, default=d["frac"], show_default=True,
-          help="Fraction of clients per round (at least 1)."),
+          help="Fraction of clients sampled each round; never fewer than one client."),
         o("--partition", type=click.Choice(PARTITION_METHODS), default=d["partition"], show_default=True,
           help="How the train split is divided among clients."),
         o("--alpha", type=float, default=d["alpha"], show_default=True,
@@ -276,9 +276,12 @@ def train(ctx: click.Context, **p) -> None:
 
 def summary_line(summary: dict, run_dir: object, engine: str = "") -> str:
     """The one line a finished run prints: rounds, final and best accuracy, where it is."""
-    acc = summary.get("final_test_acc")
-    return (f"{summary.get('rounds')} rounds{engine}, final test accuracy {'n/a' if acc is None else f'{acc:.4f}'}, "
-            f"best {summary.get('best_test_acc')}: {run_dir}")
+    def shown(acc: object) -> str:
+        return "n/a" if acc is None else f"{acc:.4f}"
+
+    rounds = summary.get("rounds")
+    return (f"{rounds} round{'' if rounds == 1 else 's'}{engine}, final test accuracy "
+            f"{shown(summary.get('final_test_acc'))}, best {shown(summary.get('best_test_acc'))}: {run_dir}")
 
 
 def _default_run_dir(cfg: TrainConfig) -> Path:

@@ -11,6 +11,8 @@ from dali_fl.errors import DaliFlError
 
 def resolve_device(gpu: Optional[int], device: Optional[str]) -> torch.device:
     """`--gpu N` means cuda:N; `--device cpu|cuda|cuda:N` is the general form; default is cuda:0 or cpu."""
+    if gpu is not None and gpu < 0:
+        raise DaliFlError(f"--gpu {gpu} is not a GPU index; give 0 for the first GPU (nvidia-smi lists them)")
     if gpu is not None and device not in (None, f"cuda:{gpu}"):
         raise DaliFlError(f"--gpu {gpu} and --device {device} disagree; give one of them")
     spec = f"cuda:{gpu}" if gpu is not None else device
