@@ -161,8 +161,24 @@ def test_plot_against_simulated_time(store, tmp_path):
                            "--x", "sim_time", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0 and "sim_time_s" in done.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "run"),
+                              str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stdout == ""  # checked before any run's table is printed
+    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nope'} has no metrics.jsonl rows; is it a dali-fl "
+                                           "run directory?"]
 
 
 def test_config_json_round_trips_the_clock(store):
     cfg = tiny_config(store, speed_spread=3.0, deadline=2.5)
     assert TrainConfig.from_json(cfg.to_json()).clock == cfg.clock
+
+
+def test_a_run_whose_every_round_aggregated_nobody_says_so(tmp_path, caplog):
+    from dali_fl.engine.run import write_summary
+
+    empty = {"num_clients": 0, "clients_sampled": 2, "round_time_s": 0.0}
+    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty}])
+    assert "no round aggregated any client" in caplog.text
+    caplog.clear()
+    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty, "num_clients": 1}])
+    assert "no round aggregated" not in caplog.text

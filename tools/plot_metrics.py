@@ -8,30 +8,50 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from dali_fl.engine.rundir import read_metrics  # noqa: E402
+from dali_fl.errors import DaliFlError  # noqa: E402
 
 X_AXES = {"round": ("round", "round"), "sim_time": ("sim_time_s", "simulated time (s)")}
 
 
-def plot(run_dirs: list[Path], out: Path, x: str = "round") -> Path:
+def load(run_dirs: list[Path], x: str = "round") -> dict[Path, list[dict]]:
+    """Every run's metrics rows, each checked before anything is printed or drawn; a bad run is one error line."""
+    key = X_AXES[x][0]
+    runs = {}
+    for run in run_dirs:
+        try:
+            rows = read_metrics(run)
+        except DaliFlError as err:
+            fail(str(err))
+        if not rows:
+            fail(f"{run} has no metrics.jsonl rows; is it a dali-fl run directory?")
+        if any(key not in r for r in rows):
+            fail(f"{run} has rows without {key} (written before the simulated clock); plot it against --x round")
+        runs[run] = rows
+    return runs
+
+
+def fail(message: str) -> NoReturn:
+    """One `error:` line on stderr and exit 2, as the dali-fl command does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def plot(runs: dict[Path, list[dict]], out: Path, x: str = "round") -> Path:
     """Write accuracy and loss curves of the runs side by side, against rounds or simulated time; the PNG path."""
     key, label = X_AXES[x]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in run_dirs:
-        rows = read_metrics(run)
-        if not rows:
-            raise SystemExit(f"error: {run} has no metrics.jsonl rows; is it a dali-fl run directory?")
-        if any(key not in r for r in rows):
-            raise SystemExit(f"error: {run} has rows without {key} (written before the simulated clock); plot it "
-                             "against --x round")
+    for run, rows in runs.items():
         evals = [r for r in rows if r.get("test_acc") is not None]
         trained = [r for r in rows if r.get("train_loss") is not None]  # a round may aggregate nobody
         ax_acc.plot([r[key] for r in evals], [r["test_acc"] for r in evals], marker="o", label=run.name)
@@ -42,6 +62,8 @@ def plot(run_dirs: list[Path], out: Path, x: str = "round") -> Path:
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        if x == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -56,14 +78,15 @@ def main() -> None:
     parser.add_argument("--x", choices=sorted(X_AXES), default="round",
                         help="x axis: round, or sim_time (the simulated clock's sim_time_s)")
     args = parser.parse_args()
-    for run in args.runs:
+    runs = load(args.runs, args.x)
+    for run, rows in runs.items():
         print(f"{run}:\n  round  test_acc  train_loss  round_time_s  sim_time_s")
-        for r in read_metrics(run):
+        for r in rows:
             acc = "-" if r.get("test_acc") is None else f"{r['test_acc']:.4f}"
             loss = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
             sim = "-" if r.get("sim_time_s") is None else f"{r['sim_time_s']:.1f}"
             print(f"  {r['round']:>5}  {acc:>8}  {loss:>10}  {r['round_time_s']:>12.1f}  {sim:>10}")
-    print(f"curves: {plot(args.runs, args.out or args.runs[0] / 'curves.png', args.x)}")
+    print(f"curves: {plot(runs, args.out or args.runs[0] / 'curves.png', args.x)}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,9 @@ class DP(Algorithm):
                         acc.epsilon(mechanism(cfg, z), cfg.fed.rounds, p.dp_delta))
             p = dataclasses.replace(p, dp_noise=z)
             cfg = dataclasses.replace(cfg, algorithms={**cfg.algorithms, "dp": p})
+        elif p.dp_noise == 0:  # a legitimate ablation, but not one to mistake for a private run
+            log.warning("DP: --dp-clip without --dp-noise or --dp-epsilon clips each update but adds no noise, so "
+                        "the run has no differential-privacy guarantee")
         if p.dp_adaptive_clip and p.dp_noise > 0 and not 2 * count_noise(cfg) > p.dp_noise:
             raise DaliFlError(f"adaptive clipping at noise multiplier {p.dp_noise:.4g} needs a count noise above "
                               f"{p.dp_noise / 2:.4g} (z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2); give "

@@ -292,3 +292,11 @@ def test_bad_dp_options_are_one_line(invoke, assert_user_error, store, tmp_path,
 ])
 def test_dp_with_lora_it_cannot_bound_is_one_line(invoke, assert_user_error, rank_store, tmp_path, args, words):
     assert_refused(invoke, assert_user_error, rank_store, tmp_path / "r", RANK_ARGS, args, words)
+
+
+def test_clipping_without_noise_warns_that_the_run_is_not_private(store, caplog):
+    tiny_config(store, dp_clip=0.5)
+    assert any("no differential-privacy guarantee" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    tiny_config(store, dp_clip=0.5, dp_noise=1.0)
+    assert not any("no differential-privacy guarantee" in r.getMessage() for r in caplog.records)
