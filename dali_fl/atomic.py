@@ -42,13 +42,15 @@ def _umask() -> int:
     return mask
 
 
+_CAUSES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+           errno.EACCES: "check that you may write there", errno.EPERM: "check that you may write there",
+           errno.EROFS: "check that you may write there"}
+
+
 def what_to_do(err: OSError, other: str = "choose another path") -> str:
-    """The fix a failed write calls for: space for a full disk, permissions for a refusal, else `other`."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some space"
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "check that you may write there"
-    return other
+    """The fix a failed write calls for: space for a full disk, permissions for a refusal; `other` as well or else."""
+    cause = _CAUSES.get(err.errno, "")
+    return f"{cause} or {other}" if cause and other else cause or other
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:

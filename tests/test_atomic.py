@@ -107,8 +107,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     assert load_checkpoint(tmp_path)[0] == 1
 
 
-@pytest.mark.parametrize("code,fix", [(errno.ENOSPC, "free some space"), (errno.EDQUOT, "free some space"),
-                                      (errno.EACCES, "check that you may write there"),
-                                      (errno.EROFS, "check that you may write there"), (errno.EIO, "other")])
+@pytest.mark.parametrize("code,fix", [(errno.ENOSPC, "free some space or other"),
+                                      (errno.EDQUOT, "free some space or other"),
+                                      (errno.EACCES, "check that you may write there or other"),
+                                      (errno.EROFS, "check that you may write there or other"), (errno.EIO, "other")])
 def test_a_failed_write_names_the_fix_its_cause_calls_for(code, fix):
     assert what_to_do(OSError(code, os.strerror(code)), other="other") == fix

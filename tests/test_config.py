@@ -93,7 +93,7 @@ def test_json_round_trip():
     ({"model_kwargs": "depth=100000000"}, ("depth=100000000", "from 1 to 1024")),  # timm built it without end
     ({"model_kwargs": "depth=nan"}, ("depth=nan", "whole number")),
     ({"model_kwargs": "depth=2.5"}, ("depth=2.5", "whole number")),
-    ({"model_kwargs": "mlp_ratio=inf"}, ("mlp_ratio=inf", "from 1 to 64")),
+    ({"model_kwargs": "mlp_ratio=inf"}, ("mlp_ratio=inf", "above 0 and at most 64")),
     ({"model_kwargs": "embed_dim=0"}, ("embed_dim=0",)),
 ])
 def test_bad_options_are_one_clear_error(options, words):

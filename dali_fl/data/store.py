@@ -220,7 +220,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DaliFlError(f"cannot write the store in {final.parent} ({err.strerror or err}); "
-                          f"{what_to_do(err, 'free some space or choose another --out')}") from None
+                          f"{what_to_do(err, 'choose another --out')}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

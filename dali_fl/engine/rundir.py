@@ -119,7 +119,7 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
         replace_dir(tmp, final)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        fix = what_to_do(err, "free some space") if isinstance(err, OSError) else "free some space"
+        fix = (what_to_do(err, "") if isinstance(err, OSError) else "") or "free some space"
         raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); {fix} "
                           f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)"
                           ) from None

@@ -56,10 +56,10 @@ class ModelSpec:
 def _check_size_kwarg(key: str, value: object, cap: int) -> None:
     """A size or count kwarg is a finite number in (0, cap], and a whole number where timm counts with it."""
     whole = key in INTEGER_KWARGS
-    kind = "a whole number" if whole else "a number"
+    kind = f"a whole number from 1 to {cap}" if whole else f"a number above 0 and at most {cap}"
     ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not 0 < value <= cap:
-        raise DaliFlError(f"--model-kwargs {key}={value} must be {kind} from 1 to {cap}")
+        raise DaliFlError(f"--model-kwargs {key}={value} must be {kind}")
 
 
 def _check_lora_targets(targets: tuple[str, ...]) -> None:
