@@ -107,3 +107,34 @@ def test_a_dying_rank_stops_the_job_and_resume_finishes(store, tmp_path):
     assert "rank: 1" in out or "local_rank: 1" in out  # torchrun's report names the rank
     _run("--resume", run, "--nproc", "2", "--quiet")
     assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
+
+
+class _Torchrun:
+    """A stand-in for the torchrun process: the first wait is cut by Ctrl-C, the next sees it stop by itself."""
+
+    def __init__(self):
+        self.waits, self.killed = [], False
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if len(self.waits) == 1:
+            raise KeyboardInterrupt
+        return 130
+
+    def kill(self):
+        self.killed = True
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_ctrl_c_lets_torchrun_stop_its_ranks_and_says_how_to_go_on(tmp_path, started):
+    from dali_fl.cli.train import _wait_for_torchrun
+
+    run = tmp_path / "run"
+    if started:
+        run.mkdir()
+        (run / "config.json").write_text("{}")
+    proc = _Torchrun()
+    with pytest.raises(KeyboardInterrupt) as err:
+        _wait_for_torchrun(proc, run, 2)
+    assert not proc.killed and proc.waits == [None, 60]  # waited for its shutdown, did not kill it
+    assert (f"--resume {run} --nproc 2" in str(err.value)) == started

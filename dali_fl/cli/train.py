@@ -340,10 +340,26 @@ def _launch(ctx: click.Context, p: dict) -> None:
         args += ["--out", str(run_dir)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p['nproc']}",
            "-m", "dali_fl", "train", *args]
-    rc = subprocess.call(cmd)
+    rc = _wait_for_torchrun(subprocess.Popen(cmd), run_dir, p["nproc"])
     if rc != 0:
         raise DaliFlError(f"the {p['nproc']}-process run failed (exit {rc}); torchrun's report above names the "
                           f"failed rank; continue with `dali-fl train --resume {run_dir} --nproc {p['nproc']}`")
+
+
+def _wait_for_torchrun(proc: subprocess.Popen, run_dir: Path, nproc: int) -> int:
+    """torchrun's exit status; on Ctrl-C, let it stop its ranks (it got the same SIGINT) rather than kill it."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait(timeout=60)  # a killed torchrun would leave its ranks running
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a hung shutdown
+            proc.kill()
+            proc.wait()
+        if (Path(run_dir) / "config.json").is_file():
+            raise KeyboardInterrupt(f"interrupted; continue with `dali-fl train --resume {run_dir} "
+                                    f"--nproc {nproc}`") from None
+        raise
 
 
 COMMANDS = [train]
