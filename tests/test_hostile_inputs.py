@@ -239,7 +239,41 @@ RESUME_TAMPERS = [
     ("config-alg-edited", lambda run: _config_field("fed", "alg", "fedavg")(run), ("config.json", "other than")),
     ("config-clock-edited", lambda run: _config_field("clock", "speed", 5.0)(run), ("config.json", "other than")),
     ("config-lr-refused", lambda run: _config_field("local", "lr", -1.0)(run), ("config.json", "--lr")),
+    ("config-a-default-made-explicit", lambda run: _config_field("local", "momentum", 0.5)(run), ("other than",)),
+    ("settings-sha256-not-a-digest", lambda run: _identity_field(run, "settings_sha256", "abc"),
+     ("run.json", "not a run identity")),
 ]
+
+
+def _identity_field(run: Path, key: str, value: object) -> None:
+    ident = json.loads((run / "run.json").read_text())
+    ident[key] = value
+    (run / "run.json").write_text(json.dumps(ident))
+
+
+def _reformatted(run: Path) -> None:
+    """What `jq .` does to config.json: whole floats lose their `.0`, keys may move, indentation changes."""
+    text = (run / "config.json").read_text()
+    cfg = json.loads(text.replace(".0,", ",").replace(".0\n", "\n"))
+    (run / "config.json").write_text(json.dumps(dict(reversed(list(cfg.items()))), indent=4))
+
+
+def _placement_edited(run: Path) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"].update(num_workers=0, eval_bs=64, data_on_gpu=False)  # where and how fast, not what
+    del cfg["data"]["resize_to"]  # as a config.json from before a field existed: its default
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+RESUME_ACCEPTS = [("reformatted", _reformatted), ("placement-edited", _placement_edited)]
+
+
+@pytest.mark.parametrize("name,edit", RESUME_ACCEPTS, ids=[t[0] for t in RESUME_ACCEPTS])
+def test_edits_that_do_not_change_what_is_trained_resume(invoke, finished, tmp_path, name, edit):
+    run = _copy(finished, tmp_path)
+    edit(run)
+    result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("name,tamper,words", RESUME_TAMPERS, ids=[t[0] for t in RESUME_TAMPERS])

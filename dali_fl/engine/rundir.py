@@ -121,7 +121,8 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
         shutil.rmtree(tmp, ignore_errors=True)
         fix = (what_to_do(err, "") if isinstance(err, OSError) else "") or "free some space"
         raise DaliFlError(f"cannot write the checkpoint of round {round_} in {run_dir} ({err}); {fix} "
-                          f"and continue with `dali-fl train --resume {run_dir}` (round {round_ - 1} is kept)"
+                          f"and continue with `dali-fl train --resume {run_dir}` "
+                          f"({f'round {round_ - 1} is kept' if round_ > 1 else 'it starts again at round 1'})"
                           ) from None
     except BaseException:  # Ctrl-C mid-write: the last whole checkpoint stays, the half-written one goes
         shutil.rmtree(tmp, ignore_errors=True)

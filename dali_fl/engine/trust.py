@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 FIX = "the run cannot be resumed exactly; restore the file or start a new run"
 MAX_CONFIG_BYTES = 1 << 20
-# What --resume may change (RESUMABLE in cli/train.py) and the store's path (its manifest is checked instead).
-RESUMABLE_FIELDS = (("fed", "rounds"), ("data", "device"), ("data", "store"))
+# Settings that say where and how fast, not what is trained: what --resume may change (rounds, device), what a
+# user may edit in config.json (paths to moved files, device placement, loader workers, evaluation batch size).
+FREE_FIELDS = {"fed": ("rounds",), "data": ("device", "store", "data_on_gpu", "num_workers", "eval_bs"),
+               "clock": ("trace",), "model": ("weights",)}
 RUN_FILES = (IDENTITY, "config.json", "partition.json", "metrics.jsonl", "client_ranks.json", "summary.json")
 
 
@@ -101,15 +103,35 @@ def _same_kind(default: object, value: object) -> bool:
 
 
 def settings_sha256(cfg: TrainConfig) -> str:
-    """sha256 of the settings a resume keeps: config.json less what may change (rounds, device, the store's path).
+    """sha256 of the settings that decide what a run trains: config.json less FREE_FIELDS and defaults.
 
-    The store's path may move (its manifest's sha256 is checked instead); rounds and device are what
-    `--resume` may change, and dali-fl rewrites config.json with them.
+    Numbers are compared by value (a hand reformat may write 100.0 as 100), and a field at its default
+    is left out, so that a field a later dali-fl adds (at its default) leaves a run resumable.
     """
-    doc = json.loads(cfg.to_json())
-    for section, key in RESUMABLE_FIELDS:
-        doc[section].pop(key, None)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    doc, defaults = (_plain(json.loads(c.to_json())) for c in (cfg, TrainConfig()))
+    for section, keys in FREE_FIELDS.items():
+        for key in keys:
+            doc[section].pop(key, None)
+    text = json.dumps(_less_defaults(doc, defaults), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: object) -> object:
+    """JSON values with whole floats as ints, recursively (100.0 and 100 are the same setting)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _less_defaults(value: object, default: object) -> object:
+    """`value` without the object members that equal `default`'s, recursively."""
+    if not (isinstance(value, dict) and isinstance(default, dict)):
+        return value
+    return {k: _less_defaults(v, default.get(k)) for k, v in value.items() if k not in default or v != default[k]}
 
 
 def record_identity(cfg: TrainConfig, run_dir: Path, fresh: bool) -> None:
@@ -153,23 +175,30 @@ def _read_identity(run_dir: Path) -> Optional[dict]:
     except (ValueError, RecursionError):
         doc = None
     keys = ("partition_sha256", "store_manifest_sha256")
-    if (not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in keys)
-            or not isinstance(doc.get("settings_sha256", ""), str)):
+    if (not isinstance(doc, dict) or not all(_is_sha256(doc.get(k)) for k in keys)
+            or not _is_sha256(doc.get("settings_sha256", "0" * 64))):
         raise DaliFlError(f"{path} is not a run identity written by dali-fl; {FIX}")
     return doc
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _check_settings(cfg: TrainConfig, run_dir: Path) -> None:
     """config.json holds the settings the run started with, less rounds, device and the store's path."""
     doc = _read_identity(run_dir)
-    if doc is None or "settings_sha256" not in doc:
+    if doc is None:
+        return  # _check_identity warned: a run from before run.json
+    if "settings_sha256" not in doc:
         log.warning("%s records no sha256 of the run's settings (it was started by an older dali-fl): config.json "
                     "is not checked this time", run_dir / IDENTITY)
         return
     if settings_sha256(cfg) != doc["settings_sha256"]:
+        free = ", ".join(f"{section}.{key}" for section, keys in FREE_FIELDS.items() for key in keys)
         raise DaliFlError(f"{run_dir / 'config.json'} holds settings other than those this run started with "
-                          f"(their sha256 differs from the one in {IDENTITY}); only --rounds and --gpu/--device "
-                          "may change on --resume; restore the file or start a new run with the new settings")
+                          f"(their sha256 differs from the one in {IDENTITY}); a resume may change only {free}; "
+                          "restore the file or start a new run with the new settings")
 
 
 def _check_identity(cfg: TrainConfig, run_dir: Path) -> None:
