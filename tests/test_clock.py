@@ -161,11 +161,25 @@ def test_plot_against_simulated_time(store, tmp_path):
                            "--x", "sim_time", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0 and "sim_time_s" in done.stdout
-    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "run"),
-                              str(tmp_path / "nope")], capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stdout == ""  # checked before any run's table is printed
-    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nope'} has no metrics.jsonl rows; is it a dali-fl "
-                                           "run directory?"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["RUN", "NOPE"], ["nope does not exist"]),  # checked before any run's table is printed
+    (["RUN", "--out", "OUT"], ["already exists", "--force"]),  # a file of the user's is kept
+    (["RUN", "--out", "curves.xyz"], [".xyz", ".png"]),
+    (["RUN", "--out", "missing/curves.png"], ["does not exist"]),
+])
+def test_plot_metrics_refuses_in_one_line_before_printing(store, tmp_path, args, words):
+    run, out = tmp_path / "run", tmp_path / "mine.png"
+    train(tiny_config(store, rounds=1, local_bs=25), run, progress=False)
+    out.write_bytes(b"precious")
+    subst = {"RUN": str(run), "NOPE": str(tmp_path / "nope"), "OUT": str(out)}
+    argv = [subst.get(a, str(tmp_path / a) if "." in a else a) for a in args]
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), *argv], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stdout == "" and out.read_bytes() == b"precious"
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ") and all(w in line for w in words), line
 
 
 def test_config_json_round_trips_the_clock(store):

@@ -95,6 +95,7 @@ def test_json_round_trip():
     ({"model_kwargs": "depth=2.5"}, ("depth=2.5", "whole number")),
     ({"model_kwargs": "mlp_ratio=inf"}, ("mlp_ratio=inf", "above 0 and at most 64")),
     ({"model_kwargs": "embed_dim=0"}, ("embed_dim=0",)),
+    ({"model_kwargs": "in_chans=1"}, ("in_chans=1", "RGB")),
 ])
 def test_bad_options_are_one_clear_error(options, words):
     with pytest.raises(DaliFlError) as err:
@@ -139,3 +140,10 @@ def test_a_model_larger_than_the_machines_memory_is_refused_before_it_is_built()
                      pretrained=False)  # 322 G parameters: 1.2 TB of float32
     with pytest.raises(DaliFlError, match=r"G parameters: \d+ GiB in float32, more than this machine"):
         build_model(spec, num_classes=10, img_size=32, seed=0)
+
+
+def test_a_model_that_is_not_a_vit_is_named_as_such():
+    from dali_fl.model.build import ModelSpec, build_model
+
+    with pytest.raises(DaliFlError, match="resnet18 is not a Vision Transformer"):
+        build_model(ModelSpec("resnet18", pretrained=False), num_classes=10, img_size=32, seed=0)

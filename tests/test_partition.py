@@ -405,6 +405,7 @@ def test_cli_bad_plot_is_refused_before_out_is_written(store, tmp_path):
     out = tmp_path / "p.json"
     assert_refused(_run(store, "--out", out, "--plot", tmp_path / "p.xyz"), ".xyz", ".png", ".svg")
     assert_refused(_run(store, "--out", out, "--plot", tmp_path / "plot"), "no suffix")
+    assert_refused(_run(store, "--out", out, "--plot", tmp_path / "p.pgf"), ".pgf")  # matplotlib's, but needs LaTeX
     assert not out.exists()
 
 

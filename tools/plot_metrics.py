@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Plot test accuracy and losses per round (or against simulated time) for one or more run directories into a PNG.
+"""Plot test accuracy and losses per round (or against simulated time) for one or more run directories.
 
-    python tools/plot_metrics.py RUN [RUN ...] [--x sim_time] [--out curves.png]
+    python tools/plot_metrics.py RUN [RUN ...] [--x sim_time] [--out curves.png|.svg|.pdf] [--force]
 """
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
+from dali_fl.atomic import atomic_write  # noqa: E402
+from dali_fl.data.partition import plot_format  # noqa: E402
 from dali_fl.engine.rundir import read_metrics  # noqa: E402
 from dali_fl.errors import DaliFlError  # noqa: E402
+from dali_fl.safe_fs import check_output_file, check_regular  # noqa: E402
 
 X_AXES = {"round": ("round", "round"), "sim_time": ("sim_time_s", "simulated time (s)")}
 
@@ -23,6 +26,9 @@ def load(run_dirs: list[Path], x: str = "round") -> dict[Path, list[dict]]:
     key = X_AXES[x][0]
     runs = {}
     for run in run_dirs:
+        if not run.is_dir():
+            fail(f"{run} {'is not a directory' if run.exists() else 'does not exist'}; give a run directory "
+                 "written by `dali-fl train`")
         try:
             rows = read_metrics(run)
         except DaliFlError as err:
@@ -65,20 +71,37 @@ def plot(runs: dict[Path, list[dict]], out: Path, x: str = "round") -> Path:
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:  # format= explicitly: atomic_write's temp file has no image suffix
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=plot_format(out), dpi=120))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--out checked as `dali-fl partition` checks it (kept unless --force); the default RUN/curves.png is ours."""
+    try:
+        if args.out is None:
+            out = args.runs[0] / "curves.png"
+            check_regular(out, "remove it or give --out")  # replaced, but never through a symlink
+        else:
+            out = check_output_file(args.out, "--out", args.force)
+        plot_format(out)
+    except DaliFlError as err:
+        fail(str(err))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by `dali-fl train`")
-    parser.add_argument("--out", type=Path, help="PNG path (default: RUN/curves.png of the first run)")
+    parser.add_argument("--out", help="image path; its suffix names the format (default: RUN/curves.png of the "
+                        "first run, replaced each time)")
+    parser.add_argument("--force", action="store_true", help="replace an existing file at --out")
     parser.add_argument("--x", choices=sorted(X_AXES), default="round",
                         help="x axis: round, or sim_time (the simulated clock's sim_time_s)")
     args = parser.parse_args()
-    runs = load(args.runs, args.x)
+    runs, out = load(args.runs, args.x), output_path(args)
     for run, rows in runs.items():
         print(f"{run}:\n  round  test_acc  train_loss  round_time_s  sim_time_s")
         for r in rows:
@@ -86,7 +109,7 @@ def main() -> None:
             loss = "-" if r.get("train_loss") is None else f"{r['train_loss']:.4f}"
             sim = "-" if r.get("sim_time_s") is None else f"{r['sim_time_s']:.1f}"
             print(f"  {r['round']:>5}  {acc:>8}  {loss:>10}  {r['round_time_s']:>12.1f}  {sim:>10}")
-    print(f"curves: {plot(runs, args.out or args.runs[0] / 'curves.png', args.x)}")
+    print(f"curves: {plot(runs, out, args.x)}")
 
 
 if __name__ == "__main__":

@@ -308,11 +308,15 @@ def summarize(p: Partition, labels: np.ndarray) -> str:
     ])
 
 
+IMAGE_FORMATS = {"png", "svg", "svgz", "pdf", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps"}
+
+
 def plot_format(path: Path | str) -> str:
     """The image format a plot path's suffix names (`png`, `svg`, `pdf`, `jpg`, ...), or a one-line refusal."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: slow to import
 
-    supported = FigureCanvasAgg.get_supported_filetypes()
+    # pgf needs LaTeX and raw/rgba write pixels without a header: only image formats that stand alone.
+    supported = set(FigureCanvasAgg.get_supported_filetypes()) & IMAGE_FORMATS
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in supported:
         common = ", ".join(f".{f}" for f in ("png", "svg", "pdf", "jpg") if f in supported)

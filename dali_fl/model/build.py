@@ -22,9 +22,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 # timm kwargs that are sizes or counts, with their largest accepted value: zero, negative or non-finite values
 # crash deep inside timm, and a huge depth makes timm build modules (and lists of drop rates) without end.
 # The caps are far beyond the largest published ViTs (ViT-22B: depth 48, width 6144, 48 heads).
-KWARG_CAPS = {"patch_size": 1024, "depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "mlp_ratio": 64,
-              "in_chans": 64}
-INTEGER_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "in_chans")
+KWARG_CAPS = {"patch_size": 1024, "depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "mlp_ratio": 64}
+INTEGER_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads")
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,9 @@ class ModelSpec:
         for key, cap in KWARG_CAPS.items():
             if key in self.kwargs:
                 _check_size_kwarg(key, self.kwargs[key], cap)
+        if self.kwargs.get("in_chans", 3) != 3:  # it builds, then fails on the first batch
+            raise DaliFlError(f"--model-kwargs in_chans={self.kwargs['in_chans']}: stores hold RGB images, so the "
+                              "model takes 3 channels; drop in_chans")
         if self.lora:
             _check_lora_targets(self.lora_targets)
 
@@ -215,6 +217,9 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
         try:
             model = _create(spec, num_classes, img_size)
         except TypeError as err:
+            if "img_size" in str(err) and "img_size" not in spec.kwargs:  # timm's CNNs take no input size
+                raise DaliFlError(f"--model {spec.name} is not a Vision Transformer: dali-fl trains timm ViTs (models "
+                                  "that take img_size), e.g. vit_tiny_patch16_224 or vit_base_patch16_224") from None
             raise DaliFlError(f"--model-kwargs do not fit {spec.name}: {err}") from None
         except AssertionError as err:  # timm asserts e.g. that img_size is divisible by patch_size
             raise DaliFlError(f"{spec.name} cannot take {img_size}px input with these kwargs ({err})") from None
