@@ -327,8 +327,11 @@ def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_i
     assert invoke("train", "--resume", run, "--rounds", 4, "--quiet").exit_code == 2
 
 
-def test_rounds_device_and_the_store_path_may_change_on_resume(invoke, stores, finished, tmp_path):
+def test_rounds_device_and_the_store_path_may_change_on_resume(invoke, assert_user_error, stores, finished,
+                                                               tmp_path):
     run = _copy(finished, tmp_path)
+    _swapped_store(tmp_path / "moved-store")(run)
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 3), "does not exist", "set data.store")
     moved = tmp_path / "moved-store"
     shutil.copytree(stores[0], moved)
     cfg = json.loads((run / "config.json").read_text())

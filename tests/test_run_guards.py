@@ -148,6 +148,10 @@ def test_a_run_killed_before_its_config_starts_fresh_and_one_killed_after_resume
     result = _train(invoke, store, tmp_path / "r", "--rounds", 1)
     assert result.exit_code == 130 and "--resume" not in result.output  # there is no run to continue
     assert _interrupted_line(result) == "error: interrupted; nothing half-written was kept"
+    empty = tmp_path / "given"
+    empty.mkdir()  # a directory the user made for the run: it stays, empty again
+    assert _train(invoke, store, empty, "--rounds", 1).exit_code == 130
+    assert sorted(p.name for p in empty.iterdir()) in ([], [".lock"])
     monkeypatch.undo()
     assert not (tmp_path / "r").exists()
     _finished(invoke, store, tmp_path / "r", rounds=1)  # a fresh run takes the directory
@@ -271,3 +275,8 @@ def test_unsafe_or_garbage_weights_are_one_line(invoke, assert_user_error, tmp_p
     for weights, words in (("pickled.pth", ("pickle", "safetensors")), ("garbage.safetensors", ("cannot be read",))):
         result = invoke("train", "--store", store, "--out", tmp_path / "r", *common, "--weights", tmp_path / weights)
         assert_user_error(result, weights, *words)
+
+
+def test_a_bare_group_prints_its_help_not_an_error(invoke):
+    result = invoke("flower")
+    assert result.output.startswith("Usage: cli flower") and "error:" not in result.output  # CliRunner names it cli

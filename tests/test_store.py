@@ -411,3 +411,8 @@ def test_reads_respect_a_sources_row_cap(tmp_path):
     path, _ = write_store(Source("npz", ("a", "b"), {"train": split, "test": split}), tmp_path, 8, progress=False)
     assert max(reads) <= 3 and sum(reads) == 20
     np.testing.assert_array_equal(np.load(path / "train_images.npy"), images)
+
+
+@pytest.mark.parametrize("n,shown", [(150_680_000_000, "150.68 GB"), (312_000, "312.00 kB"), (5, "5 bytes")])
+def test_sizes_in_messages_keep_a_digit_before_the_point(n, shown):
+    assert store_mod._size(n) == shown  # "needs 0.00 GB but has 0.00 GB free" said nothing

@@ -30,6 +30,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `dali-fl flower`: its help is the answer, not an error
         except click.UsageError as err:  # click's own three-line form, made one line like every other error
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             click.echo(f"error: {err.format_message()} (see `dali-fl{command} --help`)", err=True)

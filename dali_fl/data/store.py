@@ -227,6 +227,12 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     return final, True
 
 
+def _size(n: int) -> str:
+    """Bytes in the largest unit that keeps a digit before the point (2.50 GB, 312.00 kB)."""
+    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= s), ("bytes", 1))
+    return f"{n} bytes" if scale == 1 else f"{n / scale:.2f} {unit}"
+
+
 def check_store_fits(out_dir: Path, count: int, image_size: int, dtype: str) -> None:
     """Refuse up front when a store of `count` images cannot fit, rather than after minutes of work."""
     need = count * image_size * image_size * 3 * np.dtype(dtype).itemsize
@@ -238,7 +244,7 @@ def check_store_fits(out_dir: Path, count: int, image_size: int, dtype: str) -> 
     except OSError:
         return  # unmeasurable here; writing reports a full disk in one line anyway
     if need > free:
-        raise DaliFlError(f"the store needs {need / 1e9:.2f} GB but {out_dir} has {free / 1e9:.2f} GB free; "
+        raise DaliFlError(f"the store needs {_size(need)} but {out_dir} has {_size(free)} free; "
                           "free some space, use a smaller --image-size or choose another --out")
 
 

@@ -18,7 +18,16 @@ from dali_fl.config import TrainConfig
 from dali_fl.data.partition import Partition, load_partition, make_partition, save_partition
 from dali_fl.engine.device import amp_dtype, explain_oom, resolve_device
 from dali_fl.engine.federation import RESTART_HINT, Federation, RoundHooks, run_round
-from dali_fl.engine.rundir import MetricsLog, RunLock, algorithm_files, check_fresh, load_checkpoint, save_checkpoint
+from dali_fl.engine.rundir import (
+    LOCK,
+    STARTING,
+    MetricsLog,
+    RunLock,
+    algorithm_files,
+    check_fresh,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dali_fl.engine.trust import check_resume, record_identity
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import input_size, loader_class, make_loader
@@ -157,10 +166,21 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         try:
             fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
         except BaseException:
-            if created and not (run_dir / "config.json").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)  # nothing of this run exists yet: leave no directory
+            if hooks.is_writer and not resume and not (run_dir / "config.json").exists():
+                _remove_start(run_dir, created)  # nothing of this run exists yet: leave nothing of it
             raise
         return run_rounds(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
+
+
+def _remove_start(run_dir: Path, created: bool) -> None:
+    """Remove what a run that never wrote its config.json left: its directory, or (in the user's) its files."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (*STARTING, *algorithm_files()):
+        if name != LOCK:  # held until the lock is released; a new run takes it
+            with contextlib.suppress(OSError):  # e.g. a directory of that name: the error raised first matters
+                (run_dir / name).unlink(missing_ok=True)
 
 
 def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, progress: bool, hooks: RoundHooks,

@@ -152,6 +152,10 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     for name in RUN_FILES + algorithm_files():  # a FIFO would block the reader, a symlink would be written through
         check_regular(run_dir / name, FIX)
     check_dir(run_dir / "tensorboard", FIX)
+    if not Path(cfg.data.store).exists():
+        raise DaliFlError(f"the store {cfg.data.store} that {run_dir / 'config.json'} names does not exist; if it "
+                          "moved, set data.store in config.json to its new path (its manifest is checked), or make "
+                          "it again with `dali-fl prep`")
     _check_identity(cfg, run_dir)
     meta = read_meta(run_dir)
     done = meta["round"] if meta else 0
