@@ -1,12 +1,16 @@
 """`dali-fl flower`: the same federation as a Flower app, simulated here (`run`) or written for `flwr run` (`app`)."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 # The same options, resolved and validated by the same code, as `dali-fl train`.
+from dali_fl.cli import EXIT_INTERRUPTED
 from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, summary_line, train_options
 from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
@@ -73,8 +77,26 @@ def run(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> None
     run_config, _ = _run_config(ctx, p, client_cpus, client_gpus)
     from dali_fl.flower.app import simulate
 
-    [summary] = simulate(run_config, client_cpus=client_cpus, client_gpus=client_gpus)
+    try:
+        [summary] = simulate(run_config, client_cpus=client_cpus, client_gpus=client_gpus)
+    except KeyboardInterrupt:
+        _leave_simulation()
     click.echo(summary_line(summary, run_config["out"], engine=" on Flower"))
+
+
+def _leave_simulation() -> NoReturn:
+    """Exit at once after a Ctrl-C: Flower's simulation threads would keep the interpreter alive until a second one."""
+    click.echo("error: interrupted; the run directory keeps the rounds that finished (every file is written "
+               "atomically)", err=True)
+    try:
+        import ray
+
+        ray.shutdown()  # its processes would otherwise outlive this one
+    except Exception:  # noqa: BLE001 - leaving anyway: the user asked to stop
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 @flower.command("app")
@@ -118,7 +140,11 @@ def compare(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> 
 
     run_config, _ = _run_config(ctx, p, client_cpus, client_gpus)
     options, out, _ = options_from_run_config(run_config)
-    click.echo(report(run_both(options, Path(out), client_cpus=client_cpus, client_gpus=client_gpus)))
+    try:
+        costs = run_both(options, Path(out), client_cpus=client_cpus, client_gpus=client_gpus)
+    except KeyboardInterrupt:
+        _leave_simulation()
+    click.echo(report(costs))
 
 
 COMMANDS = [flower]
