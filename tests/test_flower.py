@@ -270,3 +270,35 @@ def test_max_weight_diff_is_the_largest_difference_of_two_runs_final_tensors(tmp
                   str(tmp_path / name / "checkpoint" / "state.safetensors"))
     assert max_weight_diff(tmp_path / "a", tmp_path / "b") == 0.25
     assert max_weight_diff(tmp_path / "a", tmp_path / "a") == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ctrl_c_stops_flower_run_at_once_and_leaves_no_ray(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    args = [a for a in FLAGS if a not in ("--rounds", "2")] + ["--rounds", "100", "--alg", "fedlora", "--lora-r", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "dali_fl", "flower", "run", "--store", str(store), "--out", str(run),
+                             *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a group of its own, as a terminal's Ctrl-C reaches it
+    deadline = time.time() + 200
+    while not (run / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("flower run still ran 60 s after Ctrl-C (it used to wait for a second one)")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    psutil.wait_procs(family, timeout=30)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert (run / "checkpoint" / "meta.json").is_file()  # the rounds that finished are kept
