@@ -14,6 +14,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 
 import dali_fl.data.store as store_mod
+from dali_fl.bounds import human_size
 from dali_fl.data.resize import resize_batch, to_stored_dtype
 from dali_fl.data.sources import Source, SourceSplit, in_memory_split, load_source
 from dali_fl.data.store import FORMAT_VERSION, open_store, store_name, verify_store, write_store
@@ -415,4 +416,4 @@ def test_reads_respect_a_sources_row_cap(tmp_path):
 
 @pytest.mark.parametrize("n,shown", [(150_680_000_000, "150.68 GB"), (312_000, "312.00 kB"), (5, "5 bytes")])
 def test_sizes_in_messages_keep_a_digit_before_the_point(n, shown):
-    assert store_mod._size(n) == shown  # "needs 0.00 GB but has 0.00 GB free" said nothing
+    assert human_size(n) == shown  # "needs 0.00 GB but has 0.00 GB free" said nothing

@@ -261,9 +261,7 @@ def train(ctx: click.Context, **p) -> None:
     try:
         summary = run_federation(cfg, run_dir, resume=resume, progress=not p["quiet"], hooks=hooks)
     except KeyboardInterrupt:
-        if (Path(run_dir) / "config.json").is_file():  # the run started: its last finished round is kept
-            raise KeyboardInterrupt(f"interrupted; continue with `dali-fl train --resume {run_dir}`") from None
-        raise
+        raise _interrupted(run_dir) from None
     finally:
         if hooks is not None:
             from dali_fl.engine.distributed import leave_world
@@ -346,6 +344,13 @@ def _launch(ctx: click.Context, p: dict) -> None:
                           f"failed rank; continue with `dali-fl train --resume {run_dir} --nproc {p['nproc']}`")
 
 
+def _interrupted(run_dir: Path, more: str = "") -> KeyboardInterrupt:
+    """The interrupt to end with: how to continue once the run exists (config.json written), plain before."""
+    if (Path(run_dir) / "config.json").is_file():  # the run started: its last finished round is kept
+        return KeyboardInterrupt(f"interrupted; continue with `dali-fl train --resume {run_dir}{more}`")
+    return KeyboardInterrupt()
+
+
 def _wait_for_torchrun(proc: subprocess.Popen, run_dir: Path, nproc: int) -> int:
     """torchrun's exit status; on Ctrl-C, let it stop its ranks (it got the same SIGINT) rather than kill it."""
     try:
@@ -356,10 +361,7 @@ def _wait_for_torchrun(proc: subprocess.Popen, run_dir: Path, nproc: int) -> int
         except (KeyboardInterrupt, subprocess.TimeoutExpired):  # a second Ctrl-C, or a hung shutdown
             proc.kill()
             proc.wait()
-        if (Path(run_dir) / "config.json").is_file():
-            raise KeyboardInterrupt(f"interrupted; continue with `dali-fl train --resume {run_dir} "
-                                    f"--nproc {nproc}`") from None
-        raise
+        raise _interrupted(run_dir, f" --nproc {nproc}") from None
 
 
 COMMANDS = [train]

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from dali_fl.bounds import human_size
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def check_memory(nbytes: int, what: str, how: str) -> None:
 
     available = psutil.virtual_memory().available
     if nbytes > available:
-        raise DaliFlError(f"{what} needs {nbytes / 1e9:.2f} GB of memory but only {available / 1e9:.2f} GB "
+        raise DaliFlError(f"{what} needs {human_size(nbytes)} of memory but only {human_size(available)} "
                           f"is available; {how}")
 
 

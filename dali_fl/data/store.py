@@ -18,6 +18,7 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for, what_to_do
+from dali_fl.bounds import human_size
 from dali_fl.errors import DaliFlError
 from dali_fl.data.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
 from dali_fl.data.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
@@ -227,12 +228,6 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
     return final, True
 
 
-def _size(n: int) -> str:
-    """Bytes in the largest unit that keeps a digit before the point (2.50 GB, 312.00 kB)."""
-    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= s), ("bytes", 1))
-    return f"{n} bytes" if scale == 1 else f"{n / scale:.2f} {unit}"
-
-
 def check_store_fits(out_dir: Path, count: int, image_size: int, dtype: str) -> None:
     """Refuse up front when a store of `count` images cannot fit, rather than after minutes of work."""
     need = count * image_size * image_size * 3 * np.dtype(dtype).itemsize
@@ -244,7 +239,7 @@ def check_store_fits(out_dir: Path, count: int, image_size: int, dtype: str) -> 
     except OSError:
         return  # unmeasurable here; writing reports a full disk in one line anyway
     if need > free:
-        raise DaliFlError(f"the store needs {_size(need)} but {out_dir} has {_size(free)} free; "
+        raise DaliFlError(f"the store needs {human_size(need)} but {out_dir} has {human_size(free)} free; "
                           "free some space, use a smaller --image-size or choose another --out")
 
 

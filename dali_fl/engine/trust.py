@@ -156,7 +156,8 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
         raise DaliFlError(f"the store {cfg.data.store} that {run_dir / 'config.json'} names does not exist; if it "
                           "moved, set data.store in config.json to its new path (its manifest is checked), or make "
                           "it again with `dali-fl prep`")
-    _check_identity(cfg, run_dir)
+    identity = _read_identity(run_dir)
+    _check_identity(cfg, run_dir, identity)
     meta = read_meta(run_dir)
     done = meta["round"] if meta else 0
     rng = (meta or {}).get("rng")
@@ -166,7 +167,7 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
                           f"{cfg.fed.seed}; {FIX}")
     covered = (meta or {}).get("metrics")
     check_metrics(run_dir, done, covered if isinstance(covered, dict) else None)
-    _check_settings(cfg, run_dir)  # last: the checks above name the file and the field more precisely
+    _check_settings(cfg, run_dir, identity)  # last: the checks above name the file and the field more precisely
 
 
 def _read_identity(run_dir: Path) -> Optional[dict]:
@@ -189,9 +190,8 @@ def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _check_settings(cfg: TrainConfig, run_dir: Path) -> None:
-    """config.json holds the settings the run started with, less rounds, device and the store's path."""
-    doc = _read_identity(run_dir)
+def _check_settings(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> None:
+    """config.json holds the settings the run started with (`doc`: run.json's record), less FREE_FIELDS."""
     if doc is None:
         return  # _check_identity warned: a run from before run.json
     if "settings_sha256" not in doc:
@@ -205,9 +205,8 @@ def _check_settings(cfg: TrainConfig, run_dir: Path) -> None:
                           "restore the file or start a new run with the new settings")
 
 
-def _check_identity(cfg: TrainConfig, run_dir: Path) -> None:
-    """partition.json and the store are the ones the run started with (run.json holds their sha256)."""
-    doc = _read_identity(run_dir)
+def _check_identity(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> None:
+    """partition.json and the store are the ones the run started with (`doc`: run.json's record of their sha256)."""
     if doc is None:
         log.warning("%s has no %s (it was started by an older dali-fl): its partition and store are not checked "
                     "this time", run_dir, IDENTITY)
