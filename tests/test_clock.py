@@ -196,3 +196,26 @@ def test_a_run_whose_every_round_aggregated_nobody_says_so(tmp_path, caplog):
     caplog.clear()
     write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty, "num_clients": 1}])
     assert "no round aggregated" not in caplog.text
+
+
+def test_a_resume_follows_a_moved_trace_but_refuses_an_edited_one(store, tmp_path):
+    from dali_fl.config import load_config
+
+    trace = write_trace(tmp_path / "t.csv", ["client,speed,bandwidth", "0,10,1", "1,20,2", "2,30,3", "3,40,4"])
+    run = tmp_path / "run"
+    train(tiny_config(store, rounds=1, local_bs=25, trace=str(trace)), run, progress=False)
+
+    def resume(trace_path: str) -> None:
+        doc = json.loads((run / "config.json").read_text())
+        doc["clock"]["trace"] = trace_path  # a hand edit: the trace moved
+        (run / "config.json").write_text(json.dumps(doc))
+        cfg = load_config(run)
+        train(cfg.replace(fed={"rounds": cfg.fed.rounds + 1}), run, resume=True, progress=False)
+
+    moved = trace.rename(tmp_path / "moved.csv")
+    resume(str(moved))  # the same contents at another path
+    moved.write_text(moved.read_text().replace("0,10,1", "0,99,1"))
+    with pytest.raises(DaliFlError, match="moved.csv .clock.trace in config.json. is not the file this run started"):
+        resume(str(moved))
+    with pytest.raises(DaliFlError, match="no longer names the clock.trace file"):
+        resume("")

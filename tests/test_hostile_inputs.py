@@ -312,7 +312,7 @@ def test_a_run_from_before_run_json_resumes_with_a_warning_and_gets_one(invoke, 
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert set(json.loads((run / "run.json").read_text())) == {"partition_sha256", "store_manifest_sha256",
-                                                                "settings_sha256"}
+                                                                "settings_sha256", "files_sha256"}
 
 
 def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_it(invoke, finished, tmp_path):

@@ -134,15 +134,25 @@ def _less_defaults(value: object, default: object) -> object:
     return {k: _less_defaults(v, default.get(k)) for k, v in value.items() if k not in default or v != default[k]}
 
 
+def _named_files(cfg: TrainConfig) -> dict[str, str]:
+    """The files the settings name by a path that may move (the trace, the weights): `section.key` -> path."""
+    named = {"clock.trace": cfg.clock.trace, "model.weights": cfg.model.weights}
+    return {name: str(path) for name, path in named.items() if path}
+
+
 def record_identity(cfg: TrainConfig, run_dir: Path, fresh: bool) -> None:
-    """run.json: sha256 of partition.json, of the store's manifest and of the settings (an older run gets them now)."""
+    """run.json: sha256 of partition.json, the store's manifest, the settings and the files they name.
+
+    A run started by an older dali-fl gets what its run.json lacks now, from its files as they are.
+    """
     path = Path(run_dir) / IDENTITY
     doc = None if fresh else _read_identity(run_dir)
-    if doc is not None and "settings_sha256" in doc:
+    if doc is not None and "settings_sha256" in doc and "files_sha256" in doc:
         return
     doc = doc or {"partition_sha256": sha256(Path(run_dir) / "partition.json", FIX),
                   "store_manifest_sha256": sha256(Path(cfg.data.store) / MANIFEST, FIX)}
-    doc["settings_sha256"] = settings_sha256(cfg)
+    doc.setdefault("settings_sha256", settings_sha256(cfg))
+    doc.setdefault("files_sha256", {name: sha256(file, FIX) for name, file in _named_files(cfg).items()})
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
@@ -180,8 +190,10 @@ def _read_identity(run_dir: Path) -> Optional[dict]:
     except (ValueError, RecursionError):
         doc = None
     keys = ("partition_sha256", "store_manifest_sha256")
+    files = doc.get("files_sha256", {}) if isinstance(doc, dict) else None
     if (not isinstance(doc, dict) or not all(_is_sha256(doc.get(k)) for k in keys)
-            or not _is_sha256(doc.get("settings_sha256", "0" * 64))):
+            or not _is_sha256(doc.get("settings_sha256", "0" * 64))
+            or not isinstance(files, dict) or not all(map(_is_sha256, files.values()))):
         raise DaliFlError(f"{path} is not a run identity written by dali-fl; {FIX}")
     return doc
 
@@ -198,11 +210,24 @@ def _check_settings(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
         log.warning("%s records no sha256 of the run's settings (it was started by an older dali-fl): config.json "
                     "is not checked this time", run_dir / IDENTITY)
         return
+    _check_named_files(cfg, run_dir, doc.get("files_sha256", {}))
     if settings_sha256(cfg) != doc["settings_sha256"]:
         free = ", ".join(f"{section}.{key}" for section, keys in FREE_FIELDS.items() for key in keys)
         raise DaliFlError(f"{run_dir / 'config.json'} holds settings other than those this run started with "
                           f"(their sha256 differs from the one in {IDENTITY}); a resume may change only {free}; "
                           "restore the file or start a new run with the new settings")
+
+
+def _check_named_files(cfg: TrainConfig, run_dir: Path, recorded: dict) -> None:
+    """The trace and the weights config.json names are the files the run started with, wherever they moved."""
+    named = _named_files(cfg)
+    for name, digest in recorded.items():
+        if name not in named:
+            raise DaliFlError(f"{run_dir / 'config.json'} no longer names the {name} file this run started with "
+                              f"({IDENTITY} holds its sha256); {FIX}")
+        if check_regular(named[name], FIX) is not None and sha256(named[name], FIX) != digest:
+            raise DaliFlError(f"{named[name]} ({name} in config.json) is not the file this run started with (its "
+                              f"sha256 differs from the one in {IDENTITY}); {FIX}")
 
 
 def _check_identity(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> None:
