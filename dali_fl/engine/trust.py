@@ -151,8 +151,10 @@ def record_identity(cfg: TrainConfig, run_dir: Path, fresh: bool) -> None:
         return
     doc = doc or {"partition_sha256": sha256(Path(run_dir) / "partition.json", FIX),
                   "store_manifest_sha256": sha256(Path(cfg.data.store) / MANIFEST, FIX)}
-    doc.setdefault("settings_sha256", settings_sha256(cfg))
-    doc.setdefault("files_sha256", {name: sha256(file, FIX) for name, file in _named_files(cfg).items()})
+    if "settings_sha256" not in doc:
+        doc["settings_sha256"] = settings_sha256(cfg)
+    if "files_sha256" not in doc:  # not setdefault: hashing a weights file is worth skipping when recorded
+        doc["files_sha256"] = {name: sha256(file, FIX) for name, file in _named_files(cfg).items()}
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
