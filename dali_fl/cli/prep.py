@@ -91,8 +91,8 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     check_synthetic_args(num_train, num_test, seed)
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
-    _refuse_unused_source_options(ctx, store)
-    source = _source_for(store, source_path, num_train, num_test, seed)
+    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    source = _source_for(store, source_path, num_train, num_test, seed, given)
     checks, counts, classes = verify_store(store, source, check_samples)
     for c in checks:
         click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
@@ -106,26 +106,21 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     click.echo(f"all {len(checks)} checks passed: {store}")
 
 
-def _refuse_unused_source_options(ctx: click.Context, store: Path) -> None:
-    """--num-train/--num-test/--seed only regenerate a synthetic store that does not record them; else refuse."""
-    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
-    try:
-        manifest = open_store(store).manifest
-    except DaliFlError:
-        return  # verify_store reports the damage itself
-    if given and (manifest["source"] != "synthetic" or manifest.get("source_params")):
-        raise DaliFlError(f"--{given[0].replace('_', '-')} does nothing here: verify regenerates a synthetic store "
-                          f"from the settings in {store}/manifest.json and reads any other from --source-path; "
-                          "drop it")
+def _source_for(store: Path, source_path, num_train, num_test, seed, given: list[str]):
+    """The raw source matching a store, when it can be had; None skips the sample check.
 
-
-def _source_for(store: Path, source_path, num_train, num_test, seed):
-    """The raw source matching a store, when it can be had; None skips the sample check."""
+    --num-train/--num-test/--seed (`given`) regenerate only a synthetic store that does not record them;
+    anywhere else they would do nothing, so they are refused.
+    """
     try:
         manifest = open_store(store).manifest
     except DaliFlError:
         return None  # verify_store reports the damage itself
     name = manifest["source"]
+    if given and (name != "synthetic" or manifest.get("source_params")):
+        raise DaliFlError(f"--{given[0].replace('_', '-')} does nothing here: verify regenerates a synthetic store "
+                          f"from the settings in {store}/manifest.json and reads any other from --source-path; "
+                          "drop it")
     if name == "synthetic":
         params = {"num_train": num_train, "num_test": num_test, "seed": seed, **manifest.get("source_params", {})}
         try:
