@@ -220,6 +220,11 @@ def _check_settings(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
                           "restore the file or start a new run with the new settings")
 
 
+def _changed(path: Path | str, digest: str, fix: str = FIX) -> bool:
+    """Whether a file differs from the sha256 recorded for it (a missing one is its reader's to report)."""
+    return check_regular(path, fix) is not None and sha256(path, fix) != digest
+
+
 def _check_named_files(cfg: TrainConfig, run_dir: Path, recorded: dict) -> None:
     """The trace and the weights config.json names are the files the run started with, wherever they moved."""
     named = _named_files(cfg)
@@ -227,7 +232,7 @@ def _check_named_files(cfg: TrainConfig, run_dir: Path, recorded: dict) -> None:
         if name not in named:
             raise DaliFlError(f"{run_dir / 'config.json'} no longer names the {name} file this run started with "
                               f"({IDENTITY} holds its sha256); {FIX}")
-        if check_regular(named[name], FIX) is not None and sha256(named[name], FIX) != digest:
+        if _changed(named[name], digest):
             raise DaliFlError(f"{named[name]} ({name} in config.json) is not the file this run started with (its "
                               f"sha256 differs from the one in {IDENTITY}); {FIX}")
 
@@ -239,12 +244,12 @@ def _check_identity(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
                     "this time", run_dir, IDENTITY)
         return
     partition = run_dir / "partition.json"
-    if check_regular(partition, FIX) is not None and sha256(partition, FIX) != doc["partition_sha256"]:
+    if _changed(partition, doc["partition_sha256"]):
         raise DaliFlError(f"{partition} is not the partition this run started with (its sha256 differs from "
                           f"the one in {IDENTITY}); {FIX}")
     manifest = Path(cfg.data.store) / MANIFEST
     fix = "the store's own check says what is wrong"
-    if check_regular(manifest, fix) is not None and sha256(manifest, fix) != doc["store_manifest_sha256"]:
+    if _changed(manifest, doc["store_manifest_sha256"], fix):
         raise DaliFlError(f"the store {cfg.data.store} in config.json is not the store this run started on (its "
                           f"{MANIFEST} differs from the one recorded in {IDENTITY}); point config.json back at "
                           "that store, or start a new run")
