@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -158,6 +158,17 @@ def option_defaults() -> dict[str, Any]:
         out[flat] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     out.update(model_kwargs="", lora_targets=",".join(DEFAULT_LORA_TARGETS))
     return out
+
+
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_targets", "lora_agg")  # --lora-ranks: FederationConfig refuses it
+
+
+def refuse_lora_options(alg: str, given: Iterable[str], name: Callable[[str], str] = flag) -> None:
+    """Refuse LoRA options given with an algorithm that trains every weight: ignored, they would look applied."""
+    lora_only = [k for k in LORA_OPTIONS if k in set(given)]
+    if lora_only and alg != "fedlora":
+        raise DaliFlError(f"{name(lora_only[0])} applies to {name('alg')} fedlora; {name('alg')} {alg} trains "
+                          f"every weight, so drop it or use {name('alg')} fedlora")
 
 
 def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:

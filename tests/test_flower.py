@@ -35,7 +35,7 @@ from dali_fl.model.build import build_model, trainable_state  # noqa: E402
 from dali_fl.model.lora import lora_pairs  # noqa: E402
 
 TINY = dict(model="vit_tiny_patch16_224", model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
-            pretrained=False, num_users=4, frac=0.5, partition="iid", local_bs=25, rounds=2, lr=2e-3, lora_r=2,
+            pretrained=False, num_users=4, frac=0.5, partition="iid", local_bs=25, rounds=2, lr=2e-3,
             device="cpu")  # the default loader: dali, on the CPU
 FLAGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
          "--no-pretrained", "--num-users", "4", "--frac", "0.5", "--partition", "iid", "--rounds", "2",
@@ -49,7 +49,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def test_the_run_config_is_every_train_option_and_builds_the_same_config(store, tmp_path):
-    options = {**TINY, "store": str(store), "alg": "fedlora", "lora_agg": "fedex", "server_opt": "adam",
+    options = {**TINY, "store": str(store), "alg": "fedlora", "lora_r": 2, "lora_agg": "fedex", "server_opt": "adam",
                "server_betas": (0.8, 0.95), "resize_to": None}
     run_config = run_config_from_options(options, tmp_path / "run")
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())  # what Flower can carry
@@ -68,13 +68,16 @@ def test_the_run_config_is_every_train_option_and_builds_the_same_config(store, 
 @pytest.mark.parametrize("bad", [dict(frac=0), dict(lora_agg="fedavg"), dict(alg="fedavg", lora_ranks="2,4"),
                                  dict(server_lr=0.5), dict(server_betas="0.9,x", server_opt="adam"),
                                  dict(scaffold=True, optimizer="sgd", momentum=0.0),
-                                 dict(alg="fedlora", lora_agg="shared-a"), dict(alg="fedlora", lora_agg="fedsa")])
+                                 dict(alg="fedlora", lora_agg="shared-a"), dict(alg="fedlora", lora_agg="fedsa"),
+                                 dict(alg="fedavg", lora_r=4), dict(lora_targets="qkv,proj")])
 def test_a_refused_config_stops_before_any_round_in_train_s_words(store, tmp_path, monkeypatch, bad):
     options = {**TINY, "store": str(store), **bad}
     run_config = run_config_from_options(options, tmp_path / "run")
     if "scaffold" in bad or "lora_agg" in bad and bad["lora_agg"] != "fedavg":  # dali-fl runs them; Flower refuses
         flag = "--scaffold" if "scaffold" in bad else "--lora-agg shared-a"
         want = f"{flag} keeps per-client state in one process's file; the Flower app does not run it"
+    elif "lora_r" in bad or "lora_targets" in bad:  # train refuses the flag; a run config holds every key
+        want = f"{next(iter(bad.keys() - {'alg'})).replace('_', '-')} applies to alg fedlora; alg fedavg trains every"
     else:
         with pytest.raises(DaliFlError) as refused:
             TrainConfig.from_options(options)
@@ -160,8 +163,8 @@ def _wire_bytes(tensors: dict[str, torch.Tensor]) -> int:
 @pytest.mark.slow
 def test_flower_s_simulation_engine_reaches_dali_fl_s_weights_and_accuracies(store, tmp_path):
     # FedNova weighs each client by the local steps it reports: they must cross the wire (steps 0 would refuse).
-    modes = {"fedavg": dict(alg="fedavg"), "fedex": dict(alg="fedlora", lora_agg="fedex"),
-             "fednova": dict(alg="fedlora", fednova=True, optimizer="sgd", momentum=0.5, lr=0.05)}
+    modes = {"fedavg": dict(alg="fedavg"), "fedex": dict(alg="fedlora", lora_r=2, lora_agg="fedex"),
+             "fednova": dict(alg="fedlora", lora_r=2, fednova=True, optimizer="sgd", momentum=0.5, lr=0.05)}
     runs = [run_config_from_options({**TINY, "store": str(store), **m}, tmp_path / f"flower-{k}")
             for k, m in modes.items()]
     threads = torch.get_num_threads()

@@ -22,6 +22,7 @@ from dali_fl.config import (
     load_config,
     merge_options,
     option_defaults,
+    refuse_lora_options,
 )
 from dali_fl.data.sources import SOURCES
 from dali_fl.data.store import open_store, store_name
@@ -32,7 +33,6 @@ from dali_fl.loaders import LOADER_KINDS
 
 DATASET_ALIASES = {"cifar": "cifar10"}
 RESUMABLE = {"rounds", "gpu", "device", "quiet", "resume", "verbose", "nproc"}
-LORA_OPTIONS = {"lora_r", "lora_alpha", "lora_targets", "lora_agg"}  # --lora-ranks: FederationConfig refuses it
 o = click.option
 
 
@@ -165,10 +165,7 @@ def merged_options(ctx: click.Context, p: dict) -> dict:
     """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
     explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
     merged = {**p, **merge_options(explicit, p["preset"])}
-    lora_only = sorted(set(explicit) & LORA_OPTIONS)
-    if lora_only and merged["alg"] != "fedlora":  # silently ignored, it would look like it took effect
-        raise DaliFlError(f"--{lora_only[0].replace('_', '-')} applies to --alg fedlora; --alg {merged['alg']} "
-                          "trains every weight, so drop it or pass --alg fedlora")
+    refuse_lora_options(merged["alg"], explicit)
     return merged
 
 
