@@ -210,6 +210,15 @@ def test_a_ctrl_c_while_the_commands_are_imported_is_one_line(monkeypatch):
     assert result.exit_code == 130 and _interrupted_line(result) == "error: interrupted"
 
 
+def test_a_ctrl_c_while_click_is_imported_is_one_line():
+    # What the console script does (`from dali_fl.cli import main`), with the Ctrl-C landing in `import click`.
+    code = ("import builtins\nreal = builtins.__import__\n"
+            "def imp(name, *a, **k):\n    if name == 'click':\n        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\nbuiltins.__import__ = imp\nfrom dali_fl.cli import main\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
+
+
 def test_resume_cannot_go_below_the_finished_rounds(invoke, assert_user_error, store, tmp_path):
     run = _finished(invoke, store, tmp_path / "r", rounds=2)
     config = (run / "config.json").read_text()

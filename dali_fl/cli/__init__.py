@@ -4,13 +4,18 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-
-import click
-
-from dali_fl.errors import DaliFlError
+import sys
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+try:
+    import click
+
+    from dali_fl.errors import DaliFlError
+except KeyboardInterrupt:  # a Ctrl-C in the ~50 ms click takes to import: one line, as in every command
+    sys.stderr.write("error: interrupted\n")
+    raise SystemExit(EXIT_INTERRUPTED) from None
 COMMAND_MODULES = ("prep", "partition", "train", "flower")
 
 
