@@ -191,6 +191,12 @@ def test_a_presets_image_size_is_named_as_the_presets_and_resize_to_meets_it(inv
     # With --resize-to 224 the preset's size is met: what stops this run is the missing pretrained weights.
     assert_user_error(invoke("train", *preset, "--resize-to", "224", "--loader", "memmap", "--rounds", "1"),
                       "pretrained weights", "--weights")
+    # Another --resize-to is a second size: the line names both, and the flag that trains at the user's.
+    assert_user_error(invoke("train", *preset, "--resize-to", "64", "--no-pretrained"), "trains at 224px",
+                      "--resize-to makes them 64px", "--resize-to 224", "--image-size 64 to train at 64px")
+    assert invoke("train", *preset, "--resize-to", "64", "--image-size", "64", "--no-pretrained", "--rounds", "1",
+                  "--model-kwargs", "depth=1,embed_dim=32,num_heads=2", "--local-ep", "1", "--num-users", "2",
+                  "--frac", "1", "--quiet").exit_code == 0
 
 
 def test_a_dataset_prep_does_not_know_is_told_with_the_sources_it_does(invoke, assert_user_error, tmp_path):

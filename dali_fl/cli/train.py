@@ -190,9 +190,12 @@ def _resolve_store(p: dict) -> str:
     if size is not None and size not in (store.image_size, p["resize_to"]):
         from_preset = p["preset"] is not None and PRESETS[p["preset"]].get("image_size") == size
         asked = f"--preset {p['preset']} trains at {size}px" if from_preset else f"--image-size {size}"
-        raise DaliFlError(f"{asked} but {p['store']} holds {store.image_size}px images; resize them on the "
-                          f"device with --resize-to {size}, or use a {size}px store (`dali-fl prep --image-size "
-                          f"{size}`)")
+        resize = p["resize_to"]  # a second size the user gave: say which flag trains at that one
+        made = f" and --resize-to makes them {resize}px" if resize else ""
+        ways = [f"resize them on the device with --resize-to {size}",
+                f"use a {size}px store (`dali-fl prep --image-size {size}`)",
+                *([f"give --image-size {resize}{f' to train at {resize}px' if from_preset else ''}"] if resize else [])]
+        raise DaliFlError(f"{asked} but {p['store']} holds {store.image_size}px images{made}; {_either(ways)}")
     return str(Path(p["store"]).absolute())  # so --resume works from any working directory
 
 
