@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import dali_fl.engine.rundir as rundir
 from dali_fl.atomic import recover_dir, replace_dir, what_to_do
 from dali_fl.data.sources import load_synthetic
 from dali_fl.data.store import open_store, write_store
@@ -99,7 +98,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
-    monkeypatch.setattr(rundir, "save_file", full)
+    monkeypatch.setattr("safetensors.torch.save_file", full)  # what save_checkpoint imports when it runs
     with pytest.raises(DaliFlError, match="cannot write the checkpoint of round 2") as err:
         save_checkpoint(tmp_path, 2, _state(2.0), {}, seed=0)
     assert "--resume" in str(err.value) and "\n" not in str(err.value)

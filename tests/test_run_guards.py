@@ -176,7 +176,6 @@ def _interrupted_line(result) -> str:
 
 def test_a_ctrl_c_while_a_checkpoint_is_written_keeps_the_last_whole_one_and_no_temp(invoke, store, tmp_path,
                                                                                      monkeypatch):
-    import dali_fl.engine.rundir as rundir
 
     run = _finished(invoke, store, tmp_path / "r", rounds=1)
     before = load_file(str(run / "checkpoint" / "state.safetensors"))
@@ -185,7 +184,7 @@ def test_a_ctrl_c_while_a_checkpoint_is_written_keeps_the_last_whole_one_and_no_
         Path(path).write_bytes(b"half")  # part of the new checkpoint is on disk when the Ctrl-C lands
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir, "save_file", killed)
+    monkeypatch.setattr("safetensors.torch.save_file", killed)
     result = invoke("train", "--resume", run, "--rounds", 2, "--quiet")
     assert result.exit_code == 130 and "--resume" in _interrupted_line(result)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock") == []

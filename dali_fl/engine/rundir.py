@@ -7,15 +7,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for, what_to_do
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
+
+if TYPE_CHECKING:  # torch loads only with a checkpoint: tools that read metrics (plot_metrics) start in 0.1 s
+    import torch
 
 BASE_PREFIX = "base::"  # base weights an aggregation changed travel in the checkpoint under this prefix
 
@@ -104,6 +105,8 @@ def _is_whole(checkpoint: Path) -> bool:
 def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
                     base: dict[str, torch.Tensor], seed: int) -> None:
     """Write checkpoint/ atomically (atomic.replace_dir): trainable state (+ changed base weights) and the round."""
+    from safetensors.torch import save_file
+
     final = run_dir / "checkpoint"
     tmp = temp_dir_for(final, _is_whole)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -154,6 +157,8 @@ def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
     meta = read_meta(run_dir)
     if meta is None:
         return None
+    from safetensors.torch import load_file
+
     final = run_dir / "checkpoint"
     try:
         tensors = load_file(str(final / "state.safetensors"))
