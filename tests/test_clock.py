@@ -26,6 +26,14 @@ def store(tmp_path_factory) -> Path:
     return tiny_store(tmp_path_factory.mktemp("clock-store"))
 
 
+@pytest.fixture(scope="module")
+def finished(store, tmp_path_factory) -> Path:
+    """A two-round run for the plot tests, which only read it."""
+    run = tmp_path_factory.mktemp("clock-run") / "run"
+    train(tiny_config(store, rounds=2, local_bs=25), run, progress=False)
+    return run
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -154,10 +162,9 @@ def test_flower_refuses_what_it_does_not_run(store):
         config_from_run_config(run_config_from_options({**base, "deadline": 3.0}, Path("out")))
 
 
-def test_plot_against_simulated_time(store, tmp_path):
-    train(tiny_config(store, rounds=2, local_bs=25), tmp_path / "run", progress=False)
+def test_plot_against_simulated_time(finished, tmp_path):
     out = tmp_path / "curves.png"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "run"),
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(finished),
                            "--x", "sim_time", "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0 and "sim_time_s" in done.stdout
@@ -169,9 +176,8 @@ def test_plot_against_simulated_time(store, tmp_path):
     (["RUN", "--out", "curves.xyz"], [".xyz", ".png"]),
     (["RUN", "--out", "missing/curves.png"], ["does not exist"]),
 ])
-def test_plot_metrics_refuses_in_one_line_before_printing(store, tmp_path, args, words):
-    run, out = tmp_path / "run", tmp_path / "mine.png"
-    train(tiny_config(store, rounds=1, local_bs=25), run, progress=False)
+def test_plot_metrics_refuses_in_one_line_before_printing(finished, tmp_path, args, words):
+    run, out = finished, tmp_path / "mine.png"
     out.write_bytes(b"precious")
     subst = {"RUN": str(run), "NOPE": str(tmp_path / "nope"), "OUT": str(out)}
     argv = [subst.get(a, str(tmp_path / a) if "." in a else a) for a in args]
