@@ -34,7 +34,10 @@ from dali_fl.errors import DaliFlError
 from dali_fl.seeds import DP_COUNT, DP_SAMPLE, NOISE, derive_seed, stream
 
 log = logging.getLogger(__name__)
-UNCLIPPED = "dp_unclipped"  # the round's count of clients whose update was within the clip (adaptive clipping)
+# Adaptive clipping's count: each client adds 1/2 if its update was within the clip, -1/2 if not. Centred so, one
+# client moves the sum by at most 1/2: the sensitivity that update_noise's (2σ_b)⁻² assumes (Andrew et al. §3;
+# tensorflow_privacy's QuantileEstimatorQuery). Counting 0/1 would spend more than the ε reported under Poisson.
+UNCLIPPED = "dp_unclipped"
 
 
 def poisson_sample(num_users: int, q: float, seed: int, round_: int) -> np.ndarray:
@@ -176,7 +179,7 @@ class DP(Algorithm):
     def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
         # Equal weights: a client's sample count must not scale its (bounded) influence.
         state, norm = clip_update(c.state, start, self.clip)
-        scalars[UNCLIPPED] += float(norm <= self.clip)
+        scalars[UNCLIPPED] += float(norm <= self.clip) - 0.5
         return dataclasses.replace(c, state=state, weight=1, drift=update_norm(state, start))
 
     def privatize(self, r: ServerRound, mean: State) -> State:
@@ -192,7 +195,7 @@ class DP(Algorithm):
         add_noise_(mean, z * self.clip / denom, seed, r.round_)
         if p.dp_adaptive_clip:
             noisy = r.scalars[UNCLIPPED] + stream(seed, r.round_, DP_COUNT).normal(0.0, count_noise(self.fx.cfg))
-            self.clip = next_clip(self.clip, noisy / denom, p.dp_target_quantile, p.dp_clip_lr)
+            self.clip = next_clip(self.clip, noisy / denom + 0.5, p.dp_target_quantile, p.dp_clip_lr)
         return mean
 
     def metrics(self, round_: int) -> dict:

@@ -129,7 +129,8 @@ def reference_algorithm_1(rounds: list[np.ndarray], c0: float, z: float, sigma_b
         gen = torch.Generator().manual_seed(derive_seed(seed, t, NOISE))
         noise = torch.randn(deltas.shape[1], generator=gen, dtype=torch.float32).double().numpy()
         updates.append((clipped.sum(0) + z_delta * clip * noise) / denom)
-        b = ((norms <= clip).sum() + stream(seed, t, DP_COUNT).normal(0.0, sigma_b)) / denom
+        # The count is centred (±1/2 a client), so that one client moves it by 1/2: the sensitivity z_delta assumes.
+        b = ((norms <= clip).sum() - len(norms) / 2 + stream(seed, t, DP_COUNT).normal(0.0, sigma_b)) / denom + 0.5
         clip = clip * math.exp(-lr * (b - quantile))
         clips.append(clip)
     return updates, clips
@@ -139,7 +140,9 @@ def test_adaptive_clipping_follows_the_papers_algorithm_1_on_random_updates():
     cfg = tiny_config("unused", num_users=100, frac=0.2, dp_clip=0.1, dp_noise=1.0, dp_adaptive_clip=True)
     dp = DP(stand_in(cfg))
     rng = np.random.default_rng(5)
-    dim, rounds = 6, [rng.normal(size=(20, 6)) * rng.lognormal(0.0, 0.5, size=(20, 1)) for _ in range(60)]
+    # Poisson rounds: about qN = 20 clients, rarely exactly 20, so that the count's centring shows.
+    sizes = rng.binomial(100, 0.2, size=60)
+    dim, rounds = 6, [rng.normal(size=(n, 6)) * rng.lognormal(0.0, 0.5, size=(n, 1)) for n in sizes]
     want_updates, want_clips = reference_algorithm_1(rounds, 0.1, 1.0, 20 / 20, 0.5, 0.2, 20.0, seed=0)
     start = {"w": torch.zeros(dim)}
     for t, deltas in enumerate(rounds, 1):
@@ -153,6 +156,14 @@ def test_adaptive_clipping_follows_the_papers_algorithm_1_on_random_updates():
         assert dp.clip == pytest.approx(want_clips[t - 1], rel=1e-9)
     median = float(np.median(np.linalg.norm(np.concatenate(rounds), axis=1)))
     assert dp.clip == pytest.approx(median, rel=0.3)  # it found the target quantile (0.5) of the norms
+
+
+def test_one_client_moves_the_adaptive_count_by_half_the_sensitivity_its_noise_is_set_for():
+    dp = DP(stand_in(tiny_config("unused", num_users=100, frac=0.2, dp_clip=1.0, dp_noise=1.0, dp_adaptive_clip=True)))
+    start, scalars = {"w": torch.zeros(3)}, {UNCLIPPED: 0.0}
+    for w, want in ((0.5, 0.5), (2.0, 0.0), (3.0, -0.5)):  # within the clip, then two clipped
+        dp.contribute(Contribution({"w": torch.full((3,), w)}, 5, 0.0), None, start, scalars)
+        assert scalars[UNCLIPPED] == want
 
 
 def test_dp_clients_weigh_equally_and_their_updates_are_clipped(store, tmp_path, monkeypatch):
