@@ -30,7 +30,8 @@ class Batch:
 def epoch_order(indices: np.ndarray, seed: int, shuffle: bool = True) -> np.ndarray:
     """The epoch's sample order: a seeded permutation of `indices` (or `indices` as given)."""
     indices = np.asarray(indices, dtype=np.int64)
-    return np.random.default_rng(seed).permutation(indices) if shuffle else indices.copy()
+    # The same draws as permutation(indices), which raises on an empty read-only array (a client with no samples).
+    return indices[np.random.default_rng(seed).permutation(len(indices))] if shuffle else indices.copy()
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
