@@ -6,7 +6,8 @@ sha256 of every checkpoint tensor (the model's trainable state and the server's 
 deterministic metrics of each round. The same runs today must give the same bytes and the same numbers.
 The three DP combinations (dp-fedavg, dp-clip-only, fedlora-dp) were rewritten in issue 20, when DP began to
 sample clients by Poisson sampling and to divide by the expected count; with `dp_sampling="fixed"` they still
-give the old weights bitwise.
+give the old weights bitwise. In shared-a's round 2, client_drift and update_spread were rewritten when the drift
+began to be measured from the client's own B, where it starts; its weights did not change.
 """
 from __future__ import annotations
 

@@ -110,6 +110,7 @@ class Algorithm:
     asynchronous: ClassVar[bool] = False  # replaces synchronous rounds by buffered asynchronous steps (async_policy)
     uniform_sample: ClassVar[bool] = False  # its guarantees rest on the round's clients being a uniform sample
     needs_products: ClassVar[bool] = False  # the running sum also adds each client's B @ A
+    personal_start: ClassVar[bool] = False  # start_client loads the client's own tensors over the round's start
     scalars: ClassVar[tuple[str, ...]] = ()  # per-round sums it adds to (reduced across processes with the rest)
     files: ClassVar[tuple[str, ...]] = ()  # files it keeps in the run directory
     summary_keys: ClassVar[tuple[str, ...]] = ()  # its metrics columns that summary.json repeats from the last row

@@ -62,6 +62,9 @@ class FedNova(Algorithm):
         if agg.needs_products or agg.one_process:
             raise DaliFlError(f"--fednova normalises the exchanged tensors only, not what --lora-agg {agg.name} "
                               "keeps or folds besides them; use --lora-agg fedit, ffa or zero-pad")
+        if cfg.data.amp == "fp16":
+            raise DaliFlError("--fednova normalises by the local steps, and fp16's loss scaler skips steps on "
+                              "overflow without the count knowing; use --amp bf16 or off")
         if cfg.fed.lora_ranks:
             raise DaliFlError("--fednova measures every update from the global state, which a lower-rank client's "
                               "truncated adapter is not; drop --lora-ranks or --fednova")
@@ -75,15 +78,18 @@ class FedNova(Algorithm):
 
     @torch.no_grad()
     def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
+        if update.result.num_samples == 0:  # no steps and weight 0: it adds nothing (p_i = 0 in the paper)
+            return c
         a = effective_steps(update.result.steps, self.fx.cfg.local.momentum)
-        if a <= 0:
-            raise DaliFlError(f"a client took {update.result.steps} local steps; FedNova needs at least one")
         scalars[TAU] += c.weight * a
         state = {k: start[k].float() + (v.float() - start[k].float()) / a for k, v in c.state.items()}
         return dataclasses.replace(c, state=state)
 
     @torch.no_grad()
     def aggregate(self, r: ServerRound, mean: State, deltas: State, products: State) -> tuple[State, State]:
+        if r.total == 0:  # no client with samples: the state stays where it started
+            self.tau_eff = None
+            return mean, deltas
         self.tau_eff = r.scalars[TAU] / r.total
         return {k: r.start[k].float() + self.tau_eff * (v - r.start[k].float()) for k, v in mean.items()}, deltas
 

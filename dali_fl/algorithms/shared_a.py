@@ -32,6 +32,7 @@ class SharedA(Aggregation):
     flag = "--lora-agg shared-a"
     aliases = ("fedsa",)
     one_process = True
+    personal_start = True  # each client trains from its own B
     files = ("client_b.f32",)
 
     def __init__(self, fx):

@@ -169,8 +169,10 @@ def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.T
     """The client side of a round: train `client` from the round-start state (the Flower client calls it too)."""
     cfg = fx.cfg
     product_scale = fx.start_client(client, start)
-    # A lower-rank client starts from the truncated state: its drift is measured from there.
-    own_start = start if fx.ranks is None else {k: v.clone() for k, v in trainable_state(fx.model).items()}
+    # A lower-rank client starts from the truncated state, a FedSA-LoRA client from its own B: its drift and
+    # SCAFFOLD's variate are measured from there.
+    moved = fx.ranks is not None or any(a.personal_start for a in fx.algs)
+    own_start = {k: v.clone() for k, v in trainable_state(fx.model).items()} if moved else start
     params = trainable_params(fx.model)
     terms = [t for t in (a.local_term(client, params) for a in fx.algs) if t is not None]
     res = local_train(fx.model, loader, fx.train_indices(client), cfg.local, derive_seed(cfg.fed.seed, round_, client),
@@ -180,7 +182,7 @@ def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.T
                           f"nothing of round {round_} was saved; {RESTART_HINT}")
     state = trainable_state(fx.model)
     for a in fx.algs:
-        a.client_done(client, start, state, res)
+        a.client_done(client, own_start, state, res)
     return ClientUpdate(state, res, product_scale, update_norm(state, own_start), fx.upload_values(client))
 
 

@@ -82,6 +82,7 @@ def test_a_round_follows_the_paper_s_update_for_unequal_steps(store, tmp_path, m
     ({"optimizer": "sgd", "alg": "fedlora", "lora_agg": "shared-a"}, ("--fednova", "shared-a")),
     ({"optimizer": "sgd", "prox_mu": 0.1}, ("--fednova", "--prox-mu")),
     ({"optimizer": "sgd", "dp_clip": 1.0}, ("--fednova", "--dp-clip")),
+    ({"optimizer": "sgd", "amp": "fp16"}, ("--fednova", "fp16", "--amp bf16")),  # its skipped steps would count
     ({"optimizer": "sgd", "alg": "fedlora", "lora_agg": "zero-pad", "lora_ranks": "2,4"}, ("--fednova", "ranks")),
 ])
 def test_combinations_it_cannot_serve_are_one_line(store, tmp_path, invoke, assert_user_error, extra, words):
@@ -100,3 +101,16 @@ def test_run_directories_are_named_after_what_ran(store):
     assert run_label(tiny_config(store, alg="fedlora", lora_agg="hetlora", prox_mu=0.1)) == "fedlora-zero-pad-fedprox"
     assert run_label(tiny_config(store, alg="fedlora", lora_agg="fedex", server_opt="adam",
                                  server_lr=0.1)) == "fedlora-fedex-fedadam"
+
+
+def test_a_client_without_samples_adds_nothing_and_the_round_goes_on(store, tmp_path):
+    # Dirichlet with --min-size 0 may leave a client empty (client 0 at this seed): p_i = 0, so it adds nothing.
+    cfg = tiny_config(store, rounds=1, partition="dirichlet", alpha=0.1, min_size=0, num_users=8, frac=1.0, seed=2,
+                      fednova=True, **SGD)
+    fx, _ = prepare(cfg, tmp_path / "run", resume=False)
+    try:
+        assert 0 in fx.partition.sizes()
+        row = fed.run_round(fx, 1)
+    finally:
+        fx.close()
+    assert row["num_clients"] == 8 and row["tau_eff"] > 0

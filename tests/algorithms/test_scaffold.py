@@ -8,10 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dali_fl.engine.federation as fed
 from dali_fl.algorithms.scaffold import Correction, Scaffold
+from dali_fl.algorithms.shared_a import SharedA
 from dali_fl.config import FederationConfig, LocalConfig, TrainConfig
 from dali_fl.engine.local import ClientResult, local_train
+from dali_fl.engine.run import prepare
 from dali_fl.errors import DaliFlError
+from dali_fl.model.build import trainable_state
 from tests.algorithms.common import (
     ARGS,
     RANK_ARGS,
@@ -19,6 +23,7 @@ from tests.algorithms.common import (
     assert_refused,
     config,
     model_of,
+    rank_config,
     server_round,
     stand_in,
     train_cli,
@@ -84,6 +89,47 @@ def test_scaffold_variates_follow_option_two(tmp_path):
     s.commit()
     torch.testing.assert_close(s.table.row(3), new[3])
     assert not s.table.row(0).any() and not s.table.row(2).any()
+
+
+def test_a_client_that_took_no_step_keeps_its_variate(tmp_path):
+    x = {"w": torch.tensor([1.0, 2.0])}
+    s = _scaffold(tmp_path, 4, 0.1, **x)
+    s.c = torch.tensor([0.4, -0.2])
+    _done(s, 2, x, x, steps=0)  # no samples: no gradient to learn c_i from (c_i − c would undo the server's c)
+    s.end_round(server_round(x, num_clients=1))
+    torch.testing.assert_close(s.c, torch.tensor([0.4, -0.2]))
+    s.commit()
+    assert not s.table.row(2).any()
+
+
+def test_with_shared_a_the_variate_is_measured_from_the_client_s_own_b(rank_store, tmp_path, monkeypatch):
+    """FedSA-LoRA clients start from their own B, not the round's: option II's x is where the client started."""
+    fx, _ = prepare(rank_config(rank_store, lora_agg="shared-a", lora_ranks="", frac=1.0, scaffold=True,
+                                optimizer="sgd", momentum=0.0), tmp_path / "r", resume=False, write=True)
+    started, given = [], []
+    real_start, real_done = SharedA.start_client, Scaffold.client_done
+
+    def start_client(self, client):
+        real_start(self, client)
+        started.append({k: v.clone() for k, v in trainable_state(self.fx.model).items()})
+
+    def client_done(self, client, start, state, result):
+        given.append({k: v.clone() for k, v in start.items()})
+        real_done(self, client, start, state, result)
+
+    monkeypatch.setattr(SharedA, "start_client", start_client)
+    monkeypatch.setattr(Scaffold, "client_done", client_done)
+    try:
+        for round_ in (1, 2):  # in round 2 the clients' own B differ from the averaged one
+            fed.run_round(fx, round_)
+            for a in fx.algs:
+                a.commit()
+    finally:
+        fx.close()
+    assert len(given) == len(started) == 6
+    for want, got in zip(started, given):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
 def test_scaffold_removes_the_drift_bias_of_fedavg_on_heterogeneous_quadratics(tmp_path):
@@ -166,7 +212,8 @@ def test_scaffold_needs_sgd_and_one_process(invoke, assert_user_error, store, tm
 @pytest.mark.parametrize("options,words", [
     ({}, ("--scaffold", "--momentum 0", "0.9")),  # heavy-ball SGD at the default momentum
     ({"momentum": 0.0, "dp_clip": 1.0}, ("--scaffold", "--dp-clip")),
-], ids=["default-momentum", "dp-clip"])
+    ({"momentum": 0.0, "amp": "fp16"}, ("--scaffold", "fp16", "--amp bf16")),  # skipped steps would count in K
+], ids=["default-momentum", "dp-clip", "fp16"])
 def test_scaffold_refusals_from_options_are_one_line(store, options, words):
     with pytest.raises(DaliFlError) as refused:
         config(store, scaffold=True, optimizer="sgd", **options)
