@@ -50,6 +50,8 @@ class Stack(Aggregation):
         super().refuse(cfg)
         refuse_together(cfg, cls, "fedopt", why="it re-initialises the adapters every round, so a server "
                         "optimizer would only step the head; drop --server-opt")
+        refuse_together(cfg, cls, "scaffold", why="it re-initialises the adapters every round, so the control "
+                        "variates would correct adapters that no longer exist; drop --scaffold")
 
     def aggregate(self, r: ServerRound, mean: State, deltas: State, products: State) -> tuple[State, State]:
         return mean, {**deltas, **stack_base_deltas(products, self.fx.pairs)}

@@ -213,7 +213,8 @@ def test_scaffold_needs_sgd_and_one_process(invoke, assert_user_error, store, tm
     ({}, ("--scaffold", "--momentum 0", "0.9")),  # heavy-ball SGD at the default momentum
     ({"momentum": 0.0, "dp_clip": 1.0}, ("--scaffold", "--dp-clip")),
     ({"momentum": 0.0, "amp": "fp16"}, ("--scaffold", "fp16", "--amp bf16")),  # skipped steps would count in K
-], ids=["default-momentum", "dp-clip", "fp16"])
+    ({"momentum": 0.0, "alg": "fedlora", "lora_agg": "stack"}, ("--lora-agg stack", "--scaffold", "re-initialises")),
+], ids=["default-momentum", "dp-clip", "fp16", "stack"])
 def test_scaffold_refusals_from_options_are_one_line(store, options, words):
     with pytest.raises(DaliFlError) as refused:
         config(store, scaffold=True, optimizer="sgd", **options)
@@ -233,5 +234,5 @@ def test_scaffold_refusals_on_the_command_line_are_one_line(invoke, assert_user_
 
 def test_scaffold_with_mixed_ranks_is_one_line(invoke, assert_user_error, rank_store, tmp_path):
     assert_refused(invoke, assert_user_error, rank_store, tmp_path / "r", RANK_ARGS,
-                   ("--lora-ranks", "2,4", "--lora-agg", "stack", "--scaffold", "--optimizer", "sgd", "--momentum",
+                   ("--lora-ranks", "2,4", "--lora-agg", "zero-pad", "--scaffold", "--optimizer", "sgd", "--momentum",
                     "0"), ("--scaffold", "--lora-ranks"))
