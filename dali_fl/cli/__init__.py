@@ -16,6 +16,7 @@ try:
 except KeyboardInterrupt:  # a Ctrl-C in the ~50 ms click takes to import: one line, as in every command
     sys.stderr.write("error: interrupted\n")
     raise SystemExit(EXIT_INTERRUPTED) from None
+
 COMMAND_MODULES = ("prep", "partition", "train", "flower")
 
 

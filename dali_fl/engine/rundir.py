@@ -15,7 +15,7 @@ from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
 
-if TYPE_CHECKING:  # torch loads only with a checkpoint: tools that read metrics (plot_metrics) start in 0.1 s
+if TYPE_CHECKING:  # torch loads only with a checkpoint, so tools that only read metrics start without it
     import torch
 
 BASE_PREFIX = "base::"  # base weights an aggregation changed travel in the checkpoint under this prefix
