@@ -468,6 +468,8 @@ def test_a_fifo_as_pyproject_is_refused_by_flower_app(invoke, assert_user_error,
     (("--client-cpus", "nan"), ("--client-cpus nan",)),
     (("--client-gpus", "-1"), ("--client-gpus -1.0", ">= 0")),
     (("--client-gpus", "inf"), ("--client-gpus inf",)),
+    (("--client-cpus", "4096"), ("--client-cpus 4096", "CPUs Ray has here")),  # Ray would hang, placing none
+    (("--client-gpus", "4096"), ("--client-gpus 4096", "GPUs this machine has")),
 ])
 def test_flower_engine_options_ray_cannot_place_are_refused_before_it_starts(invoke, assert_user_error, stores,
                                                                               tmp_path, args, words):

@@ -25,11 +25,14 @@ def _engine_options(f):
                         help="CPUs per simulated client worker: Ray runs (CPUs / this) workers.")(f)
 
 
-def _run_config(ctx: click.Context, p: dict, client_cpus: float, client_gpus: float) -> tuple[dict, int]:
+def _run_config(ctx: click.Context, p: dict, client_cpus: float, client_gpus: float,
+                here: bool = True) -> tuple[dict, int]:
     """(Flower run config, clients) from `dali-fl train` options; refused ones stop here with train's message."""
-    from dali_fl.flower.app import check_client_resources
+    from dali_fl.flower.app import check_client_resources, check_fits_here
 
     check_client_resources(client_cpus, client_gpus)  # before the store is opened, and long before Ray starts
+    if here:  # an app may be run on a larger machine than the one that writes it
+        check_fits_here(client_cpus, client_gpus)
     given = sorted(set(NOT_HERE) & explicit_options(ctx))
     if given:
         raise DaliFlError(f"--{given[0]} is not available with `dali-fl flower`; use `dali-fl train --{given[0]}`")
@@ -108,7 +111,7 @@ def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: floa
     """Write APP_DIR/pyproject.toml, a Flower app with these options as its run config, and print `flwr run`."""
     from dali_fl.flower.options import deploy_commands, flwr_command, write_app
 
-    run_config, clients = _run_config(ctx, p, client_cpus, client_gpus)
+    run_config, clients = _run_config(ctx, p, client_cpus, client_gpus, here=False)
     check_app_dir(app_dir)
     path = write_app(app_dir, run_config)
     click.echo(f"wrote {path}; simulate it with:")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -61,6 +62,7 @@ def simulate(*run_configs: Mapping[str, Any], client_cpus: float = 1.0, client_g
     from flwr.simulation import run_simulation
 
     check_client_resources(client_cpus, client_gpus)
+    check_fits_here(client_cpus, client_gpus, num_cpus)
     checked = [config_from_run_config(c) for c in run_configs]
     for _, run_dir in checked:
         check_fresh(run_dir)
@@ -82,6 +84,22 @@ def check_client_resources(client_cpus: float, client_gpus: float) -> None:
     if not (isinstance(client_gpus, (int, float)) and math.isfinite(client_gpus) and client_gpus >= 0):
         raise DaliFlError(f"--client-gpus {client_gpus} must be a finite number >= 0 (GPUs per client worker, "
                           "e.g. 0, 0.5 or 1)")
+
+
+def check_fits_here(client_cpus: float, client_gpus: float, num_cpus: Optional[int] = None) -> None:
+    """Refuse a client worker larger than this machine's Ray (`num_cpus`, else its CPUs; the GPUs torch sees): Ray
+    would start, place no client and never end."""
+    cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if client_cpus > cpus:
+        raise DaliFlError(f"--client-cpus {client_cpus} is more than the {cpus} CPUs Ray has here, so no client "
+                          f"worker could start; use at most {cpus}")
+    if client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if client_gpus > gpus:
+            raise DaliFlError(f"--client-gpus {client_gpus} is more than the {gpus} GPUs this machine has, so no "
+                              f"client worker could start; {'use at most ' + str(gpus) if gpus else 'use 0'}")
 
 
 def _summary(run_dir: Path) -> dict:
