@@ -3,6 +3,7 @@ deadlines, over-selection and availability, exact replay on resume, and the bad 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,18 @@ def test_bad_traces_are_refused(tmp_path, lines, words):
         read_trace(write_trace(tmp_path / "t.csv", lines), 4)
     for word in words:
         assert word in str(err.value)
+
+
+def test_a_trace_that_is_not_a_text_file_is_one_line_and_a_link_is_followed(tmp_path):
+    os.mkfifo(tmp_path / "fifo.csv")  # a read would block for ever, /dev/zero never end
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    for path, words in ((tmp_path / "fifo.csv", "is a FIFO"), (Path("/dev/zero"), "is a device"),
+                        (tmp_path, "is a directory"), (tmp_path / "binary.csv", "is not text")):
+        with pytest.raises(DaliFlError, match=words):
+            read_trace(path, 4)
+    trace = write_trace(tmp_path / "t.csv", ["client,speed,bandwidth", *(f"{c},{c + 1},1" for c in range(4))])
+    (tmp_path / "link.csv").symlink_to(trace)  # traces/latest.csv -> a dated file: what a user would keep
+    assert read_trace(tmp_path / "link.csv", 4).speed.tolist() == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("args, words", [

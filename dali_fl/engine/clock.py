@@ -27,6 +27,7 @@ from dali_fl import algorithms
 from dali_fl.algorithms.base import option
 from dali_fl.checks import check_numbers
 from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import kind_of, read_bytes
 from dali_fl.seeds import BANDWIDTH, SAMPLE, SPEED, stream
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 Z90 = 1.2815515655446004  # the standard normal's 90th percentile: P90 / P10 = exp(2 · Z90 · sigma)
 TRACE_COLUMNS = ("client", "speed", "bandwidth")
+TRACE_MAX_BYTES = 1 << 30  # a row per client: a million clients with long windows fit well under it
 TRACE_OPTIONAL = ("upload_bandwidth", "available")
 
 
@@ -135,10 +137,16 @@ def _windows(text: str, path: Path, line: int) -> np.ndarray:
 def read_trace(path: Path, num_users: int) -> Profiles:
     """Profiles from a CSV trace naming every client of the federation exactly once."""
     path = Path(path)
+    fix = "give --trace a CSV file (client,speed,bandwidth[,upload_bandwidth][,available])"
+    real = path.resolve()  # a link is followed to its file
+    if not real.exists():
+        raise DaliFlError(f"cannot read --trace {path} (no such file); {fix}")
+    if not real.is_file():  # a FIFO would block and a device never end
+        raise DaliFlError(f"--trace {path} is {kind_of(real.stat().st_mode)}, not a file; {fix}")
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise DaliFlError(f"cannot read --trace {path} ({err.strerror})") from None
+        text = read_bytes(real, TRACE_MAX_BYTES, fix).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DaliFlError(f"--trace {path} is not text; {fix}") from None
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in reader.fieldnames or []]
     missing = [c for c in TRACE_COLUMNS if c not in header]
