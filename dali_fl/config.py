@@ -190,6 +190,9 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     weights = opts["weights"]
+    if weights not in (None, "") and not pretrained:  # random init would ignore them, and config.json name them
+        raise DaliFlError(f"--weights {weights} is loaded only with --pretrained, and this run starts from random "
+                          "weights (--no-pretrained, or its preset); add --pretrained, or drop --weights")
     return ModelSpec(name=MODEL_ALIASES.get(opts["model"], opts["model"]), kwargs=kwargs, pretrained=pretrained,
                      weights=None if weights is None else str(weights), lora=fed.alg == "fedlora",
                      lora_r=_model_rank(opts, fed), lora_alpha=opts["lora_alpha"], lora_targets=tuple(targets),

@@ -280,9 +280,19 @@ def test_unsafe_or_garbage_weights_are_one_line(invoke, assert_user_error, tmp_p
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
     common = ("--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
               "--device", "cpu", "--num-users", "2", "--rounds", "1")
-    for weights, words in (("pickled.pth", ("pickle", "safetensors")), ("garbage.safetensors", ("cannot be read",))):
+    os.mkfifo(tmp_path / "fifo.pth")  # loading it would block
+    (tmp_path / "junk.pth").write_bytes(bytes(range(7, 250)))
+    (tmp_path / "text.pth").write_bytes(b"hello world this is junk" * 10)  # torch.load: a bare KeyError 101
+    for weights, words in (("pickled.pth", ("pickle", "safetensors")), ("garbage.safetensors", ("cannot be read",)),
+                           ("fifo.pth", ("is a FIFO, not a file",)), ("junk.pth", ("not a PyTorch checkpoint",)),
+                           ("text.pth", ("cannot be read", "(KeyError: "))):
         result = invoke("train", "--store", store, "--out", tmp_path / "r", *common, "--weights", tmp_path / weights)
         assert_user_error(result, weights, *words)
+    # Random init would ignore the file, while config.json named it: the run would look as if it used them.
+    result = invoke("train", "--store", store, "--out", tmp_path / "r", *common, "--weights",
+                    tmp_path / "garbage.safetensors", "--no-pretrained")
+    assert_user_error(result, "--weights", "only with --pretrained", "drop --weights")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_bare_group_prints_its_help_not_an_error(invoke):

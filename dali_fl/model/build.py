@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,11 @@ def _create(spec: ModelSpec, num_classes: int, img_size: int) -> nn.Module:
     if not spec.pretrained:
         return timm.create_model(spec.name, pretrained=False, **kwargs)
     if spec.weights is not None:
-        if not Path(spec.weights).is_file():
+        path = Path(spec.weights)
+        if not path.exists():
             raise DaliFlError(f"--weights {spec.weights} does not exist")
+        if not path.is_file():  # a FIFO would block the load
+            raise DaliFlError(f"--weights {spec.weights} is {kind_of(path.stat().st_mode)}, not a file")
         return _create_from_file(spec, kwargs)
     return _create_from_hub(spec.name, kwargs)
 
@@ -128,12 +132,15 @@ def _create_from_file(spec: ModelSpec, kwargs: dict) -> nn.Module:
         return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)},
                                  **kwargs)
     except (pickle.UnpicklingError, SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError) as err:
-        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err).replace(" ", "_").lower():
-            # torch.load(weights_only=True) refused objects that could run code when unpickled.
+        if "Unsupported global" in str(err):  # torch.load(weights_only=True) refused objects that could run code
             raise DaliFlError(f"--weights {spec.weights} is a pickle holding more than tensors and is not loaded, "
                               "for safety; convert it to .safetensors") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DaliFlError(f"--weights {spec.weights} cannot be read as {spec.name} weights ({first[:200]})") from None
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):  # no global named: not a pickle
+            raise DaliFlError(f"--weights {spec.weights} cannot be read as {spec.name} weights (not a PyTorch "
+                              "checkpoint)") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DaliFlError(f"--weights {spec.weights} cannot be read as {spec.name} weights "
+                          f"({type(err).__name__}{': ' + first[:200] if first else ''})") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
