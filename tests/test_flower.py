@@ -29,7 +29,13 @@ from dali_fl.engine.run import train  # noqa: E402
 from dali_fl.engine.rundir import BASE_PREFIX, read_metrics  # noqa: E402
 from dali_fl.errors import DaliFlError  # noqa: E402
 from dali_fl.flower.app import server_app, simulate  # noqa: E402
-from dali_fl.flower.options import COMPONENTS, app_toml, config_from_run_config, run_config_from_options  # noqa: E402
+from dali_fl.flower.options import (  # noqa: E402
+    COMPONENTS,
+    app_toml,
+    config_from_run_config,
+    options_from_run_config,
+    run_config_from_options,
+)
 from dali_fl.flower.wire import at_rank, from_record, pad_like, to_record  # noqa: E402
 from dali_fl.model.build import build_model, trainable_state  # noqa: E402
 from dali_fl.model.lora import lora_pairs  # noqa: E402
@@ -53,6 +59,8 @@ def test_the_run_config_is_every_train_option_and_builds_the_same_config(store, 
                "server_betas": (0.8, 0.95), "resize_to": None}
     run_config = run_config_from_options(options, tmp_path / "run")
     assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())  # what Flower can carry
+    assert "async" in run_config and not [k for k in run_config if k.endswith("-")]  # --async, not `async-`
+    assert options_from_run_config({"async": True, "async-": True})[0] == {"async_": True}  # an older app's too
     cfg, out = config_from_run_config(run_config)
     assert cfg.to_json() == TrainConfig.from_options(options).to_json() and out == tmp_path / "run"
     doc = tomllib.loads(app_toml(run_config))

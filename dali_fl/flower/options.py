@@ -33,7 +33,8 @@ def _scalar(value: Any) -> Scalar:
 def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, Scalar]:
     """Every option (defaults filled in) under its flag's name without `--`, plus `out`, the run directory."""
     merged = {**option_defaults(), **options}
-    config = {name.replace("_", "-"): _scalar(value) for name, value in merged.items()}
+    # `async_` (a Python keyword with a trailing _) is `--async` on the command line, so `async` here.
+    config = {name.rstrip("_").replace("_", "-"): _scalar(value) for name, value in merged.items()}
     config[OUT] = str(out)
     config[RESUME] = False
     return config
@@ -42,8 +43,11 @@ def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, 
 def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str], Optional[str]]:
     """(flat options for TrainConfig.from_options, run directory, preset) from a Flower run config."""
     opts: dict[str, Any] = {}
+    defaults = option_defaults()
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
+        if name not in defaults and name + "_" in defaults:  # async: the option async_
+            name += "_"
         if name in NULLABLE and value == "":
             value = None
         elif name == "server_betas" and isinstance(value, str):
