@@ -86,6 +86,9 @@ def test_prep_cifar100_upsampled(invoke, make_cifar, tmp_path):
     unchecked = invoke("verify", store.path)  # every other check runs; the skipped one is said
     assert unchecked.exit_code == 0 and "skip  samples: no --source-path" in unchecked.output
     assert "samples train:" not in unchecked.output
+    none = invoke("verify", store.path, "--source-path", files.folder, "--check-samples", "0")  # it read "0/0 equal"
+    assert none.exit_code == 0 and "skip  samples: --check-samples 0" in none.output
+    assert "samples train:" not in none.output
 
 
 @pytest.mark.parametrize("option", ["--seed", "--num-train", "--num-test"])

@@ -92,12 +92,13 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
     given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
-    source = _source_for(store, source_path, num_train, num_test, seed, given)
+    source = _source_for(store, source_path, num_train, num_test, seed, given) if check_samples else None
     checks, counts, classes = verify_store(store, source, check_samples)
     for c in checks:
         click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
-    if source is None and check_samples > 0 and counts:  # said, so that "all passed" is not read as more
-        click.echo("skip  samples: no --source-path, so no sample was re-resized and compared")
+    if source is None and counts:  # said, so that "all passed" is not read as more
+        why = "--check-samples 0" if check_samples == 0 else "no --source-path"
+        click.echo(f"skip  samples: {why}, so no sample was re-resized and compared")
     if counts:
         click.echo(_class_table(counts, classes))
     failed = [c.name for c in checks if not c.ok]
