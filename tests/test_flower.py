@@ -118,6 +118,19 @@ def test_without_flwr_the_command_says_which_extra_to_install(invoke, assert_use
     assert_user_error(invoke("flower", "run", "--help"), "pip install 'dali-fl[flower]'")
 
 
+def test_an_out_that_holds_a_run_names_a_way_on_that_the_flower_commands_take(store, tmp_path, invoke,
+                                                                               assert_user_error):
+    run = tmp_path / "cmp" / "dali-fl"
+    train(TrainConfig.from_options({**TINY, "store": str(store), "rounds": 1}), run, progress=False)
+    args = ["--store", store, *FLAGS]  # `flower` has no --resume: the hint names train's
+    line = assert_user_error(invoke("flower", "run", *args, "--out", run), "already holds a run",
+                             f"`dali-fl train --resume {run}`")
+    assert "with --resume" not in line
+    line = assert_user_error(invoke("flower", "compare", *args, "--out", run.parent), "already holds a comparison",
+                             "choose another --out")
+    assert "--resume" not in line
+
+
 def test_flower_app_writes_an_app_and_the_flwr_command(store, tmp_path, invoke):
     result = invoke("flower", "app", tmp_path / "app", "--store", store, *FLAGS, "--alg", "fedlora",
                     "--out", tmp_path / "run", "--client-cpus", "64")  # for a larger machine than this one

@@ -74,10 +74,12 @@ class RunLock:
             self.fd = None
 
 
-def check_fresh(run_dir: Path) -> None:
-    """Refuse to start a new run where one was started (config.json, written last, marks it), or on foreign files."""
+def check_fresh(run_dir: Path, resume: Optional[str] = None) -> None:
+    """Refuse to start a new run where one was started (config.json, written last, marks it), or on foreign files;
+    `resume` is how the caller's user continues one (default: train's --resume)."""
     if (run_dir / "config.json").exists() or (run_dir / "config.json").is_symlink():
-        raise DaliFlError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+        raise DaliFlError(f"{run_dir} already holds a run; continue it with {resume or f'--resume {run_dir}'} or "
+                          "choose another --out")
     check_ours(run_dir)
 
 

@@ -65,7 +65,7 @@ def simulate(*run_configs: Mapping[str, Any], client_cpus: float = 1.0, client_g
     check_fits_here(client_cpus, client_gpus, num_cpus)
     checked = [config_from_run_config(c) for c in run_configs]
     for _, run_dir in checked:
-        check_fresh(run_dir)
+        check_fresh(run_dir, f"`dali-fl train --resume {run_dir}`")  # the Flower commands have no --resume
     if len({run_dir.absolute() for _, run_dir in checked}) < len(checked):
         raise DaliFlError("two of the federations share one run directory; give each its own `out`")
     backend: dict = {"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}}

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from dali_fl.config import TrainConfig
 from dali_fl.engine.run import train
 from dali_fl.engine.rundir import read_metrics
+from dali_fl.errors import DaliFlError
 from dali_fl.flower.app import simulate
 from dali_fl.flower.options import run_config_from_options
 
@@ -23,6 +24,9 @@ def compare(options: Mapping[str, Any], out: Path, client_cpus: float = 1.0, cli
     machine two spinning OpenMP threads can cost several times one, which would swamp the comparison.
     """
     out, saved = Path(out), torch.get_num_threads()
+    for name in ("dali-fl", "flower"):  # before either engine starts: train's --resume hint would not apply here
+        if (out / name / "config.json").exists():
+            raise DaliFlError(f"{out} already holds a comparison ({out / name} is a run); choose another --out")
     torch.set_num_threads(max(1, int(client_cpus)))
     try:
         t0 = time.perf_counter()
