@@ -310,6 +310,20 @@ def test_prep_on_a_damaged_store_says_force(invoke, made, assert_user_error):
     assert invoke("verify", made).exit_code == 0
 
 
+def test_prep_on_a_directory_of_the_user_s_does_not_suggest_force(invoke, tmp_path, assert_user_error):
+    mine = tmp_path / "synthetic-32"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")  # --force would refuse it too: the first answer must say so
+    for extra in ((), ("--force",)):
+        line = assert_user_error(invoke("prep", *SYNTH, "--image-size", "32", "--out", tmp_path, *extra),
+                                 "not a store", "not empty", "choose another --out")
+        assert "re-run" not in line
+    assert (mine / "notes.txt").read_text() == "mine"
+    mine.joinpath("notes.txt").unlink()  # an empty directory: --force may fill it, and the answer says so
+    assert_user_error(invoke("prep", *SYNTH, "--image-size", "32", "--out", tmp_path), "--force")
+    assert invoke("prep", *SYNTH, "--image-size", "32", "--out", tmp_path, "--force").exit_code == 0
+
+
 # --- numbers from options and manifests: checked before anything is allocated ----------------------
 
 @pytest.mark.parametrize("args, words", [

@@ -198,7 +198,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
         recover_dir(final, _is_whole)
     if (final.exists() or final.is_symlink()) and not final.is_dir():
         raise DaliFlError(f"{final} exists but is not a store directory; remove it or choose another --out")
-    if force:
+    if force or (final.is_dir() and not _is_whole(final)):  # a directory of the user's: --force would not help
         check_replaceable(final)
     if final.exists() and not force:
         existing = open_store(final).manifest  # raises with a clear message when damaged
