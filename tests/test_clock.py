@@ -188,6 +188,7 @@ def test_plot_against_simulated_time(finished, tmp_path):
     (["RUN", "--out", "OUT"], ["already exists", "--force"]),  # a file of the user's is kept
     (["RUN", "--out", "curves.xyz"], [".xyz", ".png"]),
     (["RUN", "--out", "missing/curves.png"], ["does not exist"]),
+    (["RUN", "--x", "bogus"], ["--x", "invalid choice", "--help"]),  # argparse's usage error, in one line
 ])
 def test_plot_metrics_refuses_in_one_line_before_printing(finished, tmp_path, args, words):
     run, out = finished, tmp_path / "mine.png"
@@ -199,6 +200,21 @@ def test_plot_metrics_refuses_in_one_line_before_printing(finished, tmp_path, ar
     assert done.returncode == 2 and done.stdout == "" and out.read_bytes() == b"precious"
     [line] = done.stderr.splitlines()
     assert line.startswith("error: ") and all(w in line for w in words), line
+
+
+@pytest.mark.parametrize("where", ["import", "run"])
+def test_a_ctrl_c_in_plot_metrics_is_one_line_and_130(finished, where):
+    """While it imports dali_fl (the likeliest moment), or while it reads a run."""
+    script = ROOT / "tools" / "plot_metrics.py"
+    patch = ("import builtins\nreal = builtins.__import__\ndef imp(name, *a, **k):\n"
+             "    if name == 'dali_fl.atomic':\n        raise KeyboardInterrupt\n    return real(name, *a, **k)\n"
+             "builtins.__import__ = imp\n") if where == "import" else (
+             "import dali_fl.engine.rundir as r\ndef stop(*a):\n    raise KeyboardInterrupt\nr.read_metrics = stop\n")
+    code = (f"import sys, runpy\nsys.path.insert(0, {str(ROOT)!r})\n{patch}"
+            f"sys.argv = ['plot_metrics.py', {str(finished)!r}]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr == "error: interrupted\n", done.stderr
 
 
 def test_config_json_round_trips_the_clock(store):

@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+EXIT_INTERRUPTED = 130  # as the dali-fl command: 128 + SIGINT
 
-from dali_fl.atomic import atomic_write  # noqa: E402
-from dali_fl.data.partition import plot_format  # noqa: E402
-from dali_fl.engine.rundir import read_metrics  # noqa: E402
-from dali_fl.errors import DaliFlError  # noqa: E402
-from dali_fl.safe_fs import check_output_file, check_regular  # noqa: E402
+try:  # a Ctrl-C while these load is one line too
+    from dali_fl.atomic import atomic_write
+    from dali_fl.data.partition import plot_format
+    from dali_fl.engine.rundir import read_metrics
+    from dali_fl.errors import DaliFlError
+    from dali_fl.safe_fs import check_output_file, check_regular
+except KeyboardInterrupt:
+    sys.stderr.write("error: interrupted\n")
+    raise SystemExit(EXIT_INTERRUPTED) from None
 
 X_AXES = {"round": ("round", "round"), "sim_time": ("sim_time_s", "simulated time (s)")}
 
@@ -92,8 +97,15 @@ def output_path(args: argparse.Namespace) -> Path:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit 2, as the dali-fl command's are."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = _Parser(description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories written by `dali-fl train`")
     parser.add_argument("--out", help="image path; its suffix names the format (default: RUN/curves.png of the "
                         "first run, replaced each time)")
@@ -113,4 +125,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # atomic_write has removed its temporary file: nothing half-written is left
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
