@@ -28,9 +28,10 @@ def train_config(s: Settings, point: dict, store: str) -> Any:
 
     base, _, workers = point["kind"].partition("@")
     base = base.removesuffix(RESIZE)
+    dirichlet = {"alpha": s.alpha} if point["partition"] == "dirichlet" else {}  # the scaling points are IID
     return TrainConfig.from_options(dict(
         alg=s.alg, rounds=s.rounds + 1, num_users=point["num_users"], frac=point["frac"],
-        partition=point["partition"], alpha=s.alpha, seed=s.seed, local_ep=s.local_ep,
+        partition=point["partition"], **dirichlet, seed=s.seed, local_ep=s.local_ep,
         local_bs=s.local_bs, lr=s.lr, model=s.model, model_kwargs=s.model_kwargs,
         pretrained=s.pretrained, store=store, loader="dali" if base == "dali-gpu" else base,
         data_on_gpu=base == "dali-gpu", augment=s.augment, device=s.device, amp=s.amp, eval_bs=64,

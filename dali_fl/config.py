@@ -171,6 +171,29 @@ def refuse_lora_options(alg: str, given: Iterable[str], name: Callable[[str], st
                           f"every weight, so drop it or use {name('alg')} fedlora")
 
 
+# Options that one value of another option alone reads: set away from their default otherwise, they would be
+# ignored while config.json records them, and the run would look as if they took effect.
+APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
+    "alpha": ("partition", ("dirichlet",)),
+    "min_size": ("partition", ("dirichlet",)),
+    "shards": ("partition", ("shards",)),
+    "momentum": ("optimizer", ("sgd",)),
+    "dp_target_quantile": ("dp_adaptive_clip", (True,)),
+    "dp_clip_lr": ("dp_adaptive_clip", (True,)),
+    "dp_count_noise": ("dp_adaptive_clip", (True,)),
+}
+
+
+def refuse_ignored_options(opts: Mapping[str, Any]) -> None:
+    """Refuse an option set away from its default where the options it depends on make the run ignore it."""
+    defaults = option_defaults()
+    for name, (gate, values) in APPLIES_ONLY.items():
+        if name in opts and gate in opts and opts[name] != defaults[name] and opts[gate] not in values:
+            want = flag(gate) if values == (True,) else f"{flag(gate)} {values[0]}"
+            now, how = ("", "add") if values == (True,) else (f"; {flag(gate)} {opts[gate]} ignores it", "use")
+            raise DaliFlError(f"{flag(name)} {opts[name]} applies to {want}{now}, so drop it or {how} {want}")
+
+
 def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:
     """The preset's values, overridden by the explicit options: the one merge rule (defaults fill the rest)."""
     return {**preset(preset_name), **explicit}
@@ -234,6 +257,7 @@ class TrainConfig:
         fed = FederationConfig(**parts["fed"])
         cfg = cls(fed, LocalConfig(**parts["local"]), _model_spec(opts, fed), DataConfig(**parts["data"]),
                   algorithms.params_from(opts), ClockConfig(**parts["clock"]))
+        refuse_ignored_options(opts)  # after each value's own checks: a nan is named as such
         algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
         clock.refuse(cfg)
         return algorithms.settle(cfg)  # derived options (a calibrated noise), saved in config.json as settled

@@ -132,6 +132,13 @@ def test_bad_options_fail_in_one_line_before_any_directory_exists(invoke, assert
     (("trian",), ("trian", "train")),
     (("train", "--store", "STORE", "--alg", "fedavg", "--lora-r", "4"), ("--lora-r", "--alg fedlora")),
     (("train", "--store", "STORE", "--alg", "fedavg", "--lora-agg", "fedex"), ("--lora-agg", "--alg fedlora")),
+    # Options another option's value makes the run ignore, while config.json would record them:
+    (("train", "--store", "STORE", "--partition", "iid", "--alpha", "0.1"), ("--alpha 0.1", "--partition dirichlet")),
+    (("train", "--store", "STORE", "--partition", "shards", "--min-size", "3"), ("--min-size 3", "dirichlet")),
+    (("train", "--store", "STORE", "--partition", "dirichlet", "--shards", "5"), ("--shards 5", "--partition shards")),
+    (("train", "--store", "STORE", "--momentum", "0.5"), ("--momentum 0.5", "--optimizer adamw ignores it")),
+    (("train", "--store", "STORE", "--dp-clip", "1", "--dp-clip-lr", "0.3"), ("--dp-clip-lr", "--dp-adaptive-clip")),
+    (("partition", "STORE", "--partition", "iid", "--alpha", "0.1"), ("--alpha 0.1", "--partition iid ignores it")),
 ])
 def test_usage_errors_are_one_line_with_the_choices(invoke, assert_user_error, store, args, words):
     assert_user_error(invoke(*[store if a == "STORE" else a for a in args]), *words)

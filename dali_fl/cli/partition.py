@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from dali_fl.config import option_defaults
+from dali_fl.config import option_defaults, refuse_ignored_options
 from dali_fl.data.partition import (
     METHODS,
     make_partition,
@@ -63,6 +63,7 @@ def partition(store: Path, num_users: int, method: str, alpha: float, shards_per
         dali-fl partition data/synthetic-32 --num-users 100 \\
             --partition dirichlet --alpha 0.1 --out runs/p.json --plot runs/p.png
     """
+    refuse_ignored_options({"partition": method, "alpha": alpha, "shards": shards_per_client, "min_size": min_size})
     out_path, plot_path = _check_outputs(out, plot, force)  # before any work, so nothing is half-done
     opened = open_store(store)
     _check_not_store_files(opened.files(), {"--out": out_path, "--plot": plot_path})
