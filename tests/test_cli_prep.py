@@ -97,6 +97,18 @@ def test_verify_refuses_source_options_it_would_ignore(invoke, made, assert_user
     assert_user_error(result, option, "does nothing", "manifest.json")
 
 
+def test_a_source_path_for_synthetic_data_is_refused_as_doing_nothing(invoke, made, assert_user_error, tmp_path):
+    # verify passed every check with --source-path /nonexistent: the synthetic store is regenerated, not read.
+    assert_user_error(invoke("verify", made, "--source-path", tmp_path / "nonexistent"), "--source-path",
+                      "does nothing", "manifest.json")
+    result = invoke("prep", *SYNTH, "--image-size", "16", "--source-path", made, "--out", tmp_path / "other")
+    assert_user_error(result, "--source-path does nothing for --source synthetic")
+    assert not (tmp_path / "other").exists()
+    line = assert_user_error(invoke("train", "--dataset", "synthetic", "--image-size", "16", "--data-dir", tmp_path),
+                             "no synthetic store", "prep --source synthetic --image-size 16")
+    assert "--source-path" not in line  # prep would refuse it
+
+
 def test_prep_npz(invoke, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)

@@ -220,6 +220,13 @@ def test_gpu_out_of_range_lists_devices(invoke, assert_user_error, stores):
     assert_user_error(invoke("train", "--store", stores, "--gpu", "99"), "--gpu 99", "GPU(s)")
 
 
+def test_a_dataset_the_store_does_not_hold_is_refused(invoke, assert_user_error, stores, tmp_path):
+    # The store decides what trains: a --dataset that disagrees was silently ignored.
+    assert_user_error(invoke("train", "--dataset", "cifar", "--store", stores, "--out", tmp_path / "r"),
+                      "--dataset cifar", "holds synthetic", "drop --dataset")
+    assert not (tmp_path / "r").exists()
+
+
 def test_seed_command_parses_and_needs_only_store_and_gpu(invoke, assert_user_error, tmp_path):
     seed = ("train --alg fedlora --model vit --model_variant pretrained --dataset cifar --image_size 224 "
             "--use_offline_data --epochs 150 --num_users 100 --frac 0.1 --local_ep 5 --local_bs 32 --lr 0.0003").split()

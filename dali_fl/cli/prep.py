@@ -55,6 +55,9 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
     """
     check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
     check_synthetic_args(num_train, num_test, seed)
+    if source_name == "synthetic" and source_path is not None:
+        raise DaliFlError("--source-path does nothing for --source synthetic, which is generated from --seed, "
+                          "--num-train and --num-test; drop it")
     if source_name == "synthetic":  # its size is known before it is generated: check the disk first
         check_store_fits(out_dir, num_train + num_test, image_size, dtype)
     source = load_source(source_name, source_path, download=download, download_root=out_dir / "downloads",
@@ -122,6 +125,9 @@ def _source_for(store: Path, source_path, num_train, num_test, seed, given: list
         raise DaliFlError(f"--{given[0].replace('_', '-')} does nothing here: verify regenerates a synthetic store "
                           f"from the settings in {store}/manifest.json and reads any other from --source-path; "
                           "drop it")
+    if name == "synthetic" and source_path is not None:
+        raise DaliFlError(f"--source-path does nothing here: verify regenerates the synthetic store {store} from "
+                          "its manifest.json; drop it")
     if name == "synthetic":
         params = {"num_train": num_train, "num_test": num_test, "seed": seed, **manifest.get("source_params", {})}
         try:

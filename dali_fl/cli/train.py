@@ -182,10 +182,15 @@ def _resolve_store(p: dict) -> str:
                               f"{source!r}; --dataset names one of {_either(list(SOURCES))} (a folder of class "
                               "subfolders: prep --source imagefolder, then --dataset imagefolder)")
         if not path.exists():
+            path_flag = "" if source == "synthetic" else " --source-path PATH"  # synthetic is generated
             raise DaliFlError(f"no {source} store at {size}px in {p['data_dir']}; make it with `dali-fl prep "
-                              f"--source {source} --source-path PATH --image-size {size} --out {p['data_dir']}`")
+                              f"--source {source}{path_flag} --image-size {size} --out {p['data_dir']}`")
         return str(path.absolute())
     store = open_store(p["store"])
+    dataset = DATASET_ALIASES.get(p["dataset"], p["dataset"])
+    if dataset is not None and dataset != store.manifest["source"]:  # the store decides: say when they disagree
+        raise DaliFlError(f"--dataset {p['dataset']} but {p['store']} holds {store.manifest['source']} images; drop "
+                          "--dataset (--store names the data) or give the store of that dataset")
     size = p["image_size"]
     if size is not None and size not in (store.image_size, p["resize_to"]):
         from_preset = p["preset"] is not None and PRESETS[p["preset"]].get("image_size") == size
