@@ -139,6 +139,8 @@ def test_bad_options_fail_in_one_line_before_any_directory_exists(invoke, assert
     (("train", "--store", "STORE", "--momentum", "0.5"), ("--momentum 0.5", "--optimizer adamw ignores it")),
     (("train", "--store", "STORE", "--dp-clip", "1", "--dp-clip-lr", "0.3"), ("--dp-clip-lr", "--dp-adaptive-clip")),
     (("partition", "STORE", "--partition", "iid", "--alpha", "0.1"), ("--alpha 0.1", "--partition iid ignores it")),
+    (("train", "--store", "STORE", "--model_variant", "scratch", "--pretrained"), ("--model-variant", "disagree")),
+    (("train", "--store", "STORE", "--model_variant", "pretrained", "--no-pretrained"), ("--no-pretrained",)),
 ])
 def test_usage_errors_are_one_line_with_the_choices(invoke, assert_user_error, store, args, words):
     assert_user_error(invoke(*[store if a == "STORE" else a for a in args]), *words)

@@ -166,6 +166,9 @@ def merged_options(ctx: click.Context, p: dict) -> dict:
     explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
     merged = {**p, **merge_options(explicit, p["preset"])}
     refuse_lora_options(merged["alg"], explicit)
+    if {"model_variant", "pretrained"} <= set(explicit) and (p["model_variant"] == "pretrained") != p["pretrained"]:
+        raise DaliFlError(f"--model-variant {p['model_variant']} and --{'' if p['pretrained'] else 'no-'}pretrained "
+                          "disagree (the seed's spelling and dali-fl's of one choice); give one of them")
     return merged
 
 
