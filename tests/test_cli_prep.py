@@ -95,6 +95,8 @@ def test_prep_cifar100_upsampled(invoke, make_cifar, tmp_path):
 def test_verify_refuses_source_options_it_would_ignore(invoke, made, assert_user_error, option):
     result = invoke("verify", made, option, "7")  # the synthetic store records its own settings
     assert_user_error(result, option, "does nothing", "manifest.json")
+    assert option not in invoke("verify", "--help").output  # nor does the help offer it
+    assert option in invoke("prep", "--help").output
 
 
 def test_a_source_path_for_synthetic_data_is_refused_as_doing_nothing(invoke, made, assert_user_error, tmp_path):

@@ -20,12 +20,16 @@ from dali_fl.data.store import (
 from dali_fl.errors import DaliFlError
 
 
-def _source_options(f):
-    """Options shared by prep and verify for locating the raw source."""
-    f = click.option("--seed", default=0, show_default=True, help="Seed of the synthetic source.")(f)
-    f = click.option("--num-test", default=1000, show_default=True, help="Synthetic source: test images.")(f)
-    f = click.option("--num-train", default=5000, show_default=True, help="Synthetic source: train images.")(f)
-    return f
+def _source_options(hidden: bool = False):
+    """The synthetic source's options, shared by prep and verify. verify reads them only for a synthetic store
+    that predates recorded settings and refuses them anywhere else, so its help leaves them out."""
+    def add(f):
+        for name, default, help_ in (("--seed", 0, "Seed of the synthetic source."),
+                                     ("--num-test", 1000, "Synthetic source: test images."),
+                                     ("--num-train", 5000, "Synthetic source: train images.")):
+            f = click.option(name, default=default, show_default=True, hidden=hidden, help=help_)(f)
+        return f
+    return add
 
 
 @click.command()
@@ -43,7 +47,7 @@ def _source_options(f):
               help="Directory that holds stores; the store goes to OUT/<source>-<size>[-f32].")
 @click.option("--force", is_flag=True, help="Rebuild even if a valid store exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_source_options
+@_source_options()
 def prep(source_name, source_path, download, image_size, dtype, interpolation, out_dir, force, quiet,
          num_train, num_test, seed):
     """Resize a dataset once and store it as uint8 arrays for training.
@@ -79,7 +83,7 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
 @click.option("--source-path", type=click.Path(path_type=Path),
               help="The raw source, to compare re-resized samples with the stored ones.")
 @click.option("--check-samples", default=16, show_default=True, help="Samples to re-resize and compare.")
-@_source_options
+@_source_options(hidden=True)
 @click.pass_context
 def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     """Check a store: manifest, shapes, sha256, labels, class counts, values, samples.
