@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -160,20 +160,11 @@ def option_defaults() -> dict[str, Any]:
     return out
 
 
-LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_targets", "lora_agg")  # --lora-ranks: FederationConfig refuses it
-
-
-def refuse_lora_options(alg: str, given: Iterable[str], name: Callable[[str], str] = flag) -> None:
-    """Refuse LoRA options given with an algorithm that trains every weight: ignored, they would look applied."""
-    lora_only = [k for k in LORA_OPTIONS if k in set(given)]
-    if lora_only and alg != "fedlora":
-        raise DaliFlError(f"{name(lora_only[0])} applies to {name('alg')} fedlora; {name('alg')} {alg} trains "
-                          f"every weight, so drop it or use {name('alg')} fedlora")
-
-
 # Options that one value of another option alone reads: set away from their default otherwise, they would be
-# ignored while config.json records them, and the run would look as if they took effect.
+# ignored while config.json records them, and the run would look as if they took effect. A Flower run config
+# holds every option, so "set" means "not at its default" (--lora-ranks: FederationConfig refuses it).
 APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
+    **{lora: ("alg", ("fedlora",)) for lora in ("lora_r", "lora_alpha", "lora_targets", "lora_agg")},
     "alpha": ("partition", ("dirichlet",)),
     "min_size": ("partition", ("dirichlet",)),
     "shards": ("partition", ("shards",)),
@@ -188,10 +179,13 @@ def refuse_ignored_options(opts: Mapping[str, Any]) -> None:
     """Refuse an option set away from its default where the options it depends on make the run ignore it."""
     defaults = option_defaults()
     for name, (gate, values) in APPLIES_ONLY.items():
-        if name in opts and gate in opts and opts[name] != defaults[name] and opts[gate] not in values:
+        value = opts.get(name)
+        if isinstance(value, (tuple, list)):  # lora_targets from Python: the CLI's comma-separated text
+            value = ",".join(map(str, value))
+        if name in opts and gate in opts and value != defaults[name] and opts[gate] not in values:
             want = flag(gate) if values == (True,) else f"{flag(gate)} {values[0]}"
             now, how = ("", "add") if values == (True,) else (f"; {flag(gate)} {opts[gate]} ignores it", "use")
-            raise DaliFlError(f"{flag(name)} {opts[name]} applies to {want}{now}, so drop it or {how} {want}")
+            raise DaliFlError(f"{flag(name)} {value} applies to {want}{now}, so drop it or {how} {want}")
 
 
 def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:

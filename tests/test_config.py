@@ -63,7 +63,8 @@ def test_variant_and_derived_model_fields(alg, agg, variant, lora, frozen_a):
 
 
 def test_aliases_are_resolved_in_the_builder():
-    cfg = TrainConfig.from_options({"model": "vit", "model_variant": "scratch", "lora_targets": "qkv, proj"})
+    cfg = TrainConfig.from_options({"model": "vit", "model_variant": "scratch", "alg": "fedlora",
+                                    "lora_targets": "qkv, proj"})
     assert cfg.model.name == "vit_base_patch16_224" and cfg.model.pretrained is False
     assert cfg.model.lora_targets == ("qkv", "proj")
 

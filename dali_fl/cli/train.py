@@ -22,7 +22,6 @@ from dali_fl.config import (
     load_config,
     merge_options,
     option_defaults,
-    refuse_lora_options,
 )
 from dali_fl.data.sources import SOURCES
 from dali_fl.data.store import open_store, store_name
@@ -165,7 +164,6 @@ def merged_options(ctx: click.Context, p: dict) -> dict:
     """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
     explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
     merged = {**p, **merge_options(explicit, p["preset"])}
-    refuse_lora_options(merged["alg"], explicit)
     if {"model_variant", "pretrained"} <= set(explicit) and (p["model_variant"] == "pretrained") != p["pretrained"]:
         raise DaliFlError(f"--model-variant {p['model_variant']} and --{'' if p['pretrained'] else 'no-'}pretrained "
                           "disagree (the seed's spelling and dali-fl's of one choice); give one of them")

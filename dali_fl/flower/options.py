@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from dali_fl import algorithms
-from dali_fl.config import LORA_OPTIONS, TrainConfig, option_defaults, refuse_lora_options
+from dali_fl.config import TrainConfig, option_defaults
 from dali_fl.errors import DaliFlError
 
 Scalar = Union[bool, int, float, str]
@@ -70,9 +70,6 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, 
     """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError."""
     opts, out, preset = options_from_run_config(run_config)
     cfg = TrainConfig.from_options(opts, preset)
-    defaults = option_defaults()  # a run config holds every option: those set away from their default were given
-    given = [k for k in LORA_OPTIONS if k in opts and _scalar(opts[k]) != _scalar(defaults[k])]
-    refuse_lora_options(cfg.fed.alg, given, lambda name: name.replace("_", "-"))
     algorithms.refuse_one_process(cfg, "the Flower app does not run it", "use `dali-fl train`")
     refuse_clock(cfg)
     if out is None:

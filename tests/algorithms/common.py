@@ -25,7 +25,8 @@ SCAFFOLD = ("--scaffold", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0
 
 def config(store: Path, **options: Any) -> TrainConfig:
     """The tiny federation's config (`ARGS`), with `options` on top."""
-    return tiny_config(store, **{"lora_r": 2, "local_bs": 25, "lr": 2e-3, **options})
+    lora = {"lora_r": 2} if options.get("alg") == "fedlora" else {}  # FedAvg refuses LoRA options it would ignore
+    return tiny_config(store, **{**lora, "local_bs": 25, "lr": 2e-3, **options})
 
 
 def rank_config(store: Path, **options: Any) -> TrainConfig:
