@@ -163,16 +163,13 @@ def option_defaults() -> dict[str, Any]:
 # Options that one value of another option alone reads: set away from their default otherwise, they would be
 # ignored while config.json records them, and the run would look as if they took effect. A Flower run config
 # holds every option, so "set" means "not at its default" (--lora-ranks: FederationConfig refuses it).
-APPLIES_ONLY: dict[str, tuple[str, tuple]] = {
+APPLIES_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     **{lora: ("alg", ("fedlora",)) for lora in ("lora_r", "lora_alpha", "lora_targets", "lora_agg")},
     "alpha": ("partition", ("dirichlet",)),
     "min_size": ("partition", ("dirichlet",)),
     "shards": ("partition", ("shards",)),
     "momentum": ("optimizer", ("sgd",)),
-    "dp_target_quantile": ("dp_adaptive_clip", (True,)),
-    "dp_clip_lr": ("dp_adaptive_clip", (True,)),
-    "dp_count_noise": ("dp_adaptive_clip", (True,)),
-}
+}  # an algorithm's own options are its to refuse (Algorithm.refuse), as the engine names no algorithm
 
 
 def refuse_ignored_options(opts: Mapping[str, Any]) -> None:
@@ -183,9 +180,9 @@ def refuse_ignored_options(opts: Mapping[str, Any]) -> None:
         if isinstance(value, (tuple, list)):  # lora_targets from Python: the CLI's comma-separated text
             value = ",".join(map(str, value))
         if name in opts and gate in opts and value != defaults[name] and opts[gate] not in values:
-            want = flag(gate) if values == (True,) else f"{flag(gate)} {values[0]}"
-            now, how = ("", "add") if values == (True,) else (f"; {flag(gate)} {opts[gate]} ignores it", "use")
-            raise DaliFlError(f"{flag(name)} {value} applies to {want}{now}, so drop it or {how} {want}")
+            want = f"{flag(gate)} {values[0]}"
+            raise DaliFlError(f"{flag(name)} {value} applies to {want}; {flag(gate)} {opts[gate]} ignores it, so drop "
+                              f"it or use {want}")
 
 
 def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:

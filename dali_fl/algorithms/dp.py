@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # client moves the sum by at most 1/2: the sensitivity that update_noise's (2σ_b)⁻² assumes (Andrew et al. §3;
 # tensorflow_privacy's QuantileEstimatorQuery). Counting 0/1 would spend more than the ε reported under Poisson.
 UNCLIPPED = "dp_unclipped"
+ADAPTIVE_ONLY = ("dp_target_quantile", "dp_clip_lr", "dp_count_noise")  # read by adaptive clipping alone
 
 
 def poisson_sample(num_users: int, q: float, seed: int, round_: int) -> np.ndarray:
@@ -140,6 +141,12 @@ class DP(Algorithm):
         if cfg.fed.lora_ranks:
             raise DaliFlError("--dp-clip bounds updates from the global state, which a lower-rank client's truncated "
                               "adapter is not; drop --lora-ranks or --dp-clip")
+        if not p.dp_adaptive_clip:  # refused here, not in DPParams: a saved config.json must still load
+            default = DPParams.__dataclass_fields__
+            ignored = [n for n in ADAPTIVE_ONLY if getattr(p, n) != default[n].default]
+            if ignored:
+                raise DaliFlError(f"{flag(ignored[0])} {getattr(p, ignored[0])} applies to --dp-adaptive-clip, so "
+                                  "drop it or add --dp-adaptive-clip")
         if p.dp_epsilon is not None and p.dp_noise > 0:
             raise DaliFlError("--dp-epsilon calibrates the noise multiplier that --dp-noise sets; give one of them")
         if p.dp_noise > 0 or p.dp_epsilon is not None:

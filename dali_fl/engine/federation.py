@@ -169,8 +169,8 @@ def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.T
     """The client side of a round: train `client` from the round-start state (the Flower client calls it too)."""
     cfg = fx.cfg
     product_scale = fx.start_client(client, start)
-    # A lower-rank client starts from the truncated state, a FedSA-LoRA client from its own B: its drift and
-    # SCAFFOLD's variate are measured from there.
+    # A lower-rank client starts from the truncated state, a client with state of its own (personal_start) from
+    # that: its drift, and what the algorithms' client_done measure, are taken from there.
     moved = fx.ranks is not None or any(a.personal_start for a in fx.algs)
     own_start = {k: v.clone() for k, v in trainable_state(fx.model).items()} if moved else start
     params = trainable_params(fx.model)
