@@ -162,27 +162,27 @@ def option_defaults() -> dict[str, Any]:
 
 # Options that one value of another option alone reads: set away from their default otherwise, they would be
 # ignored while config.json records them, and the run would look as if they took effect. A Flower run config
-# holds every option, so "set" means "not at its default" (--lora-ranks: FederationConfig refuses it).
-APPLIES_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
-    **{lora: ("alg", ("fedlora",)) for lora in ("lora_r", "lora_alpha", "lora_targets", "lora_agg")},
-    "alpha": ("partition", ("dirichlet",)),
-    "min_size": ("partition", ("dirichlet",)),
-    "shards": ("partition", ("shards",)),
-    "momentum": ("optimizer", ("sgd",)),
-}  # an algorithm's own options are its to refuse (Algorithm.refuse), as the engine names no algorithm
+# holds every option, so "set" means "not at its default" (--lora-ranks: FederationConfig refuses it). An
+# algorithm's own options are its to refuse (Algorithm.refuse), as this module names no algorithm.
+APPLIES_ONLY: dict[str, tuple[str, str]] = {
+    **{lora: ("alg", "fedlora") for lora in ("lora_r", "lora_alpha", "lora_targets", "lora_agg")},
+    "alpha": ("partition", "dirichlet"),
+    "min_size": ("partition", "dirichlet"),
+    "shards": ("partition", "shards"),
+    "momentum": ("optimizer", "sgd"),
+}
 
 
 def refuse_ignored_options(opts: Mapping[str, Any]) -> None:
-    """Refuse an option set away from its default where the options it depends on make the run ignore it."""
+    """Refuse an option set away from its default where the option it depends on makes the run ignore it."""
     defaults = option_defaults()
-    for name, (gate, values) in APPLIES_ONLY.items():
+    for name, (gate, reads) in APPLIES_ONLY.items():
         value = opts.get(name)
         if isinstance(value, (tuple, list)):  # lora_targets from Python: the CLI's comma-separated text
             value = ",".join(map(str, value))
-        if name in opts and gate in opts and value != defaults[name] and opts[gate] not in values:
-            want = f"{flag(gate)} {values[0]}"
-            raise DaliFlError(f"{flag(name)} {value} applies to {want}; {flag(gate)} {opts[gate]} ignores it, so drop "
-                              f"it or use {want}")
+        if name in opts and gate in opts and value != defaults[name] and opts[gate] != reads:
+            raise DaliFlError(f"{flag(name)} {value} applies to {flag(gate)} {reads}; {flag(gate)} {opts[gate]} "
+                              f"ignores it, so drop it or use {flag(gate)} {reads}")
 
 
 def merge_options(explicit: Mapping[str, Any], preset_name: Optional[str] = None) -> dict[str, Any]:
