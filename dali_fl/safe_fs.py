@@ -29,6 +29,17 @@ def _refuse(path: Path, what: str, fix: str) -> DaliFlError:
     return DaliFlError(f"{path} is {what}, not a file dali-fl wrote; {fix}")
 
 
+def check_input_file(path: Path | str, flag: str, fix: str) -> Path:
+    """A file the user names with `flag`, links followed: its real path, or one line if it is missing or not a
+    regular file (a FIFO would block a read, a device never end one)."""
+    real = Path(path).resolve()
+    if not real.exists():
+        raise DaliFlError(f"cannot read {flag} {path} (no such file); {fix}")
+    if not real.is_file():
+        raise DaliFlError(f"{flag} {path} is {kind_of(real.stat().st_mode)}, not a file; {fix}")
+    return real
+
+
 def check_regular(path: Path | str, fix: str = "remove it") -> Optional[os.stat_result]:
     """The lstat of `path` if it is a regular file, None if absent; a symlink or a FIFO (etc.) is refused."""
     path = Path(path)

@@ -27,7 +27,7 @@ from dali_fl import algorithms
 from dali_fl.algorithms.base import option
 from dali_fl.checks import check_numbers
 from dali_fl.errors import DaliFlError
-from dali_fl.safe_fs import kind_of, read_bytes
+from dali_fl.safe_fs import check_input_file, read_bytes
 from dali_fl.seeds import BANDWIDTH, SAMPLE, SPEED, stream
 
 if TYPE_CHECKING:
@@ -138,11 +138,7 @@ def read_trace(path: Path, num_users: int) -> Profiles:
     """Profiles from a CSV trace naming every client of the federation exactly once."""
     path = Path(path)
     fix = "give --trace a CSV file (client,speed,bandwidth[,upload_bandwidth][,available])"
-    real = path.resolve()  # a link is followed to its file
-    if not real.exists():
-        raise DaliFlError(f"cannot read --trace {path} (no such file); {fix}")
-    if not real.is_file():  # a FIFO would block and a device never end
-        raise DaliFlError(f"--trace {path} is {kind_of(real.stat().st_mode)}, not a file; {fix}")
+    real = check_input_file(path, "--trace", fix)
     try:
         text = read_bytes(real, TRACE_MAX_BYTES, fix).decode("utf-8")
     except UnicodeDecodeError:

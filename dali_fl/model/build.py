@@ -6,14 +6,13 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from dali_fl.errors import DaliFlError
-from dali_fl.safe_fs import kind_of
+from dali_fl.safe_fs import check_input_file
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +110,7 @@ def _create(spec: ModelSpec, num_classes: int, img_size: int) -> nn.Module:
     if not spec.pretrained:
         return timm.create_model(spec.name, pretrained=False, **kwargs)
     if spec.weights is not None:
-        path = Path(spec.weights)
-        if not path.exists():
-            raise DaliFlError(f"--weights {spec.weights} does not exist")
-        if not path.is_file():  # a FIFO would block the load
-            raise DaliFlError(f"--weights {spec.weights} is {kind_of(path.stat().st_mode)}, not a file")
+        check_input_file(spec.weights, "--weights", f"give a local {', '.join(WEIGHT_SUFFIXES)} file")
         return _create_from_file(spec, kwargs)
     return _create_from_hub(spec.name, kwargs)
 
