@@ -72,6 +72,10 @@ class Scaffold(Algorithm):
                               "drop --lora-ranks or --scaffold")
         refuse_together(cfg, cls, "dp", why="its control variates are built from the clients' unclipped, un-noised "
                         "states and feed every later round, which the reported ε does not cover")
+        # With a proximal term every step also pulls by mu·(y_k − x), so (x − y_i)/(K·η) is no longer the mean
+        # gradient of the client's loss: the variate would carry the pull into every later round's correction.
+        refuse_together(cfg, cls, "fedprox", why="option II's variate (x − y_i)/(K·η) would take in the proximal "
+                        "pull as if it were the client's gradient; drop --prox-mu or --scaffold")
 
     def __init__(self, fx):
         super().__init__(fx)

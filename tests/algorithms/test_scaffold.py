@@ -214,7 +214,8 @@ def test_scaffold_needs_sgd_and_one_process(invoke, assert_user_error, store, tm
     ({"momentum": 0.0, "dp_clip": 1.0}, ("--scaffold", "--dp-clip")),
     ({"momentum": 0.0, "amp": "fp16"}, ("--scaffold", "fp16", "--amp bf16")),  # skipped steps would count in K
     ({"momentum": 0.0, "alg": "fedlora", "lora_agg": "stack"}, ("--lora-agg stack", "--scaffold", "re-initialises")),
-], ids=["default-momentum", "dp-clip", "fp16", "stack"])
+    ({"momentum": 0.0, "prox_mu": 0.01}, ("--scaffold", "--prox-mu", "proximal")),
+], ids=["default-momentum", "dp-clip", "fp16", "stack", "prox-mu"])
 def test_scaffold_refusals_from_options_are_one_line(store, options, words):
     with pytest.raises(DaliFlError) as refused:
         config(store, scaffold=True, optimizer="sgd", **options)
