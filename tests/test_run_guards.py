@@ -227,6 +227,30 @@ def test_a_ctrl_c_while_click_is_imported_is_one_line():
     assert proc.returncode == 130 and proc.stderr == "error: interrupted\n", proc.stderr
 
 
+def test_the_command_list_answers_without_importing_torch():
+    # Every command module imports torch (3 s here); listing them, or a mistyped one, needs none of it.
+    code = ("import sys\nfrom dali_fl.cli import main\nsys.argv = ['dali-fl', sys.argv[1]]\n"
+            "try:\n    main()\nfinally:\n    print('torch' in sys.modules, file=sys.stderr)\n")
+    listed = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stderr == "False\n", listed.stderr
+    assert all(f"  {name} " in listed.stdout for name in ("flower", "partition", "prep", "train", "verify"))
+    typo = subprocess.run([sys.executable, "-c", code, "trian"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and typo.stderr.startswith("error: No such command 'trian'"), typo.stderr
+    assert typo.stderr.endswith("False\n"), typo.stderr
+
+
+def test_the_command_list_says_what_each_command_says_of_itself():
+    import click
+
+    from dali_fl.cli import COMMANDS, cli
+
+    ctx = click.Context(cli)
+    for name, (_, line) in COMMANDS.items():
+        command = cli.get_command(ctx, name)
+        assert command.name == name and command.help.split("\n\n")[0] == line, name
+    assert sorted(c.name for c in cli.commands.values()) == sorted(COMMANDS)  # every command the modules hold
+
+
 def test_resume_cannot_go_below_the_finished_rounds(invoke, assert_user_error, store, tmp_path):
     run = _finished(invoke, store, tmp_path / "r", rounds=2)
     config = (run / "config.json").read_text()

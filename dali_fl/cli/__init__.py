@@ -17,7 +17,15 @@ except KeyboardInterrupt:  # a Ctrl-C in the ~50 ms click takes to import: one l
     sys.stderr.write("error: interrupted\n")
     raise SystemExit(EXIT_INTERRUPTED) from None
 
-COMMAND_MODULES = ("prep", "partition", "train", "flower")
+# Each command's module (they import torch) and the first line of its help, so that `dali-fl --help` and a
+# mistyped command answer without importing torch (0.1 s, not 3 s); tests/test_run_guards.py holds them equal.
+COMMANDS = {
+    "flower": ("flower", "The same federation as a Flower app (needs `pip install 'dali-fl[flower]'`)."),
+    "partition": ("partition", "Split STORE's train split across clients and print a summary."),
+    "prep": ("prep", "Resize a dataset once and store it as uint8 arrays for training."),
+    "train": ("train", "Run a federated FedAvg or FedLoRA simulation on a timm ViT."),
+    "verify": ("prep", "Check a store: manifest, shapes, sha256, labels, class counts, values, samples."),
+}
 
 
 class _Group(click.Group):
@@ -50,25 +58,29 @@ class _Group(click.Group):
             click.echo(f"error: {str(err) or 'interrupted; nothing half-written was kept'}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
-    def _load(self) -> None:
-        """Import the commands on first use, so that a Ctrl-C during torch's import is one line too."""
-        if self.commands:
-            return
-        try:
-            for name in COMMAND_MODULES:  # each lives in its own module so the parts stay small
-                for command in importlib.import_module(f"dali_fl.cli.{name}").COMMANDS:
-                    self.add_command(command)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load()
-        return super().list_commands(ctx)
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str):
-        self._load()
-        return super().get_command(ctx, cmd_name)
+        """Import a command's module on first use, so that a Ctrl-C during torch's import is one line too."""
+        if cmd_name not in COMMANDS:
+            return None
+        if cmd_name not in self.commands:
+            try:  # each lives in its own module so the parts stay small
+                module = importlib.import_module(f"dali_fl.cli.{COMMANDS[cmd_name][0]}")
+            except KeyboardInterrupt:
+                click.echo("error: interrupted", err=True)
+                raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return self.commands[cmd_name]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from COMMANDS' help lines, without importing the commands."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)  # click's own layout
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, click.Command(name, help=line).get_short_help_str(limit))
+                                for name, (_, line) in sorted(COMMANDS.items())])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
