@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dali_fl.data.sources import load_synthetic
 from dali_fl.data.store import write_store
+from dali_fl.errors import DaliFlError
 from tests.tiny import tiny_args, tiny_store
 
 TINY = tiny_args(alg="fedlora", lora_r=2)
@@ -478,6 +479,20 @@ def test_flower_engine_options_ray_cannot_place_are_refused_before_it_starts(inv
         result = invoke("flower", command, "--store", stores[0], *TINY, "--rounds", 1, "--out", tmp_path / "r", *args)
         assert_user_error(result, *words)
     assert not (tmp_path / "r").exists()
+
+
+def test_client_cpus_are_checked_against_the_cpus_ray_counts(monkeypatch):
+    # Ray counts a container's CPU quota, which the CPU affinity does not show: past it, Ray waits for ever.
+    pytest.importorskip("ray")
+    from ray._private import utils
+
+    from dali_fl.flower.app import check_fits_here
+
+    monkeypatch.setattr(utils, "get_num_cpus", lambda **kwargs: 1)
+    with pytest.raises(DaliFlError, match="--client-cpus 2 is more than the 1 CPUs Ray has here"):
+        check_fits_here(2, 0)
+    check_fits_here(1, 0)
+    check_fits_here(2, 0, num_cpus=2)  # a Ray started with num_cpus has that many
 
 
 # --- 6. One line, also at the top level ----------------------------------------------------------

@@ -86,10 +86,20 @@ def check_client_resources(client_cpus: float, client_gpus: float) -> None:
                           "e.g. 0, 0.5 or 1)")
 
 
+def ray_cpus() -> float:
+    """The CPUs Ray will find on this machine: its own count, else the CPUs this process may run on."""
+    try:  # Ray counts os.cpu_count() less a container's cgroup quota or cpuset, not the CPU affinity
+        from ray._private.utils import get_num_cpus  # private, but the function ray.init itself calls
+
+        return get_num_cpus(override_docker_cpu_warning=True)
+    except (ImportError, AttributeError, TypeError):  # no Ray (flower app) or another Ray: the affinity
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_fits_here(client_cpus: float, client_gpus: float, num_cpus: Optional[int] = None) -> None:
-    """Refuse a client worker larger than this machine's Ray (`num_cpus`, else its CPUs; the GPUs torch sees): Ray
-    would start, place no client and never end."""
-    cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Refuse a client worker larger than this machine's Ray (`num_cpus`, else the CPUs Ray finds; the GPUs torch
+    sees): Ray would start, place no client and never end."""
+    cpus = num_cpus or ray_cpus()
     if client_cpus > cpus:
         raise DaliFlError(f"--client-cpus {client_cpus} is more than the {cpus} CPUs Ray has here, so no client "
                           f"worker could start; use at most {cpus}")
