@@ -225,8 +225,9 @@ def server_update(fx: Federation, round_: int, running: RunningSum, start: dict[
     r = ServerRound(round_, num_clients, start, running.total, dict(running.scalars))
     if running.total > 0:
         mean, products = mean_of(running), {k: v / running.total for k, v in running.products.items()}
-    else:  # a round that sampled no client (a Poisson draw may): the aggregate stays where it started
-        mean, products = {k: v.float().clone() for k, v in start.items()}, dict(running.products)
+    else:  # no client, or none with samples: the aggregate stays where it started, products included
+        mean = {k: v.float().clone() for k, v in start.items()}
+        products = {p.base: mean[p.b] @ mean[p.a] for p in running.pairs}  # so that FedEx's residual is zero
     deltas: dict[str, torch.Tensor] = {}
     for a in fx.algs:
         mean, deltas = a.aggregate(r, mean, deltas, products)

@@ -1,9 +1,13 @@
 """FedEx-LoRA: the averaged factors plus the residual folded into the base weights are exact, at one rank or mixed."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from tests.algorithms.common import lora_aggregation_error, round_against_the_exact_average
+import dali_fl.engine.federation as fed
+from dali_fl.engine.run import prepare
+from tests.algorithms.common import config, effective_weights, lora_aggregation_error, round_against_the_exact_average
 
 
 def test_fedex_is_the_exact_average_of_the_clients_effective_weights():
@@ -14,3 +18,25 @@ def test_fedex_gives_the_exact_average_of_mixed_rank_effective_weights(rank_stor
     got, exact, _, _ = round_against_the_exact_average(rank_store, tmp_path, monkeypatch, "fedex")
     for k in exact:
         torch.testing.assert_close(got[k], exact[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["fedex", "stack", "fedit"])
+def test_a_round_whose_clients_have_no_samples_leaves_the_model_as_it_was(store, tmp_path, monkeypatch, agg):
+    # Dirichlet with --min-size 0 leaves some clients empty. A round of only those aggregated nothing, yet FedEx's
+    # residual, taken against zero products, folded −s·B@A into the base: the adapter's whole learning, erased.
+    fx, _ = prepare(config(store, alg="fedlora", lora_agg=agg, partition="dirichlet", alpha=0.1, min_size=0,
+                           num_users=8, frac=0.25, seed=2), tmp_path / agg, resume=False, write=False)
+    try:
+        empty = np.flatnonzero(fx.partition.sizes() == 0)
+        assert len(empty) >= 1
+        fed.run_round(fx, 1)
+        before = effective_weights(fx)
+        assert any(float(before[k].abs().max()) > 0 for k in before)
+        monkeypatch.setattr(fed, "sample_clients", lambda cfg, round_: empty[:1])
+        row = fed.run_round(fx, 2)
+        after = effective_weights(fx)
+    finally:
+        fx.close()
+    assert row["num_clients"] == 1 and row["num_samples"] == 0
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
