@@ -7,7 +7,8 @@ deterministic metrics of each round. The same runs today must give the same byte
 The three DP combinations (dp-fedavg, dp-clip-only, fedlora-dp) were rewritten in issue 20, when DP began to
 sample clients by Poisson sampling and to divide by the expected count; with `dp_sampling="fixed"` they still
 give the old weights bitwise. In shared-a's round 2, client_drift and update_spread were rewritten when the drift
-began to be measured from the client's own B, where it starts; its weights did not change.
+began to be measured from the client's own B, where it starts, and personal_acc when it began to be measured
+with the B each client had just trained (it read the B of the round before); its weights did not change.
 """
 from __future__ import annotations
 

@@ -43,7 +43,9 @@ class ClientTable:
         return np.memmap(self.path, np.float32, "r+", shape=(self.num_users, self.width))
 
     def row(self, client: int) -> torch.Tensor:
-        """The client's row as of the last finished round (a copy, on the CPU)."""
+        """The client's newest row: this round's if it has one, else the file's (a copy, on the CPU)."""
+        if client in self.rows:  # an evaluation after the client trained, before the round's commit
+            return self.rows[client].clone()
         return torch.from_numpy(np.array(self.table[client]))
 
     def put(self, client: int, row: torch.Tensor) -> None:

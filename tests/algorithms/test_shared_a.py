@@ -70,3 +70,22 @@ def test_shared_a_reports_personal_accuracy_and_resumes_bitwise(invoke, rank_sto
 def test_shared_a_with_mixed_ranks_is_one_line(invoke, assert_user_error, rank_store, tmp_path):
     assert_refused(invoke, assert_user_error, rank_store, tmp_path / "r", RANK_ARGS,
                    ("--lora-ranks", "2,4", "--lora-agg", "shared-a"), ("shared-a", "one rank"))
+
+
+def test_personal_accuracy_is_measured_with_the_b_each_client_just_trained(rank_store, tmp_path):
+    # The run evaluates before it commits the round's B rows to the table, and the evaluation read the table:
+    # round 1 scored every client with B = 0 (0.333 where its trained B gives 0.167).
+    fx, _ = prepare(rank_config(rank_store, lora_agg="shared-a", lora_ranks="", lora_r=4, lr=2e-2), tmp_path / "r",
+                    resume=False, write=True)
+    shared = next(a for a in fx.algs if isinstance(a, SharedA))
+    try:
+        fed.run_round(fx, 1)
+        as_run = shared.evaluate()["personal_acc"]  # where run_rounds calls it: before the commit
+        shared.commit()
+        assert as_run == shared.evaluate()["personal_acc"]
+        shared.table.rows = {}
+        for c in range(3):
+            shared.table.table[c] = 0  # the table as it was before round 1
+        assert as_run != shared.evaluate()["personal_acc"]  # B matters here, so the check above can tell
+    finally:
+        fx.close()
