@@ -67,6 +67,11 @@ class FederationConfig:
         """Each client's LoRA rank, or None when all train at --lora-r."""
         return parse_ranks(self.lora_ranks, self.num_users, self.seed) if self.lora_ranks else None
 
+    def mixed_ranks(self) -> bool:
+        """Whether some client trains a lower rank than the model's (a truncated adapter)."""
+        ranks = self.client_ranks()
+        return ranks is not None and len(set(ranks.tolist())) > 1
+
     @property
     def clients_per_round(self) -> int:
         return max(1, int(round(self.frac * self.num_users)))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import dali_fl.engine.federation as fed
 from dali_fl.config import TrainConfig
 from dali_fl.engine.run import prepare
+from dali_fl.errors import DaliFlError
 from dali_fl.model.build import trainable_state
 from dali_fl.model.ranks import parse_ranks
 from tests.tiny import tiny_args, tiny_config, tiny_store
@@ -29,6 +30,16 @@ def store(tmp_path_factory) -> Path:
 def _config(store: Path, **options) -> TrainConfig:
     return tiny_config(store, **{"num_users": 3, "frac": 1.0, "alg": "fedlora", "local_bs": 25, "lr": 5e-3,
                                  "lora_ranks": "2,4,8", **options})
+
+
+@pytest.mark.parametrize("options", [{"dp_clip": 1.0}, {"fednova": True, "optimizer": "sgd"},
+                                     {"scaffold": True, "optimizer": "sgd", "momentum": 0.0}], ids=str)
+def test_one_rank_given_as_lora_ranks_is_not_refused_as_mixed(store, options):
+    # `--lora-ranks 4` truncates nobody: the model's rank is 4 and so is every client's.
+    cfg = _config(store, lora_ranks="4", lora_agg="zero-pad", **options)
+    assert cfg.model.lora_r == 4 and not cfg.fed.mixed_ranks()
+    with pytest.raises(DaliFlError, match="--lora-ranks"):
+        _config(store, lora_ranks="2,4", lora_agg="zero-pad", **options)
 
 
 def test_rank_specs():

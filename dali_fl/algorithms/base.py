@@ -248,8 +248,7 @@ class Aggregation(Algorithm):
 
     @classmethod
     def refuse(cls, cfg: "TrainConfig") -> None:
-        ranks = cfg.fed.client_ranks()
-        if ranks is not None and len(set(ranks.tolist())) > 1 and not cls.mixed_ranks:
+        if cfg.fed.mixed_ranks() and not cls.mixed_ranks:
             from dali_fl.algorithms import mixed_rank_aggregations
 
             raise DaliFlError(f"--lora-agg {cls.name} needs one rank for all clients ({cls.rank_hint}); for mixed "

@@ -138,7 +138,10 @@ class DP(Algorithm):
         if agg.needs_products:
             raise DaliFlError(f"--dp-clip does not combine with --lora-agg {agg.name} (what it folds into the base "
                               "weights is not clipped); use --lora-agg fedit, ffa or zero-pad")
-        if cfg.fed.lora_ranks:
+        if agg.personal_start:  # clipping from the client's own start would not bound what the server's state moves
+            raise DaliFlError(f"--dp-clip bounds updates from the global state, which a --lora-agg {agg.name} client "
+                              "does not start from (it keeps its own B); use --lora-agg fedit, ffa or zero-pad")
+        if cfg.fed.mixed_ranks():
             raise DaliFlError("--dp-clip bounds updates from the global state, which a lower-rank client's truncated "
                               "adapter is not; drop --lora-ranks or --dp-clip")
         if not p.dp_adaptive_clip:  # refused here, not in DPParams: a saved config.json must still load

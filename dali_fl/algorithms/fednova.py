@@ -65,7 +65,7 @@ class FedNova(Algorithm):
         if cfg.data.amp == "fp16":
             raise DaliFlError("--fednova normalises by the local steps, and fp16's loss scaler skips steps on "
                               "overflow without the count knowing; use --amp bf16 or off")
-        if cfg.fed.lora_ranks:
+        if cfg.fed.mixed_ranks():
             raise DaliFlError("--fednova measures every update from the global state, which a lower-rank client's "
                               "truncated adapter is not; drop --lora-ranks or --fednova")
         refuse_together(cfg, cls, "fedprox", why="the normaliser here is the paper's for (momentum) SGD without a "

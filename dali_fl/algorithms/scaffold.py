@@ -67,7 +67,7 @@ class Scaffold(Algorithm):
         if cfg.data.amp == "fp16":
             raise DaliFlError("--scaffold divides by the local steps K, and fp16's loss scaler skips steps on "
                               "overflow without the count knowing; use --amp bf16 or off")
-        if cfg.fed.lora_ranks:
+        if cfg.fed.mixed_ranks():
             raise DaliFlError("--scaffold's corrections would train the components a lower-rank client leaves out; "
                               "drop --lora-ranks or --scaffold")
         refuse_together(cfg, cls, "dp", why="its control variates are built from the clients' unclipped, un-noised "

@@ -300,6 +300,8 @@ def test_bad_dp_options_are_one_line(invoke, assert_user_error, store, tmp_path,
 @pytest.mark.parametrize("args,words", [
     (("--lora-agg", "stack", "--dp-clip", "1"), ("stack", "not clipped")),
     (("--lora-ranks", "2,4", "--lora-agg", "zero-pad", "--dp-clip", "1"), ("--dp-clip", "--lora-ranks")),
+    # Each client starts from its own B: the clip spent its bound on ‖B_i − B‖ and moved B in rounds nobody trained.
+    (("--lora-ranks", "", "--lora-agg", "shared-a", "--dp-clip", "1"), ("--dp-clip", "shared-a", "own B")),
 ])
 def test_dp_with_lora_it_cannot_bound_is_one_line(invoke, assert_user_error, rank_store, tmp_path, args, words):
     assert_refused(invoke, assert_user_error, rank_store, tmp_path / "r", RANK_ARGS, args, words)
