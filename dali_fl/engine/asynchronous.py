@@ -4,9 +4,10 @@ An algorithm turns this on by returning an `AsyncPolicy` (C clients in flight, K
 staleness weight); this module names none. `Schedule` is the event order: which client is dispatched
 when, from which model version, and which K arrivals make each server step. It depends on the seed and
 the clock alone (never on training results), so it is replayed, not saved: a resume replays it to the last
-finished step. Dispatch keeps C clients in flight: whenever slots are free, the server draws idle clients
-uniformly from a (seed, version) stream; all arrivals at one instant join the buffer before anyone is
-dispatched; a client trains each model version at most once. The first dispatch at version v draws from
+finished step. Dispatch keeps C clients in flight: whenever slots are free (after an arrival, or when an
+availability window opens), the server draws idle clients with samples uniformly from a (seed, version)
+stream; arrivals at one instant join the buffer, up to K, before anyone is dispatched (the rest wait for
+the next step); a client trains each model version at most once. The first dispatch at version v draws from
 the synchronous round v + 1's stream, so with C = K = m and equal client times the steps are the rounds.
 
 Training is lazy: at server step s the K buffered clients are trained, each from the model version it
@@ -21,7 +22,7 @@ import dataclasses
 import heapq
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import numpy as np
 import torch
@@ -53,8 +54,11 @@ class Flight:
 class Schedule:
     """The pure event order of buffered asynchronous steps (see the module's docstring)."""
 
-    def __init__(self, seed: int, seconds: np.ndarray, profiles: Profiles, policy: AsyncPolicy):
+    def __init__(self, seed: int, seconds: np.ndarray, profiles: Profiles, policy: AsyncPolicy,
+                 trains: Optional[np.ndarray] = None):
         self.seed, self.seconds, self.profiles, self.policy = seed, seconds, profiles, policy
+        # Per client: whether it has samples (default: all). One without would be the fastest, every step.
+        self.trains = np.ones(len(seconds), bool) if trains is None else trains
         self.t, self.version, self.draws = 0.0, 0, 0
         self.in_flight: list[Flight] = []
         self.last: dict[int, int] = {}  # client -> the last version it was sent
@@ -62,8 +66,8 @@ class Schedule:
     def _dispatch(self) -> None:
         free = self.policy.concurrency - len(self.in_flight)
         busy = {f.client for f in self.in_flight}
-        idle = [c for c in range(len(self.seconds)) if c not in busy and self.last.get(c) != self.version
-                and self.profiles.available(c, self.t)]
+        idle = [c for c in range(len(self.seconds)) if self.trains[c] and c not in busy
+                and self.last.get(c) != self.version and self.profiles.available(c, self.t)]
         if free <= 0 or not idle:
             return
         parts = (self.seed, self.version + 1, SAMPLE) + ((DISPATCH, self.draws) if self.draws else ())
@@ -79,18 +83,26 @@ class Schedule:
         buffer: list[Flight] = []
         while len(buffer) < self.policy.buffer:
             self._dispatch()
-            if not self.in_flight:  # nobody online to send: wait for a window to open
-                nxt = self.profiles.next_online(self.t)
-                if nxt is None:
-                    raise DaliFlError(f"no client is online after simulated time {self.t:.1f} s (see --trace); "
-                                      f"server step {self.version + 1} cannot fill its buffer")
-                self.t = nxt
+            nxt = self.profiles.next_online(self.t) if len(self.in_flight) < self.policy.concurrency else None
+            if not self.in_flight and nxt is None:
+                raise DaliFlError(self._stuck())
+            if nxt is not None and (not self.in_flight or nxt < self.in_flight[0].finish):
+                self.t = nxt  # a window opens while a slot is free: the server sends a model then
                 continue
             self.t = self.in_flight[0].finish
             while self.in_flight and self.in_flight[0].finish == self.t and len(buffer) < self.policy.buffer:
                 buffer.append(heapq.heappop(self.in_flight))
         self.version, self.draws = self.version + 1, 0
         return sorted(buffer, key=lambda f: (f.client, f.version)), self.t
+
+    def _stuck(self) -> str:
+        """Why the buffer cannot fill: nobody comes online again, or too few clients to train this version."""
+        online = [c for c in range(len(self.seconds)) if self.trains[c] and self.profiles.available(c, self.t)]
+        step = f"server step {self.version + 1} cannot fill its buffer of {self.policy.buffer}"
+        if not online:
+            return f"no client is online after simulated time {self.t:.1f} s (see --trace); {step}"
+        return (f"{step}: after simulated time {self.t:.1f} s only {len(online)} client(s) with samples are online "
+                "(see --trace), and each trains a model version once; lower --buffer")
 
     def needed(self) -> set[int]:
         """Model versions that clients in flight were sent (besides the current one)."""
@@ -111,11 +123,16 @@ class AsyncTimeline:
     def __init__(self, fx: "Federation", profiles: Profiles, seconds: np.ndarray, policy: AsyncPolicy):
         self.cfg, self.profiles, self.seconds, self.policy = fx.cfg, profiles, seconds, policy
         self.device = fx.device
+        self.names = list(trainable_state(fx.model))  # the model's order, which a checkpoint's sorted keys are not
+        self.trains = np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
+        if self.trains.sum() < policy.buffer:
+            raise DaliFlError(f"--buffer {policy.buffer} needs that many clients with samples, and the partition "
+                              f"leaves {int(self.trains.sum())}; lower --buffer or raise --min-size")
         self.schedule = self._fresh()
         self.versions: dict[int, State] = {}  # model version -> its trainable state (on the device)
 
     def _fresh(self) -> Schedule:
-        return Schedule(self.cfg.fed.seed, self.seconds, self.profiles, self.policy)
+        return Schedule(self.cfg.fed.seed, self.seconds, self.profiles, self.policy, self.trains)
 
     def _catch_up(self, step: int) -> None:
         """Replay the schedule to just before `step` (after a resume, or when steps are replayed)."""
@@ -142,7 +159,9 @@ class AsyncTimeline:
             update = train_one(fx, f.version + 1, f.client, sent, loader)
             weight = self.policy.weight(stale[i])
             if stale[i] or weight != 1.0:  # a fresh update at weight 1 is added as it is: bitwise a round's
-                update = dataclasses.replace(update, state=rebased(update.state, sent, current, weight))
+                # Its drift too is what it adds to the current model, s·‖y − x_v‖, as update_spread assumes.
+                update = dataclasses.replace(update, state=rebased(update.state, sent, current, weight),
+                                             drift=weight * update.drift)
             add_update(fx, running, totals, update, current)
         fx.end_clients()
         t_agg = time.perf_counter()
@@ -168,11 +187,16 @@ class AsyncTimeline:
     def load_state_tensors(self, saved: Mapping[str, torch.Tensor], step: int) -> None:
         """Restore the versions saved after server step `step`; the schedule is replayed to it."""
         self._catch_up(step + 1)
-        self.versions = {}
+        loaded: dict[int, State] = {}
         for key, t in saved.items():
             if key.startswith(PREFIX):
                 version, name = key[len(PREFIX):].split("::", 1)
-                self.versions.setdefault(int(version), {})[name] = t.to(self.device)
+                loaded.setdefault(int(version), {})[name] = t.to(self.device)
+        if any(set(state) != set(self.names) for state in loaded.values()):
+            raise DaliFlError("the checkpoint's model versions do not hold this model's tensors; it does not belong "
+                              "to this run")
+        # In the model's order, as the run that saved them held them: a drift summed in another order differs.
+        self.versions = {v: {n: state[n] for n in self.names} for v, state in loaded.items()}
         lost = self.schedule.needed() - set(self.versions) - {step}
         if lost:
             raise DaliFlError(f"the checkpoint lacks model version {min(lost)}, which clients in flight train from; "

@@ -56,6 +56,46 @@ def test_event_order_is_a_pure_function_of_seed_and_clock():
     assert any(version < step for step, (arrivals, _) in enumerate(a) for _, version in arrivals)  # some are stale
 
 
+def test_a_window_that_opens_while_a_slot_is_free_gets_a_client():
+    # Client 0 is always online and takes 100 s; client 1 is online from 5 s to 50 s and takes 1 s. A slot was
+    # free at 5 s, but the server only looked again when client 0 arrived: client 1 was never sent a model.
+    windows = (np.zeros((0, 2)), np.array([[5.0, 50.0]]))
+    s = Schedule(0, np.array([100.0, 1.0]), Profiles(np.ones(2), np.ones(2), np.ones(2), windows),
+                 AsyncPolicy(2, 1, lambda tau: 1.0))
+    first = [s.next_step() for _ in range(3)]
+    assert [([f.client for f in arrivals], when) for arrivals, when in first] == [([1], 6.0), ([1], 7.0), ([1], 8.0)]
+
+
+def test_a_client_without_samples_is_never_sent_a_model():
+    # With no samples, its trip is the download and upload alone: the fastest, so it filled every buffer.
+    always = Profiles(np.ones(3), np.ones(3), np.ones(3))
+    s = Schedule(0, np.array([5.0, 0.01, 6.0]), always, AsyncPolicy(3, 1, lambda tau: 1.0),
+                 trains=np.array([True, False, True]))
+    assert all(f.client != 1 for arrivals, _ in (s.next_step() for _ in range(6)) for f in arrivals)
+
+
+def test_a_buffer_too_few_online_clients_can_fill_says_so():
+    # Client 1 leaves at 1 s; client 0 alone cannot fill a buffer of 2 at version 1, though it is online.
+    windows = (np.zeros((0, 2)), np.array([[0.0, 1.0]]))
+    s = Schedule(0, np.array([1.5, 0.5]), Profiles(np.ones(2), np.ones(2), np.ones(2), windows),
+                 AsyncPolicy(2, 2, lambda tau: 1.0))
+    s.next_step()
+    with pytest.raises(DaliFlError, match=r"buffer of 2: after simulated time 3.0 s only 1 client\(s\) with samples "
+                                          r"are online .* lower --buffer"):
+        s.next_step()
+
+
+def test_clients_without_samples_stay_home_in_a_run(store, tmp_path):
+    # Dirichlet --min-size 0 leaves client 0 empty at this seed (tests/algorithms/test_fednova.py).
+    split = dict(partition="dirichlet", alpha=0.1, min_size=0, num_users=8, seed=2)
+    train(config(store, rounds=4, **{**ASYNC, **split}), tmp_path / "run", progress=False)
+    assert all(r["num_samples"] > 0 for r in rows(tmp_path / "run"))
+    with pytest.raises(DaliFlError, match="--buffer 8 needs that many clients with samples, and the partition "
+                                          "leaves 7"):
+        train(config(store, rounds=1, **{**ASYNC, **split, "concurrency": 8, "buffer": 8}), tmp_path / "r2",
+              progress=False)
+
+
 def test_stale_update_is_rebased_and_weighed():
     sent, current, trained = torch.zeros(3), torch.ones(3), torch.full((3,), 4.0)
     got = rebased({"w": trained}, {"w": sent}, {"w": current}, 0.5)["w"]
@@ -82,19 +122,25 @@ def test_fast_clients_lap_slow_ones_and_stale_updates_count_less(store, tmp_path
     got = rows(tmp_path / "run")
     assert sum(r["updates_stale"] for r in got) > 0
     assert all(r["num_clients"] == 1 and r["clients_in_flight"] <= 2 for r in got)  # C − K still out
+    # One update a step has no spread around the step's mean; a stale one's drift was counted unweighted (0.28).
+    assert all(r["update_spread"] <= 1e-2 * r["client_drift"] for r in got)
     assert [r["sim_time_s"] for r in got] == sorted(r["sim_time_s"] for r in got)
 
 
-def test_resume_between_and_within_server_steps_is_exact(store, tmp_path, monkeypatch):
-    train(config(store, rounds=6, **ASYNC), tmp_path / "full", progress=False)
-    train(config(store, rounds=3, **ASYNC), tmp_path / "part", progress=False)
+@pytest.mark.parametrize("options,part", [(ASYNC, 3), (dict(async_=True, concurrency=3, buffer=2, staleness="poly:1"), 2)],
+                         ids=["C3-K1", "C3-K2-equal-speeds"])
+def test_resume_between_and_within_server_steps_is_exact(store, tmp_path, monkeypatch, options, part):
+    # The second case's rows differed in the last bits of client_drift: the restored versions' tensors came back
+    # in the checkpoint's sorted order, and the drift was summed in it.
+    train(config(store, rounds=6, **options), tmp_path / "full", progress=False)
+    train(config(store, rounds=part, **options), tmp_path / "part", progress=False)
     saved = load_file(str(tmp_path / "part" / "checkpoint" / "state.safetensors"))
     assert any(k.startswith("async::") for k in saved), "versions that clients in flight need are checkpointed"
     with monkeypatch.context() as m:
         kill_at_client(m, 2)  # dies in step 5, after step 4's checkpoint
         with pytest.raises(KeyboardInterrupt):
-            train(config(store, rounds=6, **ASYNC), tmp_path / "part", resume=True, progress=False)
-    train(config(store, rounds=6, **ASYNC), tmp_path / "part", resume=True, progress=False)
+            train(config(store, rounds=6, **options), tmp_path / "part", resume=True, progress=False)
+    train(config(store, rounds=6, **options), tmp_path / "part", resume=True, progress=False)
     want, have = weights(tmp_path / "full"), weights(tmp_path / "part")
     assert all(torch.equal(want[k], have[k]) for k in want)
     drop = ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "images_per_s", "eval_s")
