@@ -9,6 +9,8 @@ sample clients by Poisson sampling and to divide by the expected count; with `dp
 give the old weights bitwise. In shared-a's round 2, client_drift and update_spread were rewritten when the drift
 began to be measured from the client's own B, where it starts, and personal_acc when it began to be measured
 with the B each client had just trained (it read the B of the round before); its weights did not change.
+fedex-mixed was rewritten when a lower-rank client began to start from the global effective weights (D_r in
+its base weights); its round 1, where B is zero and so is D_r, is unchanged.
 """
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ import torch
 
 import dali_fl.engine.federation as fed
 from dali_fl.engine.run import prepare
-from tests.algorithms.common import config, effective_weights, lora_aggregation_error, round_against_the_exact_average
+from dali_fl.engine.local import ClientResult
+from tests.algorithms.common import (config, effective_weights, lora_aggregation_error, rank_config,
+                                     round_against_the_exact_average)
 
 
 def test_fedex_is_the_exact_average_of_the_clients_effective_weights():
@@ -40,3 +42,31 @@ def test_a_round_whose_clients_have_no_samples_leaves_the_model_as_it_was(store,
     assert row["num_clients"] == 1 and row["num_samples"] == 0
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
+
+
+def test_with_mixed_ranks_every_client_starts_from_the_global_model(rank_store, tmp_path, monkeypatch):
+    # A rank-r client's truncated adapter at scale alpha/r is not the global one: without D_r in its base weights,
+    # a round in which no client moved still moved the model, by 40% of what a training round moves it.
+    fx, _ = prepare(rank_config(rank_store, lora_agg="fedex"), tmp_path / "r", resume=False, write=False)
+    starts, real = [], fed.local_train
+
+    def idle(model, loader, indices, *args):  # local training that takes no step
+        starts.append(effective_weights(fx))
+        return ClientResult(len(indices), 0.0, 0.0, 0.0, 0)
+
+    try:
+        fed.run_round(fx, 1)
+        before = effective_weights(fx)
+        monkeypatch.setattr(fed, "local_train", idle)
+        fed.run_round(fx, 2)
+        after = effective_weights(fx)
+        monkeypatch.setattr(fed, "local_train", real)
+        moved = fed.run_round(fx, 3)
+    finally:
+        fx.close()
+    assert sorted(fx.ranks.tolist()) == [2, 4, 8] and len(starts) == 3
+    for k in before:
+        for start in starts:  # each client, whatever its rank, starts where the global model is
+            torch.testing.assert_close(start[k], before[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
+    assert moved["client_drift"] > 0
