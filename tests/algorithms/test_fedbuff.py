@@ -127,7 +127,8 @@ def test_fast_clients_lap_slow_ones_and_stale_updates_count_less(store, tmp_path
     assert [r["sim_time_s"] for r in got] == sorted(r["sim_time_s"] for r in got)
 
 
-@pytest.mark.parametrize("options,part", [(ASYNC, 3), (dict(async_=True, concurrency=3, buffer=2, staleness="poly:1"), 2)],
+@pytest.mark.parametrize("options,part", [(ASYNC, 3),
+                                          (dict(async_=True, concurrency=3, buffer=2, staleness="poly:1"), 2)],
                          ids=["C3-K1", "C3-K2-equal-speeds"])
 def test_resume_between_and_within_server_steps_is_exact(store, tmp_path, monkeypatch, options, part):
     # The second case's rows differed in the last bits of client_drift: the restored versions' tensors came back
