@@ -6,10 +6,15 @@ import pytest
 import torch
 
 import dali_fl.engine.federation as fed
-from dali_fl.engine.run import prepare
 from dali_fl.engine.local import ClientResult
-from tests.algorithms.common import (config, effective_weights, lora_aggregation_error, rank_config,
-                                     round_against_the_exact_average)
+from dali_fl.engine.run import prepare
+from tests.algorithms.common import (
+    config,
+    effective_weights,
+    lora_aggregation_error,
+    rank_config,
+    round_against_the_exact_average,
+)
 
 
 def test_fedex_is_the_exact_average_of_the_clients_effective_weights():
