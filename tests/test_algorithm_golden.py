@@ -6,9 +6,10 @@ sha256 of every checkpoint tensor (the model's trainable state and the server's 
 deterministic metrics of each round. The same runs today must give the same bytes and the same numbers.
 The three DP combinations (dp-fedavg, dp-clip-only, fedlora-dp) were rewritten in issue 20, when DP began to
 sample clients by Poisson sampling and to divide by the expected count; with `dp_sampling="fixed"` they still
-give the old weights bitwise. In shared-a's round 2, client_drift and update_spread were rewritten when the drift
-began to be measured from the client's own B, where it starts, and personal_acc when it began to be measured
-with the B each client had just trained (it read the B of the round before); its weights did not change.
+give the old weights bitwise. shared-a's rows were rewritten three times, its weights never: round 2's
+client_drift and update_spread when the drift began to be measured from the client's own B, where it starts;
+round 2's personal_acc when it began to be measured with the B each client had just trained (it read the B of
+the round before); and both rounds' upload_mb when B, which its clients keep, stopped being counted as sent.
 fedex-mixed was rewritten when a lower-rank client began to start from the global effective weights (D_r in
 its base weights); its round 1, where B is zero and so is D_r, is unchanged.
 """

@@ -162,6 +162,10 @@ class Algorithm:
     def start_client(self, client: int) -> None:
         """Load what the client keeps of its own into the model, after the round-start state."""
 
+    def kept_tensors(self) -> frozenset[str]:
+        """Trainable tensors its clients keep and never send (FedSA-LoRA's B): not counted as uploaded."""
+        return frozenset()
+
     def local_term(self, client: int, params: list[torch.Tensor]) -> Optional[LocalTerm]:
         """A term for every local step of `client`, made when its training starts, or None."""
         return None

@@ -49,6 +49,10 @@ class SharedA(Aggregation):
         # The train split, unaugmented, for the personal accuracy on each client's held-out samples.
         self.loader = fx.make_loader("train", fx.cfg.data.eval_bs, augment=False)
 
+    def kept_tensors(self) -> frozenset[str]:
+        """B stays with its client: only A (and the head) travel. The simulator still averages B, for test_acc."""
+        return frozenset(self.names)
+
     def train_indices(self, client: int, indices: np.ndarray) -> np.ndarray:
         return self.train[client]
 

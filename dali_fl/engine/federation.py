@@ -120,7 +120,8 @@ class Federation:
 
     def upload_values(self, client: int) -> int:
         """Values `client` sends the server each round: the trainable tensors, LoRA blocks at its rank."""
-        state = trainable_state(self.model)
+        kept = {name for a in self.algs for name in a.kept_tensors()}  # trained, but never sent
+        state = {k: v for k, v in trainable_state(self.model).items() if k not in kept}
         if not self.pairs:
             return sum(t.numel() for t in state.values())
         lora = {n for p in self.pairs for n in (p.a, p.b)}

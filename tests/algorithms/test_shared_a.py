@@ -89,3 +89,17 @@ def test_personal_accuracy_is_measured_with_the_b_each_client_just_trained(rank_
         assert as_run != shared.evaluate()["personal_acc"]  # B matters here, so the check above can tell
     finally:
         fx.close()
+
+
+def test_a_client_uploads_a_and_the_head_but_not_its_b(rank_store, tmp_path):
+    # FedSA-LoRA's clients keep B: counting it overstated upload_mb (and the simulated upload time) by its size.
+    fx, _ = prepare(rank_config(rank_store, lora_agg="shared-a", lora_ranks=""), tmp_path / "r", resume=False,
+                    write=False)
+    try:
+        state = trainable_state(fx.model)
+        b_values = sum(state[p.b].numel() for p in fx.pairs)
+        assert b_values > 0 and fx.upload_values(0) == sum(t.numel() for t in state.values()) - b_values
+        row = fed.run_round(fx, 1)
+    finally:
+        fx.close()
+    assert row["upload_mb"] == 3 * fx.upload_values(0) * 4 / 1e6
