@@ -221,7 +221,12 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
 def _model_rank(opts: Mapping[str, Any], fed: FederationConfig) -> int:
     """The persistent model's LoRA rank: --lora-r, or the largest of --lora-ranks (which overrides it)."""
     ranks = fed.client_ranks()
-    return int(ranks.max()) if ranks is not None else opts["lora_r"]
+    if ranks is None:
+        return opts["lora_r"]
+    if opts["lora_r"] != option_defaults()["lora_r"]:  # config.json would name a rank no tensor has
+        raise DaliFlError(f"--lora-r {opts['lora_r']} does nothing with --lora-ranks, whose largest rank "
+                          f"({int(ranks.max())}) is the model's; drop --lora-r")
+    return int(ranks.max())
 
 
 @dataclass(frozen=True)

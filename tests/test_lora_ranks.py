@@ -117,3 +117,10 @@ def test_bad_rank_options_are_one_line(invoke, assert_user_error, store, tmp_pat
     assert_user_error(invoke("train", "--store", store, "--out", tmp_path / "r", *TINY, *args), *words)
     assert not (tmp_path / "r").exists()
 
+
+
+def test_a_lora_r_that_lora_ranks_overrides_is_refused(store):
+    # The model's rank is the largest of --lora-ranks; a --lora-r beside it was accepted and ignored.
+    with pytest.raises(DaliFlError, match=r"--lora-r 16 does nothing with --lora-ranks, whose largest rank \(8\)"):
+        _config(store, lora_r=16, lora_agg="zero-pad")
+    assert _config(store, lora_agg="zero-pad").model.lora_r == 8
