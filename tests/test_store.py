@@ -171,6 +171,24 @@ def test_second_write_does_nothing_and_force_rebuilds(tmp_path, small_source):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["npz-32"]
 
 
+def test_other_data_into_the_same_store_is_refused(tmp_path, small_source):
+    # An npz or image-folder source records no parameters: another file of the same name and size was reported
+    # as "a valid store already exists" and the old store went on to train.
+    write_store(small_source, tmp_path, 32, progress=False)
+    images = {s: small_source.splits[s].read(0, small_source.splits[s].count) for s in ("train", "test")}
+    for other, words in ((array_source(images["train"], images["test"], seed=5), "train labels differ"),
+                         (array_source(images["train"][:8], images["test"]), "train holds 9 images, not 8"),
+                         (array_source(images["train"], images["test"], num_classes=7), "10 classes from")):
+        with pytest.raises(DaliFlError, match=f"made from other data .*{words}.*--force"):
+            write_store(other, tmp_path, 32, progress=False)
+    renamed = tmp_path / "npz-16"
+    (tmp_path / "npz-32").rename(renamed)  # a store under another size's name
+    with pytest.raises(DaliFlError, match="npz at 32 px uint8, not npz at 16 px uint8"):
+        write_store(small_source, tmp_path, 16, progress=False)
+    renamed.rename(tmp_path / "npz-32")
+    assert write_store(small_source, tmp_path, 32, progress=False) == (tmp_path / "npz-32", False)
+
+
 def test_other_settings_into_the_same_store_are_refused(tmp_path):
     write_store(load_source("synthetic", num_train=6, num_test=2, seed=0), tmp_path, 32, progress=False)
     other = load_source("synthetic", num_train=6, num_test=2, seed=1)

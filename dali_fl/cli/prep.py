@@ -74,7 +74,8 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
         secs = time.perf_counter() - start
         click.echo(f"wrote {n} images in {secs:.1f} s ({n / max(secs, 1e-9):.0f} img/s)", err=True)
     else:
-        click.echo(f"a valid store already exists at {path}; nothing to do (--force rebuilds)", err=True)
+        click.echo(f"a store of the same source, classes, counts and labels already exists at {path}; nothing to "
+                   "do (`dali-fl verify` checks its images; --force rebuilds)", err=True)
     click.echo(str(path))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -181,6 +182,30 @@ def check_replaceable(final: Path) -> None:
                           "it made, so move that directory away or choose another --out")
 
 
+def _labels_sha256(labels: np.ndarray) -> str:
+    """The sha256 of the labels file _write_split would write, computed in memory."""
+    buf = io.BytesIO()
+    np.save(buf, labels.astype(np.int64), allow_pickle=False)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def _other_data(manifest: dict, source: Source, image_size: int, dtype: str) -> str:
+    """What an existing store's manifest says that `source` does not (cheap: no image is read), or ''."""
+    if (manifest["source"], manifest["image_size"], manifest["dtype"]) != (source.name, image_size, dtype):
+        return (f"{manifest['source']} at {manifest['image_size']} px {manifest['dtype']}, not {source.name} at "
+                f"{image_size} px {dtype}")
+    made, asked = manifest["classes"], list(source.classes)
+    if made != asked:
+        return f"{len(made)} classes from {made[:3]}, not {len(asked)} from {asked[:3]}"
+    for split, data in source.splits.items():
+        entry = manifest["splits"].get(split)
+        if entry is None or entry["count"] != data.count:
+            return f"{split} holds {None if entry is None else entry['count']} images, not {data.count}"
+        if entry["labels"]["sha256"] != _labels_sha256(data.labels):
+            return f"{split} labels differ"
+    return ""
+
+
 def _make_tmp(final: Path) -> Path:
     """Create the temporary sibling directory, clearing (or recovering) what interrupted runs left."""
     try:
@@ -207,6 +232,10 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
         if made != asked:
             raise DaliFlError(f"{final} was made with other settings {made}, not {asked}; "
                               "pass --force to rebuild it or choose another --out")
+        differs = _other_data(existing, source, image_size, dtype)
+        if differs:
+            raise DaliFlError(f"{final} was made from other data ({differs}); pass --force to rebuild it or choose "
+                              "another --out")
         return final, False
     tmp = _make_tmp(final)
     try:
