@@ -33,8 +33,9 @@ D = option_defaults()  # the same defaults as `dali-fl train`
               help="Dirichlet concentration (dirichlet only): small (0.1) is very skewed, "
                    "large (100) is near IID.")
 @click.option("--shards", "shards_per_client", type=int, default=D["shards"], show_default=True,
-              help="Shards per client (shards only); each client sees at most about this many "
-                   "classes (twice this when shards straddle a class boundary).")
+              help="Shards per client (shards only). A shard is train samples / (--num-users x --shards) "
+                   "label-sorted samples: smaller than a class, each shard covers one or two classes; larger, "
+                   "several. The summary shows the classes each client got.")
 @click.option("--min-size", type=int, default=D["min_size"], show_default=True,
               help="Fewest samples any client may get (dirichlet only); draws are repeated "
                    "until it holds. At most train samples / --num-users.")
