@@ -30,7 +30,7 @@ GOLDEN = Path(__file__).parent / "golden" / "algorithms.json"
 TIMED = {"round_time_s", "data_wait_s", "compute_s", "aggregate_s", "images_per_s", "peak_gpu_mem_mb", "eval_s"}
 SGD = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0}
 LORA = {"alg": "fedlora", "lora_r": 2, "lr": 5e-3}
-MIXED = {**LORA, "lora_ranks": "1,2,4"}
+MIXED = {**LORA, "lora_r": 8, "lora_ranks": "1,2,4"}  # lora_r at its default: --lora-ranks takes its place
 COMBOS: dict[str, dict] = {
     "fedavg-adamw": {},
     "fedavg-sgd-heavy-ball": {"optimizer": "sgd", "lr": 0.05},

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,6 +159,44 @@ def test_tensors_cross_the_wire_exactly_and_at_a_client_s_rank():
     padded = pad_like(cut, state)
     assert torch.equal(padded[pair.a][:2], state[pair.a][:2]) and not padded[pair.a][2:].any()
     assert torch.equal(padded[pair.b][:, :2], state[pair.b][:, :2]) and not padded[pair.b][:, 2:].any()
+
+
+def test_a_lower_rank_flower_client_starts_from_the_global_model_under_fedex(store, tmp_path, monkeypatch):
+    # Its factors cross the wire at its rank, so it cannot work out D_r itself: the base weights it is sent carry
+    # it. Computed on the client from the truncated factors, D_r was wrong, and Flower's weights left dali-fl's.
+    import dali_fl.engine.federation as fed
+    from dali_fl.engine.local import ClientResult
+    from dali_fl.engine.run import checkpoint_tensors, prepare
+    from dali_fl.flower.client import train_client
+    from dali_fl.flower.server import train_contents
+    from dali_fl.flower.wire import ARRAYS, BASE
+    from dali_fl.model.build import load_state_
+    from tests.algorithms.common import effective_weights
+
+    cfg = TrainConfig.from_options({**TINY, "store": str(store), "alg": "fedlora", "lora_agg": "fedex",
+                                    "lora_ranks": "2,4", "frac": 1.0})
+    fx, _ = prepare(cfg, tmp_path / "r", resume=False, write=False)
+    starts = []
+
+    def idle(model, loader, indices, *args):  # a client that takes no step: where it starts is all it shows
+        starts.append(effective_weights(fx))
+        return ClientResult(len(indices), 0.0, 0.0, 0.0, 0)
+
+    try:
+        fed.run_round(fx, 1)
+        want, (state, base) = effective_weights(fx), checkpoint_tensors(fx)
+        server = {**{k: v.clone() for k, v in state.items()}, **{k: v.clone() for k, v in base.items()}}
+        monkeypatch.setattr(fed, "local_train", idle)
+        for c, content in enumerate(train_contents(fx, np.arange(4), 2)):
+            start = pad_like(from_record(content[ARRAYS], fx.device), trainable_state(fx.model))
+            train_client(fx, start, from_record(content[BASE], fx.device), 2, c)
+            load_state_(fx.model, server)  # the same process plays the server: its model back as it was
+    finally:
+        fx.close()
+    assert sorted(fx.ranks.tolist()) == [2, 2, 4, 4] and len(starts) == 4
+    for start in starts:
+        for k in want:
+            torch.testing.assert_close(start[k], want[k], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("alg, values, base", [("fedavg", 85_806_346, 0), ("fedlora", 450_058, 28_311_552)])

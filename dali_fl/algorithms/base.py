@@ -162,6 +162,10 @@ class Algorithm:
     def start_client(self, client: int) -> None:
         """Load what the client keeps of its own into the model, after the round-start state."""
 
+    def client_base(self, rank: int, start: State) -> State:
+        """What the base weights sent to a client of `rank` carry besides the global ones (FedEx's D_r)."""
+        return {}
+
     def kept_tensors(self) -> frozenset[str]:
         """Trainable tensors its clients keep and never send (FedSA-LoRA's B): not counted as uploaded."""
         return frozenset()

@@ -3,13 +3,13 @@
 A and B are averaged, and the residual scale * (sum_i p_i B_i A_i - mean(B) mean(A)) is folded into the
 frozen base weights, so the global effective weights are exactly the clients' weighted average. With
 mixed ranks each client's product is weighed by its own scale (alpha / r_i), which keeps the average exact;
-and since a rank-r client's truncated adapter at scale alpha / r is not the global one, its base weights
-carry the difference D_r = s·B@A − (alpha / r)·B[:, :r]@A[:r] while it trains, so that it starts from the
-global effective weights too, and sum_r p_r D_r joins the residual.
+and since a rank-r client's truncated adapter at scale alpha / r is not the global one, the base weights it
+is sent carry the difference D_r = s·B@A − (alpha / r)·B[:, :r]@A[:r], so that it starts from the global
+effective weights too, and sum_r p_r D_r joins the residual.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -45,31 +45,15 @@ class FedEx(Aggregation):
         fed = fx.cfg.fed
         self.ranks = sorted(set(fed.client_ranks().tolist())) if fed.mixed_ranks() else []
         self.scalars = tuple(f"{WEIGHT}{r}" for r in self.ranks)
-        self.base: Optional[State] = None  # a lower-rank client's base weights, while they carry D_r
 
     def _rank(self, product_scale: float) -> int:
         return round(self.fx.cfg.model.lora_r / product_scale)  # product_scale = (alpha / r) / (alpha / R)
 
-    @torch.no_grad()
-    def start_client(self, client: int) -> None:
-        """A lower-rank client's base weights get D_r, from the global factors before they are truncated."""
-        rank = int(self.fx.ranks[client]) if self.ranks else self.fx.cfg.model.lora_r
-        if rank == self.fx.cfg.model.lora_r:
-            return
-        params = dict(self.fx.model.named_parameters())
-        gap = rank_gap(params, self.fx.pairs, rank, self.fx.cfg.model.lora_alpha)
-        self.base = {name: params[name].detach().clone() for name in gap}
-        for name, d in gap.items():
-            params[name].add_(d.to(params[name].dtype))
-
-    @torch.no_grad()
-    def client_done(self, client: int, start: State, state: State, result) -> None:
-        """Give the base weights back as they were (a copy, so not even rounding stays behind)."""
-        if self.base is not None:
-            params = dict(self.fx.model.named_parameters())
-            for name, value in self.base.items():
-                params[name].copy_(value)
-            self.base = None
+    def client_base(self, rank: int, start: State) -> State:
+        """D_r for a lower-rank client, from the round's full-rank factors."""
+        if not self.ranks or rank == self.fx.cfg.model.lora_r:
+            return {}
+        return rank_gap(start, self.fx.pairs, rank, self.fx.cfg.model.lora_alpha)
 
     def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
         if self.ranks:
@@ -78,9 +62,8 @@ class FedEx(Aggregation):
 
     def aggregate(self, r: ServerRound, mean: State, deltas: State, products: State) -> tuple[State, State]:
         deltas = {**deltas, **fedex_base_deltas(mean, products, self.fx.pairs)}
-        for rank in self.ranks:
-            weight = r.scalars[f"{WEIGHT}{rank}"]
-            if rank != self.fx.cfg.model.lora_r and weight > 0:  # the D_r its clients trained on, by their share
-                gap = rank_gap(r.start, self.fx.pairs, rank, self.fx.cfg.model.lora_alpha)
-                deltas = {k: v + (weight / r.total) * gap[k] if k in gap else v for k, v in deltas.items()}
+        for rank in self.ranks:  # the D_r each rank's clients trained on, by their share of the weight
+            share = r.scalars[f"{WEIGHT}{rank}"] / r.total if r.total > 0 else 0.0
+            for name, d in (self.client_base(rank, r.start) if share else {}).items():
+                deltas[name] = deltas[name] + share * d
         return mean, deltas

@@ -156,7 +156,8 @@ class AsyncTimeline:
         for i in hooks.mine(np.arange(len(arrivals)), sizes).tolist():
             f = arrivals[i]
             sent = self.versions[f.version]
-            update = train_one(fx, f.version + 1, f.client, sent, loader)
+            with fx.sent_base(f.client, sent):
+                update = train_one(fx, f.version + 1, f.client, sent, loader)
             weight = self.policy.weight(stale[i])
             if stale[i] or weight != 1.0:  # a fresh update at weight 1 is added as it is: bitwise a round's
                 # Its drift too is what it adds to the current model, s·‖y − x_v‖, as update_spread assumes.

@@ -7,11 +7,12 @@ names none.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -112,6 +113,28 @@ class Federation:
         rank = int(self.ranks[client])
         truncate_(self.model, self.pairs, rank, self.cfg.model.lora_alpha)  # also sets its scale alpha / rank
         return self.cfg.model.lora_r / rank  # (alpha / rank) / (alpha / R)
+
+    def client_base(self, client: int, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the base weights sent to `client` carry besides the global ones (FedEx's D_r at a lower rank)."""
+        rank = self.cfg.model.lora_r if self.ranks is None else int(self.ranks[client])
+        deltas: dict[str, torch.Tensor] = {}
+        for a in self.algs:
+            deltas.update(a.client_base(rank, start))
+        return deltas
+
+    @contextlib.contextmanager
+    def sent_base(self, client: int, start: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The model's base weights as the server sends them to `client` (as Flower's server does), then back."""
+        deltas = self.client_base(client, start)
+        params = dict(self.model.named_parameters())
+        kept = {name: params[name].detach().clone() for name in deltas}  # a copy: not even rounding stays behind
+        add_to_params_(self.model, deltas)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in kept.items():
+                    params[name].copy_(value)
 
     def end_clients(self) -> None:
         """Back to the model's own rank and scale, for aggregation and evaluation."""
@@ -215,7 +238,9 @@ def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Load
     """Train the given clients in turn from the round-start state; returns their running sum and totals."""
     running, totals = new_sums(fx, start)
     for c in tqdm(clients, desc=f"round {round_} clients", leave=False, disable=not progress):
-        add_update(fx, running, totals, train_one(fx, round_, int(c), start, loader), start)
+        with fx.sent_base(int(c), start):
+            update = train_one(fx, round_, int(c), start, loader)
+        add_update(fx, running, totals, update, start)
     fx.end_clients()
     return running, totals
 

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from dali_fl.config import TrainConfig, load_config
@@ -152,19 +152,26 @@ def add_replies(fx: Federation, replies: list[tuple[dict, Mapping]], start: dict
     return running, totals
 
 
-def instructions(fx: Federation, nodes: Mapping[int, int], clients: np.ndarray, round_: int) -> list[Message]:
-    """One train message per sampled client: the global trainable state at its rank (and the base weights)."""
+def train_contents(fx: Federation, clients: np.ndarray, round_: int) -> list[RecordDict]:
+    """What each sampled client is sent: the global trainable state at its rank (and the base weights)."""
     state = trainable_state(fx.model)
-    base = to_record(checkpoint_tensors(fx)[1]) if fx.uses_products else None
-    records: dict[Optional[int], ArrayRecord] = {}  # serialized once per rank, shared by the round's messages
-    messages = []
+    base = checkpoint_tensors(fx)[1] if fx.uses_products else None
+    records: dict[Optional[int], tuple] = {}  # serialized once per rank, shared by the round's messages
+    contents = []
     for c in (int(c) for c in clients):
         rank = client_rank(fx, c)
         if rank not in records:
-            records[rank] = to_record(at_rank(state, fx.pairs, rank))
-        content = train_content(records[rank], base, round_, c, fx.cfg, fx.run_dir)
-        messages.append(Message(content, dst_node_id=nodes[c], message_type="train", group_id=str(round_)))
-    return messages
+            extra = fx.client_base(c, state)  # what a client of this rank starts from besides the global base
+            sent = None if base is None else to_record({k: v + extra[k] if k in extra else v for k, v in base.items()})
+            records[rank] = to_record(at_rank(state, fx.pairs, rank)), sent
+        contents.append(train_content(*records[rank], round_, c, fx.cfg, fx.run_dir))
+    return contents
+
+
+def instructions(fx: Federation, nodes: Mapping[int, int], clients: np.ndarray, round_: int) -> list[Message]:
+    """One train message per sampled client (train_contents), addressed to the node that holds it."""
+    return [Message(content, dst_node_id=nodes[int(c)], message_type="train", group_id=str(round_))
+            for c, content in zip(clients, train_contents(fx, clients, round_))]
 
 
 def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: int) -> dict:
