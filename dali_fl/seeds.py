@@ -19,6 +19,7 @@ DISPATCH = 31  # asynchronous rounds: the j-th (j >= 1) dispatch at one model ve
 # DISPATCH, j); the first is (seed, version + 1, SAMPLE), the synchronous round's sample
 DP_SAMPLE = 37  # DP-FedAvg's Poisson draw of the round's clients: (seed, round, DP_SAMPLE)
 DP_COUNT = 41  # adaptive clipping's noise on the clipped count: (seed, round, DP_COUNT)
+TIEBREAK = 43  # over-selection's order of clients that finish at the same simulated time: (seed, round, TIEBREAK)
 AUGMENT = 0xA06  # the loaders' flips and crops: (epoch seed, AUGMENT)
 # Local training takes derive_seed(seed, round, client) and, per epoch, derive_seed(that, epoch): no tag, as
 # these were the first streams; every tagged one above lies apart from them.

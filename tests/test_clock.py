@@ -70,6 +70,36 @@ def test_plan_drops_late_clients_keeps_the_first_m_and_skips_offline_ones():
     assert p.clients.tolist() == [1, 3, 4] and p.unavailable == 1
 
 
+def test_over_selection_with_fewer_online_than_m_ends_when_the_last_online_client_does():
+    # Clients 0-2 come online at 100 s; client 3 alone trains at 0 s. The round said it lasted 100 s.
+    windows = tuple(np.array([[100.0, 200.0]]) if c < 3 else np.zeros((0, 2)) for c in range(4))
+    offline_until_100 = Profiles(np.ones(4), np.ones(4), np.ones(4), windows)
+    p = plan_round(1, 0.0, np.arange(4), np.full(4, 0.75), offline_until_100, ClockConfig(over_select=2.0), 2)
+    assert p.clients.tolist() == [3] and p.end_s == 0.75 and p.unavailable == 3
+    p = plan_round(1, 0.0, np.arange(4), np.full(4, 0.75), offline_until_100, ClockConfig(over_select=2.0,
+                                                                                           deadline=5.0), 2)
+    assert p.clients.tolist() == [3] and p.end_s == 5.0  # with a deadline it waits for the others until then
+
+
+def test_over_selection_puts_clients_without_samples_last():
+    # Download and upload alone: the fastest, so they took the m slots and gave nothing.
+    always = Profiles(np.ones(4), np.ones(4), np.ones(4))
+    p = plan_round(1, 0.0, np.arange(4), np.array([0.1, 0.2, 3.0, 4.0]), always, ClockConfig(over_select=2.0), 2,
+                   trains=np.array([False, False, True, True]))
+    assert p.clients.tolist() == [2, 3] and p.end_s == 4.0 and p.dropped == 2
+
+
+def test_over_selection_breaks_ties_by_a_draw_not_by_client_id(store, tmp_path):
+    # Equal speeds and equal shares: every client finishes together, and the lowest ids always won.
+    fx, _ = prepare(tiny_config(store, over_select=2.0), tmp_path / "r", resume=False, write=False)
+    try:
+        kept = [fx.timeline.plan(r, sample_clients).clients.tolist() for r in range(1, 21)]
+    finally:
+        fx.close()
+    assert all(len(k) == 2 for k in kept) and len(set(map(tuple, kept))) > 2
+    assert sorted({c for k in kept for c in k}) == [0, 1, 2, 3]
+
+
 def test_every_row_has_the_simulated_clock(store, tmp_path):
     cfg = tiny_config(store, rounds=3, local_bs=25, speed=25.0, bandwidth=2.0)
     train(cfg, tmp_path / "run", progress=False)

@@ -28,7 +28,7 @@ from dali_fl.algorithms.base import option
 from dali_fl.checks import check_numbers
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_input_file, read_bytes
-from dali_fl.seeds import BANDWIDTH, SAMPLE, SPEED, stream
+from dali_fl.seeds import BANDWIDTH, SAMPLE, SPEED, TIEBREAK, stream
 
 if TYPE_CHECKING:
     from dali_fl.config import TrainConfig
@@ -248,14 +248,20 @@ class RoundPlan:
 
 
 def plan_round(round_: int, t: float, sampled: np.ndarray, seconds: np.ndarray, profiles: Profiles,
-               clock: ClockConfig, m: int) -> RoundPlan:
-    """Which of the sampled clients the round aggregates, and when it ends (it starts at t)."""
+               clock: ClockConfig, m: int, trains: Optional[np.ndarray] = None,
+               tiebreak: Optional[np.ndarray] = None) -> RoundPlan:
+    """Which of the sampled clients the round aggregates, and when it ends (it starts at t).
+
+    Over-selection keeps the first m to finish; a client without samples (`trains` False) comes last, as it
+    returns nothing, and equal times go by `tiebreak` (a per-round draw; default: the client id).
+    """
     online = [int(c) for c in sampled if profiles.available(int(c), t)]
-    by_finish = sorted(online, key=lambda c: (seconds[c], c))
+    by_finish = sorted(online, key=lambda c: (trains is not None and not trains[c], seconds[c],
+                                              c if tiebreak is None else tiebreak[c]))
     meets = [c for c in by_finish if clock.deadline <= 0 or seconds[c] <= clock.deadline]
     target = m if clock.over_select > 1 else len(online)
     kept = meets[:target]
-    if len(kept) == target and kept:
+    if kept and (len(kept) == target or clock.deadline <= 0):  # without a deadline the server has all it gets
         end = t + float(max(seconds[c] for c in kept))
     elif clock.deadline > 0 and online:
         end = t + clock.deadline  # the server waited for the deadline
@@ -273,6 +279,7 @@ class SyncTimeline:
 
     def __init__(self, fx: "Federation", profiles: Profiles, seconds: np.ndarray):
         self.cfg, self.profiles, self.seconds = fx.cfg, profiles, seconds
+        self.trains = np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
         self.t, self.next_round = 0.0, 1
 
     def plan(self, round_: int, plain) -> RoundPlan:
@@ -281,8 +288,9 @@ class SyncTimeline:
             self.t, self.next_round = 0.0, 1
             while self.next_round < round_:
                 self.plan(self.next_round, plain)
+        tiebreak = stream(self.cfg.fed.seed, round_, TIEBREAK).random(self.cfg.fed.num_users)
         p = plan_round(round_, self.t, sample(self.cfg, round_, plain), self.seconds, self.profiles, self.cfg.clock,
-                       self.cfg.fed.clients_per_round)
+                       self.cfg.fed.clients_per_round, self.trains, tiebreak)
         self.t, self.next_round = p.end_s, round_ + 1
         return p
 
