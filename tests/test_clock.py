@@ -161,12 +161,23 @@ def test_trace_gives_speeds_bandwidths_and_availability(store, tmp_path):
     (["client,speed,bandwidth", "0,1,1", "1,0,1", "2,1,1", "3,1,1"], ["speed must be > 0"]),
     (["client,speed,bandwidth", "0,1,1", "1,1,fast", "2,1,1", "3,1,1"], ["not a number"]),
     (["client,speed,bandwidth,available", "0,1,1,5-2", "1,1,1,", "2,1,1,", "3,1,1,"], ["window"]),
+    # `,` for `;` between windows: csv put 10-20 beyond the header, and the second window was lost.
+    (["client,speed,bandwidth,available", "0,1,1,0-5,10-20", "1,1,1,", "2,1,1,", "3,1,1,"],
+     ["line 2", "1 more field(s)", "(10-20)", "';'"]),
+    (["client,speed,bandwidth,speed", "0,1,1,9", "1,1,1,9", "2,1,1,9", "3,1,1,9"], ["column speed twice"]),
 ])
 def test_bad_traces_are_refused(tmp_path, lines, words):
     with pytest.raises(DaliFlError) as err:
         read_trace(write_trace(tmp_path / "t.csv", lines), 4)
     for word in words:
         assert word in str(err.value)
+
+
+def test_a_trace_saved_with_a_byte_order_mark_reads(tmp_path):
+    # Spreadsheets write one; "\ufeffclient" was not the client column, and the trace was refused as lacking it.
+    trace = tmp_path / "t.csv"
+    trace.write_bytes("\ufeffclient,speed,bandwidth\n0,10,1\n1,20,2\n".encode("utf-8"))
+    assert read_trace(trace, 2).speed.tolist() == [10, 20]
 
 
 def test_a_trace_that_is_not_a_text_file_is_one_line_and_a_link_is_followed(tmp_path):

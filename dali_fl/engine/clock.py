@@ -140,19 +140,25 @@ def read_trace(path: Path, num_users: int) -> Profiles:
     fix = "give --trace a CSV file (client,speed,bandwidth[,upload_bandwidth][,available])"
     real = check_input_file(path, "--trace", fix)
     try:
-        text = read_bytes(real, TRACE_MAX_BYTES, fix).decode("utf-8")
+        text = read_bytes(real, TRACE_MAX_BYTES, fix).decode("utf-8-sig")  # a spreadsheet's BOM is no column
     except UnicodeDecodeError:
         raise DaliFlError(f"--trace {path} is not text; {fix}") from None
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in reader.fieldnames or []]
     missing = [c for c in TRACE_COLUMNS if c not in header]
     unknown = [c for c in header if c not in TRACE_COLUMNS + TRACE_OPTIONAL]
+    twice = [c for c in header if header.count(c) > 1]
+    if twice:  # csv would keep the last, silently
+        raise DaliFlError(f"trace {path}: the header names column {twice[0]} twice")
     if missing or unknown:
         raise DaliFlError(f"trace {path}: header must be {','.join(TRACE_COLUMNS)}[,{'][,'.join(TRACE_OPTIONAL)}] "
                           f"({'missing ' + missing[0] if missing else 'unknown column ' + unknown[0]})")
     rows: dict[int, tuple] = {}
     for line, row in enumerate(reader, 2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        if None in row:  # more fields than the header: `0-5,10-20` for `0-5;10-20` lost its second window
+            raise DaliFlError(f"trace {path} line {line}: {len(row[None])} more field(s) than the header names "
+                              f"({','.join(row[None])}); separate availability windows with ';'")
+        row = {k.strip(): (v or "").strip() for k, v in row.items()}
         client = _client(row.get("client"), path, line, num_users)
         if client in rows:
             raise DaliFlError(f"trace {path} line {line}: client {client} is listed twice")
