@@ -74,7 +74,7 @@ class FedNova(Algorithm):
 
     def __init__(self, fx):
         super().__init__(fx)
-        self.tau_eff = None  # the last round's, for its metrics row
+        self.tau_eff: dict[int, float] = {}  # round -> its τ_eff, for that round's metrics row alone
 
     @torch.no_grad()
     def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
@@ -88,10 +88,10 @@ class FedNova(Algorithm):
     @torch.no_grad()
     def aggregate(self, r: ServerRound, mean: State, deltas: State, products: State) -> tuple[State, State]:
         if r.total == 0:  # no client with samples: the state stays where it started
-            self.tau_eff = None
+            self.tau_eff = {}
             return mean, deltas
-        self.tau_eff = r.scalars[TAU] / r.total
-        return {k: r.start[k].float() + self.tau_eff * (v - r.start[k].float()) for k, v in mean.items()}, deltas
+        tau = self.tau_eff = {r.round_: r.scalars[TAU] / r.total}
+        return {k: r.start[k].float() + tau[r.round_] * (v - r.start[k].float()) for k, v in mean.items()}, deltas
 
     def metrics(self, round_: int) -> dict:
-        return {"tau_eff": self.tau_eff}
+        return {"tau_eff": self.tau_eff.get(round_)}  # None in a round that aggregated nobody (the clock's, say)

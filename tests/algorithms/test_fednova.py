@@ -114,3 +114,15 @@ def test_a_client_without_samples_adds_nothing_and_the_round_goes_on(store, tmp_
     finally:
         fx.close()
     assert row["num_clients"] == 8 and row["tau_eff"] > 0
+
+
+def test_a_round_the_clock_empties_reports_no_tau_eff(store, tmp_path):
+    # Its row repeated the round before's τ_eff: a figure of a round that aggregated nobody, and gone after a resume.
+    fx, _ = prepare(tiny_config(store, fednova=True, deadline=0.25, speed_spread=10, **SGD),
+                    tmp_path / "run", resume=False, write=False)
+    try:
+        got = [fed.run_round(fx, r) for r in (1, 2, 3)]
+    finally:
+        fx.close()
+    assert any(r["num_clients"] > 0 for r in got) and any(r["num_clients"] == 0 for r in got)
+    assert all((r["tau_eff"] is None) == (r["num_clients"] == 0) for r in got), got
