@@ -51,23 +51,26 @@ class RunningSum:
                 self.products[p.base] = ba * (float(num_samples) * product_scale)
         self.total += float(num_samples)
 
-    def flat(self) -> torch.Tensor:
-        """Everything as one flat tensor, total last, for a single all_reduce across processes."""
-        parts = [t.reshape(-1) for t in (*self.sums.values(), *self.products.values())]
-        tail = torch.tensor([*self.scalars.values(), self.total], device=parts[0].device if parts else "cpu")
-        return torch.cat([*parts, tail])
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums as one flat tensor, and the scalars and total as a float64 one: what processes all_reduce.
 
-    def load_flat(self, flat: torch.Tensor) -> None:
-        """Inverse of flat(): overwrite the sums from a reduced flat tensor."""
+        Counts stay float64: in float32 a total of 16,777,217 samples sums to 16,777,216.
+        """
+        parts = [t.reshape(-1) for t in (*self.sums.values(), *self.products.values())]
+        device = parts[0].device if parts else "cpu"
+        flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
+        return flat, torch.tensor([*self.scalars.values(), self.total], dtype=torch.float64, device=device)
+
+    def load_flat(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+        """Inverse of flat(): overwrite the sums, scalars and total from reduced tensors."""
         offset = 0
         for table in (self.sums, self.products):
             for name, t in table.items():
                 table[name] = flat[offset:offset + t.numel()].view_as(t).clone()
                 offset += t.numel()
-        for name in self.scalars:
-            self.scalars[name] = float(flat[offset])
-            offset += 1
-        self.total = float(flat[offset])
+        *scalars, total = counts.tolist()
+        self.scalars = dict(zip(self.scalars, scalars))
+        self.total = total
 
 
 @torch.no_grad()

@@ -81,12 +81,13 @@ class DistributedHooks(RoundHooks):
         return assign_clients(clients, sizes, self.world_size)[self.rank]
 
     def reduce(self, running: RunningSum, totals: dict) -> None:
-        flat = running.flat()
-        extra = torch.tensor([totals[k] for k in TOTAL_KEYS], dtype=flat.dtype, device=flat.device)
-        both = torch.cat([flat, extra])
-        dist.all_reduce(both)  # the one collective of the round
-        running.load_flat(both[:flat.numel()])
-        for k, v in zip(TOTAL_KEYS, both[flat.numel():].tolist()):
+        flat, counts = running.flat()
+        extra = torch.tensor([totals[k] for k in TOTAL_KEYS], dtype=torch.float64, device=counts.device)
+        both = torch.cat([counts, extra])
+        dist.all_reduce(flat)  # the round's tensors
+        dist.all_reduce(both)  # and its counts, in float64 (a few values: one more small collective)
+        running.load_flat(flat, both[:counts.numel()])
+        for k, v in zip(TOTAL_KEYS, both[counts.numel():].tolist()):
             totals[k] = v  # summed over processes: the times are process-seconds
 
     def evaluate(self, fx: Federation) -> tuple[float, float]:

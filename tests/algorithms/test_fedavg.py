@@ -38,9 +38,19 @@ def test_running_sum_equals_reference_on_random_states():
 def test_flat_round_trip_preserves_sums():
     running = RunningSum()
     running.add({"a": torch.ones(2, 2), "b": torch.arange(3.0)}, 4)
-    flat = running.flat()
+    flat, counts = running.flat()
     other = RunningSum()
     other.add({"a": torch.zeros(2, 2), "b": torch.zeros(3)}, 1)
-    other.load_flat(flat * 2)  # as if two identical processes were all-reduced
+    other.load_flat(flat * 2, counts * 2)  # as if two identical processes were all-reduced
     assert other.total == 8
     torch.testing.assert_close(other.sums["a"], torch.full((2, 2), 8.0))
+
+
+def test_counts_cross_processes_exactly():
+    # Reduced in float32, a total of 16,777,217 samples came back as 16,777,216 and FedNova's τ sums lost digits.
+    running = RunningSum(like={"a": torch.zeros(2)}, scalars=("tau",))
+    running.add({"a": torch.ones(2)}, 16_777_217)
+    running.scalars["tau"] += 48_653_929.3
+    flat, counts = running.flat()
+    running.load_flat(flat, counts)
+    assert running.total == 16_777_217 and running.scalars["tau"] == 48_653_929.3
