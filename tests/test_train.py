@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from dali_fl.data.sources import load_synthetic
 from dali_fl.data.store import write_store
 from dali_fl.engine.federation import run_round
 from dali_fl.engine.run import prepare
+from dali_fl.errors import DaliFlError
 from dali_fl.model.build import trainable_names
 from tests.tiny import kill_at_client
 
@@ -287,3 +289,84 @@ def test_local_weights_file_is_loaded(tmp_path):
                                   weights=str(tmp_path / "w.safetensors")), num_classes=10, img_size=224, seed=0)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)
     assert model.head.out_features == 10
+
+
+def _weights(path, num_classes: int = 1000, **kwargs):
+    """A tiny ViT's state dict saved as safetensors (`kwargs` over depth 2, width 32); returns the donor."""
+    import timm
+    from safetensors.torch import save_file
+
+    donor = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes,
+                              **{"depth": 2, "embed_dim": 32, "num_heads": 2, **kwargs})
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    return donor
+
+
+def _build(path, num_classes: int = 10):
+    from dali_fl.model.build import ModelSpec, build_model
+
+    return build_model(ModelSpec("vit_tiny_patch16_224", dict(depth=2, embed_dim=32, num_heads=2), pretrained=True,
+                                 weights=str(path)), num_classes=num_classes, img_size=224, seed=0)
+
+
+def test_relative_weights_are_saved_absolute_so_resume_works_from_elsewhere(invoke, tmp_path, monkeypatch):
+    _weights(tmp_path / "w.safetensors", depth=1)
+    store, _ = write_store(load_synthetic(8, 4, seed=0), tmp_path, 224, progress=False)  # what the weights expect
+    args = ("--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=1,embed_dim=32,num_heads=2", "--device",
+            "cpu", "--num-users", "2", "--partition", "iid", "--quiet")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--store", store, "--out", tmp_path / "r", *args, "--rounds", "1", "--weights",
+                    "w.safetensors")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["weights"] == str(tmp_path /
+                                                                                              "w.safetensors")
+    monkeypatch.chdir("/")
+    result = invoke("train", "--resume", tmp_path / "r", "--rounds", "2", "--quiet")
+    assert result.exit_code == 0, result.output  # it read "cannot read --weights w.safetensors (no such file)"
+
+
+def test_weights_that_leave_the_model_partly_random_are_refused(tmp_path):
+    # timm loads such files with strict=False once the head is dropped, and only logs what it skipped: a run
+    # trained from random init while config.json named the weights.
+    from safetensors.torch import save_file
+
+    _weights(tmp_path / "shallow.safetensors", depth=1)
+    _weights(tmp_path / "deep.safetensors", depth=3)
+    donor = load_file(str(tmp_path / "deep.safetensors"))
+    save_file({f"model.{k}": v for k, v in donor.items()}, str(tmp_path / "prefixed.safetensors"))
+    for name, words in (("shallow", "not in it (e.g. blocks.1."), ("deep", "the model lacks (e.g. blocks.2."),
+                        ("prefixed", "not in it")):
+        with pytest.raises(DaliFlError, match=rf"--weights .*{name}.safetensors cannot be read .*{re.escape(words)}"):
+            _build(tmp_path / f"{name}.safetensors")
+
+
+def test_a_head_that_fits_the_dataset_is_loaded_and_one_that_does_not_is_not(tmp_path):
+    tuned = _weights(tmp_path / "tuned.safetensors", num_classes=10)  # already fine-tuned on 10 classes: it was
+    model = _build(tmp_path / "tuned.safetensors")  # thrown away, as timm compares with ImageNet's 1000
+    torch.testing.assert_close(model.head.weight, tuned.head.weight)
+    imagenet = _weights(tmp_path / "imagenet.safetensors")
+    model = _build(tmp_path / "imagenet.safetensors")
+    assert model.head.out_features == 10
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, imagenet.blocks[1].mlp.fc2.weight)
+
+
+def test_lora_targets_are_linear_layers_outside_the_head(tmp_path):
+    # `proj` also named the patch embedding's Conv2d, whose 4-d factors FedEx cannot fold (a crash after a round);
+    # `head` and `.*mlp.*` reached peft, which raised its own traceback.
+    import timm
+
+    from dali_fl.model.build import lora_modules
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, embed_dim=32, num_heads=2, num_classes=10)
+    assert lora_modules(model, ("proj",)) == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    assert lora_modules(model, (".*mlp.*",)) == [f"blocks.{b}.mlp.{f}" for b in (0, 1) for f in ("fc1", "fc2")]
+    with pytest.raises(DaliFlError, match="'head' matches no Linear layer outside the head"):
+        lora_modules(model, ("head",))
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", depth=1, embed_dim=32, num_heads=2,
+                                  num_classes=10)
+    from dali_fl.model.build import ModelSpec, apply_lora
+
+    wrapped = apply_lora(distilled, ModelSpec("deit_tiny_distilled_patch16_224", lora=True))  # two heads
+    trainable = {n.split(".modules_to_save")[0].split(".")[-1] for n, p in wrapped.named_parameters()
+                 if p.requires_grad and "modules_to_save" in n}
+    assert trainable == {"head", "head_dist"}

@@ -209,7 +209,9 @@ def cli_config(p: dict, device: str) -> TrainConfig:
     """The resolved TrainConfig of a new run."""
     flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
     trace = str(Path(p["trace"]).absolute()) if p.get("trace") else ""  # so --resume finds it from anywhere
-    return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device, "trace": trace})
+    weights = str(Path(p["weights"]).absolute()) if p.get("weights") else None  # likewise
+    return TrainConfig.from_options({**flat, "store": _resolve_store(p), "device": device, "trace": trace,
+                                     "weights": weights})
 
 
 def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:

@@ -122,11 +122,15 @@ def _create_from_file(spec: ModelSpec, kwargs: dict) -> nn.Module:
     import timm
     from safetensors import SafetensorError
 
+    model = timm.create_model(spec.name, pretrained=False, **kwargs)
     try:
-        # timm drops the mismatched classifier and resamples position embeddings for us.
-        return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay={"file": str(spec.weights)},
-                                 **kwargs)
-    except (pickle.UnpicklingError, SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError) as err:
+        if str(spec.weights).endswith(".npz"):  # big_vision / JAX layout: timm's reader names what it misses
+            model.load_pretrained(str(spec.weights))
+        else:
+            _load_checked(model, spec)
+        return model
+    except (pickle.UnpicklingError, SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError,
+            AttributeError) as err:
         if "Unsupported global" in str(err):  # torch.load(weights_only=True) refused objects that could run code
             raise DaliFlError(f"--weights {spec.weights} is a pickle holding more than tensors and is not loaded, "
                               "for safety; convert it to .safetensors") from None
@@ -136,6 +140,30 @@ def _create_from_file(spec: ModelSpec, kwargs: dict) -> nn.Module:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DaliFlError(f"--weights {spec.weights} cannot be read as {spec.name} weights "
                           f"({type(err).__name__}{': ' + first[:200] if first else ''})") from None
+
+
+def _load_checked(model: nn.Module, spec: ModelSpec) -> None:
+    """Load a state-dict file as timm would (its filter resamples position embeddings), but refuse one that leaves
+    any tensor besides the head unloaded or holds tensors the model lacks: timm only logs those."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(spec.weights))  # torch.load(weights_only=True); unwraps "state_dict", "model"
+    module = sys.modules[type(model).__module__]
+    if hasattr(module, "checkpoint_filter_fn"):
+        state = module.checkpoint_filter_fn(state, model)
+    own, heads = model.state_dict(), head_names(model)
+    in_head = lambda key: any(key.startswith(h + ".") for h in heads)  # noqa: E731
+    for key in [k for k in state if in_head(k) and (k not in own or state[k].shape != own[k].shape)]:
+        del state[key]  # another dataset's head: this one starts from its seeded init (a fitting head loads)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not in_head(k)]
+    if missing or result.unexpected_keys:
+        extra, lack = result.unexpected_keys, missing
+        raise ValueError(f"it does not fit {spec.name} with --model-kwargs {spec.kwargs}: {len(lack)} of the "
+                         f"model's tensors are not in it{' (e.g. ' + lack[0] + ')' if lack else ''} and it holds "
+                         f"{len(extra)} the model lacks{' (e.g. ' + extra[0] + ')' if extra else ''}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -234,23 +262,38 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
     return model
 
 
-def _head_name(model: nn.Module) -> str:
+def head_names(model: nn.Module) -> list[str]:
+    """The classifier head(s): timm names one, or two for distilled ViTs (head, head_dist)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("classifier", "head") if isinstance(cfg, dict) else "head"
+    heads = cfg.get("classifier", "head") if isinstance(cfg, dict) else "head"
+    return [heads] if isinstance(heads, str) else list(heads)
+
+
+def lora_modules(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """The Linear layers the targets name (a name, a dotted suffix, or a regex matched whole), the head(s) aside.
+
+    Linear only: a Conv2d (the patch embedding's `proj`) has 4-d factors that B @ A cannot fold (FedEx, stack).
+    """
+    heads = head_names(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not any(n == h or n.startswith(h + ".") for h in heads)]
+
+    def named(target: str, name: str) -> bool:
+        return bool(re.fullmatch(target, name)) if _is_regex(target) else name == target or name.endswith("." + target)
+
+    for target in targets:
+        if not any(named(target, n) for n in names):
+            raise DaliFlError(f"--lora-targets {target!r} matches no Linear layer outside the head; some that exist: "
+                              + ", ".join(names[:6]))
+    return [n for n in names if any(named(t, n) for t in targets)]
 
 
 def apply_lora(model: nn.Module, spec: ModelSpec) -> nn.Module:
     """Wrap the model with peft LoRA on the target modules; the classifier head stays trainable."""
     from peft import LoraConfig, get_peft_model
 
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for target in spec.lora_targets:
-        if not any(re.fullmatch(target, n) or n == target or n.endswith("." + target) for n in names):
-            raise DaliFlError(f"--lora-targets {target!r} matches no Linear/Conv2d module; some that exist: "
-                              + ", ".join(names[:6]))
-    pattern = "|".join(f"(?:{t})" if _is_regex(t) else f"(?:.*\\.)?{re.escape(t)}" for t in spec.lora_targets)
-    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=pattern,
-                        modules_to_save=[_head_name(model)], lora_dropout=0.0)
+    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, modules_to_save=head_names(model),
+                        target_modules=lora_modules(model, spec.lora_targets), lora_dropout=0.0)
     model = get_peft_model(model, config)
     if spec.freeze_lora_a:
         for name, p in model.named_parameters():
