@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dali_fl.algorithms.base import AsyncPolicy
-from dali_fl.engine.clock import Profiles
+from dali_fl.engine.clock import Profiles, with_samples
 from dali_fl.errors import DaliFlError
 from dali_fl.model.build import trainable_state
 from dali_fl.seeds import DISPATCH, SAMPLE, stream
@@ -124,7 +124,7 @@ class AsyncTimeline:
         self.cfg, self.profiles, self.seconds, self.policy = fx.cfg, profiles, seconds, policy
         self.device = fx.device
         self.names = list(trainable_state(fx.model))  # the model's order, which a checkpoint's sorted keys are not
-        self.trains = np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
+        self.trains = with_samples(fx)
         if self.trains.sum() < policy.buffer:
             raise DaliFlError(f"--buffer {policy.buffer} needs that many clients with samples, and the partition "
                               f"leaves {int(self.trains.sum())}; lower --buffer or raise --min-size")

@@ -285,7 +285,7 @@ class SyncTimeline:
 
     def __init__(self, fx: "Federation", profiles: Profiles, seconds: np.ndarray):
         self.cfg, self.profiles, self.seconds = fx.cfg, profiles, seconds
-        self.trains = np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
+        self.trains = with_samples(fx)
         self.t, self.next_round = 0.0, 1
 
     def plan(self, round_: int, plain) -> RoundPlan:
@@ -306,6 +306,11 @@ class SyncTimeline:
 
     def load_state_tensors(self, saved, round_: int) -> None:
         """Nothing to load (see state_tensors)."""
+
+
+def with_samples(fx: "Federation") -> np.ndarray:
+    """Per client, whether it has samples to train on: one without returns nothing, however fast."""
+    return np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
 
 
 def check_deadline(clock: ClockConfig, seconds: np.ndarray) -> None:
