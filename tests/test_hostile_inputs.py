@@ -95,8 +95,10 @@ def _user_file(rel: str) -> Callable[[Path], Path]:
     return make
 
 
+# partition.json is what `dali-fl partition --out D/partition.json` writes: a run took it for its own and
+# overwrote it (or deleted it when its start failed). A run's own files come with its .lock, taken first.
 @pytest.mark.parametrize("rel", ["checkpoint/important.txt", "summary.json", "notes.txt", "metrics.jsonl",
-                                 "tensorboard/events.out"])
+                                 "tensorboard/events.out", "partition.json", "run.json"])
 def test_train_out_refuses_a_directory_holding_files_it_did_not_write(invoke, assert_user_error, stores, tmp_path,
                                                                       rel):
     out = tmp_path / "D"
@@ -105,6 +107,21 @@ def test_train_out_refuses_a_directory_holding_files_it_did_not_write(invoke, as
     assert_user_error(invoke("train", "--store", stores[0], "--out", out, *TINY, "--rounds", 1),
                       "not empty and not a dali-fl run", "choose another --out")
     assert _snapshot(out) == before and made.read_text() == "the user's"
+
+
+def test_a_run_inside_a_store_is_refused(invoke, assert_user_error, stores, tmp_path):
+    # `prep --force` replaces the store whole, and the run inside it went with it.
+    out = stores[0] / "runs" / "r"
+    assert_user_error(invoke("train", "--store", stores[0], "--out", out, *TINY, "--rounds", 1),
+                      "inside the store", "prep --force")
+    assert not (stores[0] / "runs").exists()
+
+
+def test_a_failed_start_removes_the_directories_it_made(invoke, assert_user_error, stores, tmp_path):
+    result = invoke("train", "--store", stores[0], "--out", tmp_path / "a" / "b" / "c", *TINY, "--rounds", 1,
+                    "--model-kwargs", "patch_size=32")  # fails as the model is built, after the run directory
+    assert_user_error(result, "patch_size")
+    assert not (tmp_path / "a").exists()  # it left a/ and a/b/ behind
 
 
 @pytest.mark.parametrize("kind", ["plain-dir", "symlink"])

@@ -251,6 +251,32 @@ def test_the_command_list_says_what_each_command_says_of_itself():
     assert sorted(c.name for c in cli.commands.values()) == sorted(COMMANDS)  # every command the modules hold
 
 
+def test_a_full_disk_at_the_metrics_row_or_the_lock_is_one_line(invoke, assert_user_error, store, tmp_path,
+                                                                monkeypatch):
+    import errno
+
+    from dali_fl.engine import rundir
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", full)  # the row's append: it was a traceback and exit 1
+    assert_user_error(_train(invoke, store, tmp_path / "r", "--rounds", 1), "cannot append round 1",
+                      "metrics.jsonl", "No space left", "--resume")
+    monkeypatch.undo()
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "pwrite", no_room)  # the lock's pid: a traceback, and the directory stayed
+    with RunLock(tmp_path / "locked"):
+        pass
+
+
 def test_resume_cannot_go_below_the_finished_rounds(invoke, assert_user_error, store, tmp_path):
     run = _finished(invoke, store, tmp_path / "r", rounds=2)
     config = (run / "config.json").read_text()

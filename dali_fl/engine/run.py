@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     if type(hooks) is not RoundHooks:
         algorithms.refuse_one_process(cfg, "several processes cannot share it", "run without --nproc")
     run_dir = Path(run_dir)
-    created = hooks.is_writer and not resume and not run_dir.exists()
+    created = _first_missing(run_dir) if hooks.is_writer and not resume else None
     with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
         try:
             fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
@@ -172,10 +172,21 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
         return run_rounds(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
 
 
-def _remove_start(run_dir: Path, created: bool) -> None:
-    """Remove what a run that never wrote its config.json left: its directory, or (in the user's) its files."""
-    if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _first_missing(run_dir: Path) -> Optional[Path]:
+    """The outermost directory of `run_dir` that does not exist yet (the run makes it), or None."""
+    missing = None
+    for d in (run_dir, *run_dir.absolute().parents):
+        if d.exists() or d.is_symlink():
+            return missing
+        missing = d
+    return missing
+
+
+def _remove_start(run_dir: Path, created: Optional[Path]) -> None:
+    """Remove what a run that never wrote its config.json left: the directories it made, or (in the user's) its
+    files."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
         return
     for name in (*STARTING, *algorithm_files()):
         if name != LOCK:  # held until the lock is released; a new run takes it

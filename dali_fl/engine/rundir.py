@@ -1,6 +1,7 @@
 """The run directory: config, partition, metrics.jsonl, TensorBoard, atomic checkpoint, summary."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -63,8 +64,9 @@ class RunLock:
             os.close(fd)
             raise DaliFlError(f"{self.run_dir} is in use by another dali-fl train (process {holder}); wait for it "
                               "to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, the pid only names it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -81,6 +83,10 @@ def check_fresh(run_dir: Path, resume: Optional[str] = None) -> None:
         raise DaliFlError(f"{run_dir} already holds a run; continue it with {resume or f'--resume {run_dir}'} or "
                           "choose another --out")
     check_ours(run_dir)
+    store = next((d for d in Path(run_dir).absolute().parents if (d / "manifest.json").is_file()), None)
+    if store is not None:  # `prep --force` replaces a store whole, and a run inside it would go too
+        raise DaliFlError(f"--out {run_dir} is inside the store {store}, which `dali-fl prep --force` replaces "
+                          "whole; choose an --out outside it")
 
 
 def _starting_name(name: str) -> bool:
@@ -93,7 +99,9 @@ def check_ours(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or (run_dir / "config.json").is_file():
         return  # absent (it will be made), not a directory (mkdir says so), or a run: its own names only are touched
-    foreign = sorted(name for name in os.listdir(run_dir) if not _starting_name(name))
+    names = os.listdir(run_dir)
+    started = LOCK in names  # a run takes its lock before it writes anything: without one, a partition.json is yours
+    foreign = sorted(name for name in names if name != LOCK and not (started and _starting_name(name)))
     if foreign:
         raise DaliFlError(f"{run_dir} is not empty and not a dali-fl run (it holds {foreign[0]!r}"
                           f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); dali-fl would overwrite "
@@ -184,10 +192,16 @@ class MetricsLog:
 
     def log(self, row: dict) -> None:
         """Append one round's metrics, durably."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # a torn row is dropped on resume; the round's checkpoint was not written yet
+            run_dir = self.path.parent
+            raise DaliFlError(f"cannot append round {row['round']} to {self.path} ({err.strerror or err}); "
+                              f"{what_to_do(err, '') or 'free some space'} and continue with `dali-fl train "
+                              f"--resume {run_dir}`") from None
         self.rows.append(row)
         for key, value in row.items():
             if key != "round" and isinstance(value, (int, float)):
