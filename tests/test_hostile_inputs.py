@@ -387,10 +387,14 @@ def _huge_partition_index(run: Path) -> None:
 
 
 def _client_out_of_range(run: Path) -> None:
+    """A client id out of range in a checkpoint whose meta.json agrees (so the reader itself must refuse it)."""
     path = run / "checkpoint" / "state.safetensors"
     tensors = load_file(str(path))
     tensors["scaffold::clients"] = torch.tensor([0, 10**6], dtype=torch.int64)
     save_file(tensors, str(path))
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    meta["state_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "checkpoint" / "meta.json").write_text(json.dumps(meta))
 
 
 VALUE_TAMPERS = [

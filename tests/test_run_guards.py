@@ -189,11 +189,15 @@ def test_a_ctrl_c_while_a_checkpoint_is_written_keeps_the_last_whole_one_and_no_
     run = _finished(invoke, store, tmp_path / "r", rounds=1)
     before = load_file(str(run / "checkpoint" / "state.safetensors"))
 
-    def killed(tensors, path):
-        Path(path).write_bytes(b"half")  # part of the new checkpoint is on disk when the Ctrl-C lands
+    real = Path.write_bytes
+
+    def killed(path, data):
+        if path.name != "state.safetensors":
+            return real(path, data)
+        real(path, data[:4])  # part of the new checkpoint is on disk when the Ctrl-C lands
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", killed)
+    monkeypatch.setattr(Path, "write_bytes", killed)
     result = invoke("train", "--resume", run, "--rounds", 2, "--quiet")
     assert result.exit_code == 130 and "--resume" in _interrupted_line(result)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
@@ -311,6 +315,14 @@ def _wrong_shape(run: Path) -> None:
     save_file(tensors, str(path))
 
 
+def _one_weight(run: Path) -> None:
+    path = run / "checkpoint" / "state.safetensors"
+    tensors = load_file(str(path))
+    name = next(iter(tensors))
+    tensors[name].view(-1)[0] += 1  # same names, shapes and size: it resumed as if nothing had happened
+    save_file(tensors, str(path))
+
+
 def _non_object_metrics_line(run: Path) -> None:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2]", *lines[1:]]) + "\n")
@@ -320,7 +332,8 @@ def _non_object_metrics_line(run: Path) -> None:
     (_tamper_partition, ("partition.json", "not the partition this run started with")),
     (_tamper_meta("{}"), ("meta.json", "no valid round")),
     (_tamper_meta('{"round": "2"}'), ("meta.json", "no valid round")),
-    (_wrong_shape, ("shape", "does not belong")),
+    (_wrong_shape, ("state.safetensors", "sha256 differs")),
+    (_one_weight, ("state.safetensors", "sha256 differs", "changed after the run wrote it")),
     (_non_object_metrics_line, ("metrics.jsonl line 2",)),
 ])
 def test_tampered_run_files_are_refused_on_resume(invoke, assert_user_error, store, tmp_path, tamper, words):
@@ -331,6 +344,18 @@ def test_tampered_run_files_are_refused_on_resume(invoke, assert_user_error, sto
 
 class _NotATensor:
     pass
+
+
+def test_a_store_whose_labels_changed_is_refused_on_resume(invoke, assert_user_error, tmp_path):
+    # Only the manifest was compared: labels edited in place (the manifest untouched) resumed silently.
+    import numpy as np
+
+    own = tiny_store(tmp_path / "data")
+    run = _finished(invoke, own, tmp_path / "r", rounds=1)
+    labels = own / "train_labels.npy"
+    np.save(labels, (np.load(labels) + 1) % 10)
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 2, "--quiet"), "train_labels.npy",
+                      "differs from the labels", "dali-fl verify")
 
 
 def test_unsafe_or_garbage_weights_are_one_line(invoke, assert_user_error, tmp_path):

@@ -115,7 +115,7 @@ def _is_whole(checkpoint: Path) -> bool:
 def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
                     base: dict[str, torch.Tensor], seed: int) -> None:
     """Write checkpoint/ atomically (atomic.replace_dir): trainable state (+ changed base weights) and the round."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     final = run_dir / "checkpoint"
     tmp = temp_dir_for(final, _is_whole)
@@ -124,10 +124,12 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
     # Every random stream is derived from (seed, round, client, epoch), so these two numbers are the RNG state.
     # The metrics rows the round closes are fingerprinted, so that a resume can tell them from edited ones.
     covered = [r for r in read_metrics(run_dir) if r["round"] <= round_]
-    meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1},
-                       "metrics": {"rows": len(covered), "sha256": metrics_digest(covered)}})
     try:
-        save_file(tensors, str(tmp / "state.safetensors"))
+        blob = save(tensors)  # the file's bytes, fingerprinted too: an edited weight is refused on resume
+        meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1},
+                           "metrics": {"rows": len(covered), "sha256": metrics_digest(covered)},
+                           "state_sha256": hashlib.sha256(blob).hexdigest()})
+        (tmp / "state.safetensors").write_bytes(blob)
         (tmp / "meta.json").write_text(meta)
         replace_dir(tmp, final)
     except (OSError, SafetensorError) as err:
@@ -167,11 +169,16 @@ def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
     meta = read_meta(run_dir)
     if meta is None:
         return None
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     final = run_dir / "checkpoint"
+    blob = read_bytes(final / "state.safetensors", 1 << 62, "the run cannot be resumed")
+    want = meta.get("state_sha256")  # None: written before the checkpoint was fingerprinted
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise DaliFlError(f"{final / 'state.safetensors'} is not the file {final / 'meta.json'} recorded (its sha256 "
+                          "differs): it was changed after the run wrote it, so the run cannot be resumed")
     try:
-        tensors = load_file(str(final / "state.safetensors"))
+        tensors = load(blob)
     except Exception as err:
         raise DaliFlError(f"{final} is unreadable ({type(err).__name__}); the run cannot be resumed") from None
     state = {k: v for k, v in tensors.items() if not k.startswith(BASE_PREFIX)}

@@ -19,7 +19,7 @@ from typing import Optional
 from dali_fl.atomic import atomic_write_text
 from dali_fl.bounds import fits_int64
 from dali_fl.config import TrainConfig
-from dali_fl.data.store import MANIFEST
+from dali_fl.data.store import MANIFEST, open_store
 from dali_fl.engine.rundir import IDENTITY, algorithm_files, metrics_digest, read_meta, read_metrics
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, read_bytes, sha256
@@ -253,6 +253,16 @@ def _check_identity(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
         raise DaliFlError(f"the store {cfg.data.store} in config.json is not the store this run started on (its "
                           f"{MANIFEST} differs from the one recorded in {IDENTITY}); point config.json back at "
                           "that store, or start a new run")
+    _check_labels(Path(cfg.data.store))
+
+
+def _check_labels(store: Path) -> None:
+    """The store's label files are the ones its manifest names (a few bytes an image: cheap, unlike the images)."""
+    for split, entry in open_store(store).manifest["splits"].items():
+        path = store / entry["labels"]["file"]
+        if sha256(path) != entry["labels"]["sha256"]:
+            raise DaliFlError(f"{path} differs from the labels {store / MANIFEST} records (its sha256), so the run "
+                              f"would go on with other labels; `dali-fl verify {store}` checks the whole store")
 
 
 def check_metrics(run_dir: Path, done: int, covered: Optional[dict]) -> None:
