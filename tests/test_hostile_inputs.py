@@ -260,7 +260,24 @@ RESUME_TAMPERS = [
     ("config-a-default-made-explicit", lambda run: _config_field("local", "momentum", 0.5)(run), ("other than",)),
     ("settings-sha256-not-a-digest", lambda run: _identity_field(run, "settings_sha256", "abc"),
      ("run.json", "not a run identity")),
+    # A record deleted, so that the run looks older than it is: the checks it fed turned into a warning.
+    ("run-json-deleted", lambda run: (run / "run.json").unlink(), ("run.json", "is missing")),
+    ("meta-metrics-deleted", lambda run: _older_meta(run, "metrics"), ("meta.json", "lacks the record of its metrics")),
+    ("settings-sha256-deleted", lambda run: _older_identity(run, "settings_sha256"),
+     ("run.json", "lacks the record of the run's settings")),
 ]
+
+
+def _older_meta(run: Path, *keys: str) -> None:
+    """checkpoint/meta.json as a dali-fl that did not write `keys` left it."""
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    (run / "checkpoint" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in keys}))
+
+
+def _older_identity(run: Path, *keys: str) -> None:
+    """run.json as a dali-fl that did not write `keys` left it."""
+    ident = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({k: v for k, v in ident.items() if k not in keys}))
 
 
 def _identity_field(run: Path, key: str, value: object) -> None:
@@ -327,6 +344,7 @@ def test_a_kills_leftovers_are_repaired_to_the_rows_the_checkpoint_covers(invoke
 def test_a_run_from_before_run_json_resumes_with_a_warning_and_gets_one(invoke, finished, tmp_path):
     run = _copy(finished, tmp_path)
     (run / "run.json").unlink()
+    _older_meta(run, "metrics", "state_sha256")  # nor did its checkpoint record these
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert set(json.loads((run / "run.json").read_text())) == {"partition_sha256", "store_manifest_sha256",
@@ -338,6 +356,7 @@ def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_i
     ident = json.loads((run / "run.json").read_text())
     del ident["settings_sha256"]
     (run / "run.json").write_text(json.dumps(ident))
+    _older_meta(run, "state_sha256")  # which came after the settings' record
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads((run / "run.json").read_text()) == dict(ident, settings_sha256=ANY_SHA256)

@@ -169,8 +169,9 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
                           "moved, set data.store in config.json to its new path (its manifest is checked), or make "
                           "it again with `dali-fl prep`")
     identity = _read_identity(run_dir)
-    _check_identity(cfg, run_dir, identity)
     meta = read_meta(run_dir)
+    _check_same_generation(run_dir, identity, meta)
+    _check_identity(cfg, run_dir, identity)
     done = meta["round"] if meta else 0
     rng = (meta or {}).get("rng")
     seed = rng.get("seed") if isinstance(rng, dict) else None
@@ -180,6 +181,26 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     covered = (meta or {}).get("metrics")
     check_metrics(run_dir, done, covered if isinstance(covered, dict) else None)
     _check_settings(cfg, run_dir, identity)  # last: the checks above name the file and the field more precisely
+
+
+def _check_same_generation(run_dir: Path, identity: Optional[dict], meta: Optional[dict]) -> None:
+    """Records that one dali-fl writes together are all there: an older run lacks all of them, never just some.
+
+    run.json came with the checkpoint's metrics record, and its settings record before the checkpoint's sha256;
+    deleting one of them must not turn the checks it feeds into an older run's warning.
+    """
+    if meta is None:
+        return
+    checkpoint = run_dir / "checkpoint" / "meta.json"
+    if identity is None and "metrics" in meta:
+        raise DaliFlError(f"{run_dir / IDENTITY} is missing, though {checkpoint} was written by a dali-fl that "
+                          f"writes it; {FIX}")
+    if identity is not None and "metrics" not in meta:
+        raise DaliFlError(f"{checkpoint} lacks the record of its metrics rows that the dali-fl which wrote "
+                          f"{IDENTITY} keeps; {FIX}")
+    if identity is not None and "state_sha256" in meta and "settings_sha256" not in identity:
+        raise DaliFlError(f"{run_dir / IDENTITY} lacks the record of the run's settings that the dali-fl which "
+                          f"wrote {checkpoint} keeps; {FIX}")
 
 
 def _read_identity(run_dir: Path) -> Optional[dict]:
