@@ -279,7 +279,7 @@ def _check_identity(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
 
 def _check_labels(store: Path) -> None:
     """The store's label files are the ones its manifest names (a few bytes an image: cheap, unlike the images)."""
-    for split, entry in open_store(store).manifest["splits"].items():
+    for entry in open_store(store).manifest["splits"].values():
         path = store / entry["labels"]["file"]
         if sha256(path) != entry["labels"]["sha256"]:
             raise DaliFlError(f"{path} differs from the labels {store / MANIFEST} records (its sha256), so the run "
