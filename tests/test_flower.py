@@ -364,7 +364,8 @@ def test_a_ctrl_c_stops_flower_run_at_once_and_leaves_no_ray(store, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail("flower run still ran 60 s after Ctrl-C (it used to wait for a second one)")
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted"), (
+        proc.returncode, [p.name for p in run.iterdir()] if run.exists() else None, err[-3000:])
     psutil.wait_procs(family, timeout=30)
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert (run / "checkpoint" / "meta.json").is_file()  # the rounds that finished are kept
