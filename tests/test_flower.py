@@ -352,7 +352,10 @@ def test_a_ctrl_c_stops_flower_run_at_once_and_leaves_no_ray(store, tmp_path):
     args = [a for a in FLAGS if a not in ("--rounds", "2")] + ["--rounds", "100", "--alg", "fedlora", "--lora-r", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "dali_fl", "flower", "run", "--store", str(store), "--out", str(run),
                              *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a group of its own, as a terminal's Ctrl-C reaches it
+                            start_new_session=True,  # a group of its own, as a terminal's Ctrl-C reaches it
+                            # and Ctrl-C's default action, as a terminal's job has: a suite started in the background
+                            # by a shell (`make test &`) ignores SIGINT, and its children inherit that.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 200
     while not (run / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
