@@ -83,6 +83,7 @@ def check_fresh(run_dir: Path, resume: Optional[str] = None) -> None:
         raise DaliFlError(f"{run_dir} already holds a run; continue it with {resume or f'--resume {run_dir}'} or "
                           "choose another --out")
     check_ours(run_dir)
+    # data.store's MANIFEST, spelt out: importing data.store imports torch, which tools reading runs do without.
     store = next((d for d in Path(run_dir).absolute().parents if (d / "manifest.json").is_file()), None)
     if store is not None:  # `prep --force` replaces a store whole, and a run inside it would go too
         raise DaliFlError(f"--out {run_dir} is inside the store {store}, which `dali-fl prep --force` replaces "

@@ -159,11 +159,11 @@ def _load_checked(model: nn.Module, spec: ModelSpec) -> None:
         del state[key]  # another dataset's head: this one starts from its seeded init (a fitting head loads)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not in_head(k)]
-    if missing or result.unexpected_keys:
-        extra, lack = result.unexpected_keys, missing
-        raise ValueError(f"it does not fit {spec.name} with --model-kwargs {spec.kwargs}: {len(lack)} of the "
-                         f"model's tensors are not in it{' (e.g. ' + lack[0] + ')' if lack else ''} and it holds "
-                         f"{len(extra)} the model lacks{' (e.g. ' + extra[0] + ')' if extra else ''}")
+    extra = result.unexpected_keys
+    if missing or extra:
+        raise ValueError(f"it does not fit {spec.name} with --model-kwargs {spec.kwargs}: {len(missing)} of the "
+                         f"model's tensors are not in it{' (e.g. ' + missing[0] + ')' if missing else ''} and it "
+                         f"holds {len(extra)} the model lacks{' (e.g. ' + extra[0] + ')' if extra else ''}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
