@@ -148,3 +148,12 @@ def test_a_model_that_is_not_a_vit_is_named_as_such():
 
     with pytest.raises(DaliFlError, match="resnet18 is not a Vision Transformer"):
         build_model(ModelSpec("resnet18", pretrained=False), num_classes=10, img_size=32, seed=0)
+
+
+def test_a_model_with_batchnorm_running_statistics_is_refused():
+    # LeViT takes img_size like a ViT, but its BatchNorm running means are buffers no client exchanges: they
+    # would escape averaging, DP's clip and noise, and the checkpoint.
+    from dali_fl.model.build import ModelSpec, build_model
+
+    with pytest.raises(DaliFlError, match=r"levit_128s keeps BatchNorm running statistics \(52 layers"):
+        build_model(ModelSpec("levit_128s", pretrained=False), num_classes=10, img_size=32, seed=0)

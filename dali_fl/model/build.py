@@ -257,9 +257,24 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise DaliFlError(f"cannot build {spec.name} for {img_size}px images with --model-kwargs "
                               f"{spec.kwargs} ({first})") from None
+        check_no_running_stats(model, spec.name)
         if spec.lora:
             model = apply_lora(model, spec)
     return model
+
+
+def check_no_running_stats(model: nn.Module, name: str) -> None:
+    """Refuse models whose training moves buffers (BatchNorm's running statistics), which no client exchanges.
+
+    Clients exchange parameters only: a running mean would be whatever the last client left, unaveraged,
+    unclipped and unnoised under DP, and missing from the checkpoint, so a resume would not continue the run.
+    """
+    norms = [n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if norms:
+        raise DaliFlError(f"--model {name} keeps BatchNorm running statistics ({len(norms)} layers, e.g. {norms[0]}), "
+                          "which dali-fl neither averages nor checkpoints (clients exchange parameters only); use a "
+                          "model without BatchNorm, e.g. vit_tiny_patch16_224 or deit_small_patch16_224")
 
 
 def head_names(model: nn.Module) -> list[str]:
