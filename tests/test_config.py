@@ -157,3 +157,21 @@ def test_a_model_with_batchnorm_running_statistics_is_refused():
 
     with pytest.raises(DaliFlError, match=r"levit_128s keeps BatchNorm running statistics \(52 layers"):
         build_model(ModelSpec("levit_128s", pretrained=False), num_classes=10, img_size=32, seed=0)
+
+
+@pytest.mark.parametrize("layout", ["server", "algorithms"])
+def test_a_config_json_from_before_poisson_sampling_of_a_run_without_dp_loads(layout):
+    """Older files wrote DP's fields (dp_clip 0) for every run; the fixed-size sample DP ran with then is no
+    setting of a run that did not use DP (--dp-sampling without --dp-clip is refused)."""
+    import json
+
+    cfg = TrainConfig.from_options(dict(server_opt="adam", server_lr=0.01))
+    doc = json.loads(cfg.to_json())
+    dp = {k: v for k, v in doc["algorithms"]["dp"].items() if k in ("dp_clip", "dp_noise", "dp_delta")}
+    if layout == "server":
+        doc["server"] = {**doc["algorithms"].pop("fedopt"), **dp}
+        del doc["algorithms"]
+    else:
+        doc["algorithms"]["dp"] = dp
+    old = TrainConfig.from_json(json.dumps(doc))
+    assert old.algorithms == cfg.algorithms

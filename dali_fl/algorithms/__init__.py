@@ -124,11 +124,13 @@ def saved_options(doc: dict) -> dict:
     held its options before it had one, and for an option an older file lacks, what that run used."""
     flat: dict = {}
     for name, cls in REGISTRY.items():
-        fields = {f.name for f in dataclasses.fields(cls.Params)}
-        found = {k: v for section in cls.saved_in for k, v in doc.get(section, {}).items() if k in fields}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls.Params)}
+        found = {k: v for section in cls.saved_in for k, v in doc.get(section, {}).items() if k in defaults}
         found.update(doc.get("algorithms", {}).get(name, {}))
-        if found:
-            flat.update({**cls.saved_before, **found})
+        # Older files wrote every algorithm's fields, used or not; what the algorithm did then is no setting of a
+        # run that left them all at their defaults (JSON keeps no tuples: lists are compared as tuples).
+        used = any((tuple(v) if isinstance(v, list) else v) != defaults.get(k) for k, v in found.items())
+        flat.update({**(cls.saved_before if used else {}), **found})
     return flat
 
 
