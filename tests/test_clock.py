@@ -207,6 +207,17 @@ def test_bad_clock_options_are_one_line(invoke, assert_user_error, store, tmp_pa
     assert not out.exists()
 
 
+def test_dp_takes_a_trace_of_speeds_but_not_one_that_leaves_clients_out(store, tmp_path):
+    # Speeds and bandwidths change the clock only: every sampled client still counts, as DP's sampling rate says.
+    speeds = write_trace(tmp_path / "s.csv", ["client,speed,bandwidth", *(f"{c},{c + 1},1" for c in range(4))])
+    cfg = tiny_config(store, dp_clip=1.0, dp_noise=0.5, trace=str(speeds))
+    assert cfg.clock.trace == str(speeds) and cfg.algorithms["dp"].dp_clip == 1.0
+    windows = write_trace(tmp_path / "w.csv", ["client,speed,bandwidth,available", "0,1,1,0-5",
+                                               *(f"{c},{c + 1},1," for c in range(1, 4))])
+    with pytest.raises(DaliFlError, match="with --trace's availability windows, .* drop --trace or --dp-clip"):
+        tiny_config(store, dp_clip=1.0, dp_noise=0.5, trace=str(windows))
+
+
 def test_flower_refuses_what_it_does_not_run(store):
     from dali_fl.flower.options import config_from_run_config, run_config_from_options
 

@@ -64,11 +64,6 @@ class ClockConfig:
             if getattr(self, name) < 1:
                 raise DaliFlError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
 
-    @property
-    def stragglers(self) -> bool:
-        """Whether rounds may leave sampled clients out (deadline, over-selection, availability)."""
-        return self.deadline > 0 or self.over_select > 1 or bool(self.trace)
-
 
 @dataclass(frozen=True)
 class Profiles:
@@ -198,12 +193,16 @@ def refuse(cfg: "TrainConfig") -> None:
     if wanted > fed.num_users:
         raise DaliFlError(f"--over-select {clock.over_select} samples {wanted} clients a round, more than the "
                           f"federation's {fed.num_users}; lower --over-select or --frac")
+    trace = read_trace(Path(clock.trace), fed.num_users) if clock.trace else None
+    # Only what leaves sampled clients out: a trace of speeds and bandwidths alone changes the clock, not who counts.
+    leaving_out = [flag for flag, on in (("--deadline", clock.deadline > 0), ("--over-select", clock.over_select > 1),
+                                         ("--trace", trace is not None and trace.windows is not None)) if on]
     uniform = [c.flag for c in algorithms.active_classes(cfg) if c.uniform_sample]
-    if clock.stragglers and uniform:
-        raise DaliFlError(f"--deadline, --over-select and --trace decide by speed which sampled clients count, so a "
-                          f"client's inclusion rate is not m/N, which {uniform[0]} rests on; drop them or {uniform[0]}")
-    if clock.trace:
-        read_trace(Path(clock.trace), fed.num_users)
+    if leaving_out and uniform:
+        what = "--trace's availability windows" if leaving_out[0] == "--trace" else leaving_out[0]
+        raise DaliFlError(f"with {what}, which sampled clients count depends on their simulated time, so a client's "
+                          f"inclusion rate is no longer the sampling rate, which {uniform[0]} rests on; drop "
+                          f"{leaving_out[0]} or {uniform[0]}")
 
 
 def client_seconds(fx: "Federation", profiles: Profiles) -> np.ndarray:
