@@ -66,6 +66,7 @@ def test_two_real_processes_on_one_out_only_one_runs_and_a_killed_holder_frees_i
     first = _cli("--store", store, "--out", out, *TINY, "--rounds", 500)
     try:
         _wait_for(first, out / "config.json")
+        first.send_signal(signal.SIGSTOP)  # it holds the lock while stopped, and leaves the cores to the others
         second = _cli("--store", store, "--out", out, *TINY, "--rounds", 1)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2 and err.strip().splitlines() == [
