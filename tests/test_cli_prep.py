@@ -125,6 +125,21 @@ def test_prep_npz(invoke, tmp_path):
     assert invoke("verify", store.path, "--source-path", tmp_path / "d.npz").exit_code == 0
 
 
+def test_prep_of_another_npz_with_the_same_labels_is_refused(invoke, tmp_path, assert_user_error):
+    # The second prep said "nothing to do" and left the first file's images to train on.
+    labels = {"y_train": np.array([0, 1, 2, 0]), "y_test": np.array([1, 2])}
+    for name, seed in (("a.npz", 1), ("b.npz", 2)):
+        rng = np.random.default_rng(seed)
+        np.savez(tmp_path / name, x_train=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+                 x_test=rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), **labels)
+    args = ("prep", "--source", "npz", "--image-size", "16", "--out", tmp_path / "out", "--quiet", "--source-path")
+    assert invoke(*args, tmp_path / "a.npz").exit_code == 0
+    again = invoke(*args, tmp_path / "a.npz")
+    assert again.exit_code == 0 and "same source images" in again.output and "nothing to do" in again.output
+    assert_user_error(invoke(*args, tmp_path / "b.npz"), "other data", "train images differ", "--force")
+    assert invoke(*args, tmp_path / "b.npz", "--force").exit_code == 0
+
+
 def test_prep_imagefolder_with_mixed_sizes(invoke, tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "imgs"

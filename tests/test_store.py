@@ -189,6 +189,45 @@ def test_other_data_into_the_same_store_is_refused(tmp_path, small_source):
     assert write_store(small_source, tmp_path, 32, progress=False) == (tmp_path / "npz-32", False)
 
 
+def test_other_images_with_the_same_labels_are_refused(tmp_path, small_source):
+    # Names, sizes, classes, counts and labels all matched, so another .npz's images were taken for the old ones.
+    path, _ = write_store(small_source, tmp_path, 32, progress=False)
+    stored = np.asarray(open_store(path).images("test")).copy()
+    test = small_source.splits["test"]
+    changed = test.read(0, test.count).copy()
+    changed[-1, 0, 0, 0] ^= 1  # one value of one raw image
+    other = Source("npz", small_source.classes, {**small_source.splits, "test": in_memory_split(changed, test.labels)})
+    with pytest.raises(DaliFlError, match="made from other data .*test images differ.*--force"):
+        write_store(other, tmp_path, 32, progress=False)
+    assert np.array_equal(open_store(path).images("test"), stored)
+    assert write_store(small_source, tmp_path, 32, progress=False) == (path, False)
+
+
+def test_a_store_without_a_source_hash_is_compared_on_samples(tmp_path, small_source):
+    # Stores written before prep recorded source_sha256 stay usable: re-resized samples stand in for the hash.
+    path, _ = write_store(small_source, tmp_path, 24, progress=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for entry in manifest["splits"].values():
+        del entry["source_sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert write_store(small_source, tmp_path, 24, progress=False) == (path, False)
+    train = small_source.splits["train"]
+    changed = train.read(0, train.count).copy()
+    changed[3] = 255 - changed[3]
+    splits = {**small_source.splits, "train": in_memory_split(changed, train.labels)}
+    other = Source("npz", small_source.classes, splits)
+    with pytest.raises(DaliFlError, match=r"made from other data .*train images differ .*8/9 re-resized.*\[3\]"):
+        write_store(other, tmp_path, 24, progress=False)
+
+
+def test_source_hash_does_not_depend_on_chunking(tmp_path, small_source, monkeypatch):
+    path, _ = write_store(small_source, tmp_path, 16, progress=False)
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 2 * 16 * 16 * 3)  # two images per chunk on the re-run
+    assert write_store(small_source, tmp_path, 16, progress=False) == (path, False)
+    assert open_store(path).manifest["splits"]["train"]["source_sha256"] == \
+        store_mod.source_sha256(small_source.splits["train"], 48, "uint8")
+
+
 def test_other_settings_into_the_same_store_are_refused(tmp_path):
     write_store(load_source("synthetic", num_train=6, num_test=2, seed=0), tmp_path, 32, progress=False)
     other = load_source("synthetic", num_train=6, num_test=2, seed=1)

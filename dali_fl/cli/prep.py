@@ -10,6 +10,7 @@ from dali_fl.data.resize import METHODS
 from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, load_source
 from dali_fl.data.store import (
     DTYPES,
+    LEGACY_SAMPLES,
     check_prep_args,
     check_sample_count,
     check_store_fits,
@@ -74,9 +75,18 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
         secs = time.perf_counter() - start
         click.echo(f"wrote {n} images in {secs:.1f} s ({n / max(secs, 1e-9):.0f} img/s)", err=True)
     else:
-        click.echo(f"a store of the same source, classes, counts and labels already exists at {path}; nothing to "
-                   "do (`dali-fl verify` checks its images; --force rebuilds)", err=True)
+        click.echo(_same_store_note(path), err=True)
     click.echo(str(path))
+
+
+def _same_store_note(path: Path) -> str:
+    """What prep compared before it found the store at `path` already made from this source."""
+    if all("source_sha256" in e for e in open_store(path).manifest["splits"].values()):
+        return (f"a store of the same source images (sha256 before resize), classes and labels already exists at "
+                f"{path}; nothing to do (--force rebuilds)")
+    return (f"a store of the same classes, counts and labels already exists at {path}, and {LEGACY_SAMPLES} "
+            "re-resized samples per split equal it; it predates recorded source hashes, so the other images were not "
+            "compared; nothing to do (--force rebuilds it and records the hash)")
 
 
 @click.command()

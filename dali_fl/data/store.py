@@ -33,6 +33,7 @@ MAX_STORE_IMAGES = 100_000_000  # per split: ImageNet-21k has 14 M; bounds what 
 MAX_SPLITS = 16
 MAX_MANIFEST_BYTES = 64 << 20  # 100,000 class names fit in a few MB
 CHUNK_BYTES = 64 << 20  # resized bytes per chunk: bounds memory whatever the dataset size
+LEGACY_SAMPLES = 64  # re-resized samples per split that stand in for the source hash older stores lack
 
 
 def store_name(source: str, image_size: int, dtype: str = "uint8") -> str:
@@ -98,20 +99,20 @@ def _write_split(tmp: Path, split: str, data: SourceSplit, size: int, dtype: str
     """Write one split's images and labels; returns its manifest entry."""
     n = data.count
     img_file, lbl_file = f"{split}_images.npy", f"{split}_labels.npy"
-    images_sha = _stream_images(tmp / img_file, data, size, dtype, method, progress, f"prep {split}")
+    images_sha, source_sha = _stream_images(tmp / img_file, data, size, dtype, method, progress, f"prep {split}")
     np.save(tmp / lbl_file, data.labels.astype(np.int64), allow_pickle=False)
     fsync_path(tmp / lbl_file)
-    return {"count": n,
+    return {"count": n, "source_sha256": source_sha,
             "images": {"file": img_file, "shape": [n, size, size, 3], "dtype": dtype, "sha256": images_sha},
             "labels": {"file": lbl_file, "shape": [n], "dtype": "int64",
                        "sha256": sha256_file(tmp / lbl_file)}}
 
 
 def _stream_images(path: Path, data: SourceSplit, size: int, dtype: str, method: str, progress: bool,
-                   desc: str) -> str:
-    """Resize in bounded chunks and append them after the .npy header; returns the file's sha256.
+                   desc: str) -> tuple[str, str]:
+    """Resize in bounded chunks and append them after the .npy header; returns (file sha256, source sha256).
 
-    A helper thread writes and hashes chunk i while chunk i+1 is resized, so the disk, the hash and
+    A helper thread writes and hashes chunk i while chunk i+1 is resized, so the disk, the hashes and
     torch's resize overlap; sequential write() instead of memmap stores avoids a page fault per 4 KiB
     and turns a full disk into ENOSPC rather than SIGBUS. open_memmap writes the header.
     """
@@ -120,8 +121,8 @@ def _stream_images(path: Path, data: SourceSplit, size: int, dtype: str, method:
     offset = header.offset
     del header
     os.truncate(path, offset)  # appending is faster than filling the sparse file open_memmap made
-    chunk = max(1, CHUNK_BYTES // (size * size * 3 * np.dtype(dtype).itemsize))
-    chunk = min(chunk, data.max_rows or chunk)
+    chunk = _rows_per_chunk(data, size, dtype)
+    source_digest = hashlib.sha256()
     with open(path, "a+b") as f, ThreadPoolExecutor(1, thread_name_prefix="dali-fl-write") as pool, \
             tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         f.seek(0)
@@ -129,25 +130,48 @@ def _stream_images(path: Path, data: SourceSplit, size: int, dtype: str, method:
         pending = None
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            block = to_stored_dtype(resize_rows(data.read(a, b), size, method), dtype)
+            rows = data.read(a, b)
+            block = to_stored_dtype(resize_rows(rows, size, method), dtype)
             if block.shape != (b - a, size, size, 3):
                 raise DaliFlError(f"the source gave images shaped {block.shape} for rows {a}..{b}; expected "
                                   f"{(b - a, size, size, 3)}")
             if pending is not None:
                 pending.result()
-            pending = pool.submit(_write_block, f, digest, np.ascontiguousarray(block))
+            pending = pool.submit(_write_block, f, digest, np.ascontiguousarray(block), source_digest, rows)
             bar.update(b - a)
         if pending is not None:
             pending.result()
         f.flush()
         os.fsync(f.fileno())
-    return digest.hexdigest()
+    return digest.hexdigest(), source_digest.hexdigest()
 
 
-def _write_block(f, digest, block: np.ndarray) -> None:
-    """Append one C-contiguous block to the file and to the running hash."""
+def _rows_per_chunk(data: SourceSplit, size: int, dtype: str) -> int:
+    """Rows read and resized at once: CHUNK_BYTES of output, and no more than the source allows per read."""
+    chunk = max(1, CHUNK_BYTES // (size * size * 3 * np.dtype(dtype).itemsize))
+    return min(chunk, data.max_rows or chunk)
+
+
+def _write_block(f, digest, block: np.ndarray, source_digest, rows) -> None:
+    """Append one C-contiguous block to the file and its hash; add the raw rows it came from to the source's."""
     f.write(block.data)
     digest.update(block.data)
+    _hash_rows(source_digest, rows)
+
+
+def _hash_rows(digest, rows) -> None:
+    """Add raw source images to `digest`, each as its shape then its bytes, so that chunking leaves the hash alone."""
+    for image in rows:
+        digest.update(np.asarray(image.shape, np.int64).tobytes())
+        digest.update(np.ascontiguousarray(image).data)
+
+
+def source_sha256(data: SourceSplit, size: int, dtype: str) -> str:
+    """The sha256 of a split's raw images (before resize) as prep records it, read in prep's chunks."""
+    digest, chunk = hashlib.sha256(), _rows_per_chunk(data, size, dtype)
+    for a in range(0, data.count, chunk):
+        _hash_rows(digest, data.read(a, min(data.count, a + chunk)))
+    return digest.hexdigest()
 
 
 def resize_rows(rows, size: int, method: str) -> np.ndarray:
@@ -190,7 +214,7 @@ def _labels_sha256(labels: np.ndarray) -> str:
 
 
 def _other_data(manifest: dict, source: Source, image_size: int, dtype: str) -> str:
-    """What an existing store's manifest says that `source` does not (cheap: no image is read), or ''."""
+    """What an existing store's manifest says that `source` does not (no image is read yet), or ''."""
     if (manifest["source"], manifest["image_size"], manifest["dtype"]) != (source.name, image_size, dtype):
         return (f"{manifest['source']} at {manifest['image_size']} px {manifest['dtype']}, not {source.name} at "
                 f"{image_size} px {dtype}")
@@ -203,6 +227,23 @@ def _other_data(manifest: dict, source: Source, image_size: int, dtype: str) -> 
             return f"{split} holds {None if entry is None else entry['count']} images, not {data.count}"
         if entry["labels"]["sha256"] != _labels_sha256(data.labels):
             return f"{split} labels differ"
+    return ""
+
+
+def _other_images(store: Store, source: Source) -> str:
+    """Which split's raw images differ from those the store was made from, or ''; reads the whole source.
+
+    A store made before prep recorded `source_sha256` is compared on LEGACY_SAMPLES re-resized samples per split
+    instead: different data is caught unless it differs only in images the samples miss.
+    """
+    for split, data in source.splits.items():
+        recorded = store.manifest["splits"][split].get("source_sha256")
+        if recorded is None:
+            check = _check_samples(store, source, split, LEGACY_SAMPLES, seed=0)
+            if not check.ok:
+                return f"{split} images differ ({check.detail})"
+        elif recorded != source_sha256(data, store.image_size, store.dtype):
+            return f"{split} images differ (sha256 of the raw source images)"
     return ""
 
 
@@ -232,7 +273,7 @@ def write_store(source: Source, out_dir: Path, image_size: int, *, dtype: str = 
         if made != asked:
             raise DaliFlError(f"{final} was made with other settings {made}, not {asked}; "
                               "pass --force to rebuild it or choose another --out")
-        differs = _other_data(existing, source, image_size, dtype)
+        differs = _other_data(existing, source, image_size, dtype) or _other_images(open_store(final), source)
         if differs:
             raise DaliFlError(f"{final} was made from other data ({differs}); pass --force to rebuild it or choose "
                               "another --out")
@@ -381,10 +422,14 @@ def _check_array_spec(path: Path, field: str, spec: object, shape: list[int], dt
         raise _invalid(path, f"{field}.shape", spec.get("shape"), f"but count and image_size make it {shape}{hint}")
     if spec.get("dtype") != dtype:
         raise _invalid(path, f"{field}.dtype", spec.get("dtype"), f"not {dtype}")
-    digest = spec.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise _invalid(path, f"{field}.sha256", digest, "not a sha256 hex digest")
+    if not _is_sha256(spec.get("sha256")):
+        raise _invalid(path, f"{field}.sha256", spec.get("sha256"), "not a sha256 hex digest")
     return name
+
+
+def _is_sha256(digest: object) -> bool:
+    """Whether `digest` is a lowercase sha256 hex digest."""
+    return isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
 
 
 def _check_splits(path: Path, m: dict) -> None:
@@ -400,6 +445,8 @@ def _check_splits(path: Path, m: dict) -> None:
         files.append(_check_array_spec(path, f"splits.{split}.images", entry.get("images"),
                                        [n, size, size, 3], m["dtype"]))
         files.append(_check_array_spec(path, f"splits.{split}.labels", entry.get("labels"), [n], "int64"))
+        if "source_sha256" in entry and not _is_sha256(entry["source_sha256"]):  # absent in older stores
+            raise _invalid(path, f"splits.{split}.source_sha256", entry["source_sha256"], "not a sha256 hex digest")
     shared = sorted({f for f in files if files.count(f) > 1})
     if shared:
         raise _invalid(path, "splits", shared, "file names used by more than one array")
