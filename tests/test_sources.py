@@ -311,6 +311,28 @@ def test_imagefolder_sorted_classes_mixed_sizes(tmp_path):
             assert np.array_equal(img, want)
 
 
+def test_imagefolder_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    # PIL's convert("RGB") clipped 16-bit grey at 255: a 0..65535 gradient came out 99.6% white.
+    gradient = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        save_png(root / split / "cat" / "g16.png", gradient)
+    with Image.open(root / "train" / "cat" / "g16.png") as im:
+        assert im.mode.startswith("I;16")  # what the test is about
+    got = load_source("imagefolder", root).splits["train"].read(0, 1)[0]
+    assert got.shape == (16, 16, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, np.repeat((gradient >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    assert (got == 255).mean() < 0.01
+
+
+def test_wide_grey_outside_16_bits_is_refused(tmp_path):
+    from dali_fl.data.sources import _wide_grey_to_rgb
+    assert np.array_equal(_wide_grey_to_rgb(np.array([[0, 256, 65535]], np.int32), tmp_path / "a.png")[0, :, 0],
+                          [0, 1, 255])
+    with pytest.raises(DaliFlError, match="a.png.*-1..70000.*0..65535"):
+        _wide_grey_to_rgb(np.array([[-1, 70000]], np.int32), tmp_path / "a.png")
+
+
 def test_imagefolder_bad_inputs(tmp_path):
     root = tmp_path / "folder"
     (root / "train" / "cat").mkdir(parents=True)

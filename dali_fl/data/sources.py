@@ -310,16 +310,30 @@ def load_cifar(name: str, path: Optional[Path], download: bool, download_root: P
 # --- image folder, npz, synthetic ----------------------------------------------------
 
 def _read_image(path: Path) -> np.ndarray:
-    """One image file as uint8 RGB (grey, palette and alpha images are converted)."""
+    """One image file as uint8 RGB (grey, 16-bit grey, palette and alpha images are converted)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                return _wide_grey_to_rgb(np.asarray(img), path)
             return np.array(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways to fail
         if isinstance(err, OSError) and err.errno is not None:  # the OS refused, the image may be fine
             raise unreadable(path, err) from None
         raise DaliFlError(f"cannot read image {path} ({_one_line(err)}); replace or remove it") from None
+
+
+def _wide_grey_to_rgb(values: np.ndarray, path: Path) -> np.ndarray:
+    """16-bit grey pixels (PIL mode I;16 or I) as uint8 RGB: the high byte, as Pillow reads 16-bit RGB PNGs.
+
+    PIL's convert("RGB") clips these modes at 255 instead of scaling them, which turned almost every pixel white.
+    """
+    if values.size and (int(values.min()) < 0 or int(values.max()) > 0xFFFF):
+        raise DaliFlError(f"cannot read image {path}: its integer pixels span {int(values.min())}..{int(values.max())}, "
+                          "outside 16-bit 0..65535; save it as 8- or 16-bit PNG or JPEG")
+    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def _image_files(folder: Path) -> list[Path]:
