@@ -2,9 +2,10 @@
 
 A native-size store (e.g. `prep --image-size 32`) can be served at N x N by resizing each batch on the
 device before crop, flip and normalize, instead of reading a store that `prep` resized offline. Both
-paths use the interpolation recorded in the store's manifest, so the two stay comparable tensor for
-tensor: on the CPU the memmap kind runs the very kernel prep runs (bit-exact), elsewhere the float
-kernel rounded back to uint8 (within one intensity level).
+paths use the interpolation recorded in the store's manifest. On the CPU the memmap kind runs the very
+kernel prep runs (bit-exact); on CUDA, the float kernel rounded back to uint8 (asserted within one
+intensity level by a GPU test). The dali kind's `fn.resize` is not prep's kernel: see
+`dali_fl.loaders.dali.resize_node` for how far it differs (shrinking: up to 17 levels at the border).
 """
 from __future__ import annotations
 
