@@ -36,6 +36,7 @@ from benchmarks.report import results_dir, table, write_results
 from benchmarks.sampler import Sampler
 from dali_fl.data.sources import load_synthetic
 from dali_fl.data.store import open_store, write_store
+from dali_fl.errors import DaliFlError
 from dali_fl.loaders import LOADER_KINDS, LoaderWorkers, loader_class, make_loader
 from dali_fl.loaders.normalize import IMAGENET
 
@@ -201,13 +202,18 @@ def store_key(s: Settings, kind: str) -> tuple[int, str]:
             "float32" if kind == "memmap-seed" else "uint8")
 
 
+def store_root(s: Settings) -> Path:
+    """The folder of this run's stores: one per synthetic source, so another --num-images or --seed never meets them."""
+    return s.data_dir / f"loader-n{s.num_images}-seed{s.seed}"  # not bench_round's n<N>-seed<S>: its test split differs
+
+
 def prepare_stores(s: Settings) -> dict[str, str]:
     """Build (or reuse) every store the kinds read: uint8 at each size, float32 when memmap-seed is measured."""
     source = load_synthetic(s.num_images, 1, seed=s.seed)
     paths = {}
     for size, dtype in sorted({store_key(s, k) for k in s.kinds}):
         t0 = time.perf_counter()
-        path, written = write_store(source, s.data_dir, size, dtype=dtype, progress=True)
+        path, written = write_store(source, store_root(s), size, dtype=dtype, progress=True)
         print(f"{'wrote' if written else 'reusing'} {dtype} store {path} ({time.perf_counter() - t0:.1f} s)",
               file=sys.stderr)
         paths[size, dtype] = str(path)
@@ -271,7 +277,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         serve_child(args.child, measure_in_child)
         return
     s = settings_from_args(args, parser)
-    results = run_children(s, prepare_stores(s))
+    try:
+        stores = prepare_stores(s)
+    except DaliFlError as err:  # a user error: one line and exit 2, as the CLI does
+        print(f"error: {err} (bench_loader keeps its stores under --data-dir {s.data_dir}: remove the "
+              "folder named, or pass another --data-dir)", file=sys.stderr)
+        sys.exit(2)
+    results = run_children(s, stores)
     print(write_report(results, s, command_line(MODULE, argv)))
 
 

@@ -72,6 +72,35 @@ def test_host_fed_and_gpu_resident_loader_runs_write_different_files() -> None:
     assert host == "loader-224px-resize-from-32px" and gpu == "loader-224px-resize-from-32px-data-on-gpu"
     assert name(224, 32, ["dali"], True) == "loader-224px-data-on-gpu"
 
+TINY_RUN = ["--image-size", "16", "--clients", "2", "--samples-per-client", "16", "--kinds", "memmap"]
+
+
+def tiny_settings(tmp_path: Path, *args: str) -> loader_bench.Settings:
+    parser = loader_bench.build_parser()
+    return loader_bench.settings_from_args(parser.parse_args([*TINY_RUN, "--data-dir", str(tmp_path), *args]), parser)
+
+
+def test_other_num_images_or_seed_get_stores_of_their_own(tmp_path: Path) -> None:
+    # A re-run with another --num-images or --seed died on "synthetic-16 was made with other settings ... --force".
+    runs = [("--num-images", "64"), ("--num-images", "65"), ("--num-images", "64", "--seed", "1")]
+    paths = [loader_bench.prepare_stores(tiny_settings(tmp_path, *run))["memmap"] for run in runs]
+    assert len(set(paths)) == 3
+    again = loader_bench.prepare_stores(tiny_settings(tmp_path, *runs[0]))["memmap"]
+    assert again == paths[0]
+    from dali_fl.data.store import open_store
+    assert [open_store(p).manifest["source_params"]["num_train"] for p in paths] == [64, 65, 64]
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path: Path, capsys) -> None:
+    path = Path(loader_bench.prepare_stores(tiny_settings(tmp_path, "--num-images", "64"))["memmap"])
+    (path / "manifest.json").unlink()  # what is left is not a store: prep would refuse to replace it
+    with pytest.raises(SystemExit) as exit_:
+        loader_bench.main([*TINY_RUN, "--num-images", "64", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1].startswith("error: ") and "is not a store" in err
+
+
 def test_sampler_reads_pss_on_its_schedule() -> None:
     every = Sampler(interval=0.2, pss_every_s=0)
     every.sample()
