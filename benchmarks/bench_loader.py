@@ -122,6 +122,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error("--clients x --samples-per-client exceeds --num-images (an IID split is disjoint)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available here")
+    if args.data_on_gpu and args.device != "cuda":
+        parser.error("--data-on-gpu needs --device cuda; it keeps the split in GPU memory")
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
     return Settings(**{**fields, "kinds": kinds})
 

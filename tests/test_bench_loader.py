@@ -101,6 +101,14 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path: Path, capsys) ->
     assert err.rstrip("\n").splitlines()[-1].startswith("error: ") and "is not a store" in err
 
 
+def test_data_on_gpu_without_cuda_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    # It built the stores, then each child died with two tracebacks.
+    with pytest.raises(SystemExit) as exit_:
+        loader_bench.main(["--kinds", "dali", "--data-on-gpu", "--data-dir", str(tmp_path / "data")])
+    assert exit_.value.code == 2 and "--data-on-gpu needs --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_sampler_reads_pss_on_its_schedule() -> None:
     every = Sampler(interval=0.2, pss_every_s=0)
     every.sample()
