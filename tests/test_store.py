@@ -203,6 +203,20 @@ def test_other_images_with_the_same_labels_are_refused(tmp_path, small_source):
     assert write_store(small_source, tmp_path, 32, progress=False) == (path, False)
 
 
+def test_verify_compares_every_raw_image_by_the_recorded_hash(tmp_path, small_source):
+    # One value of one raw image: re-resized samples see it only if they pick that image; the hash always does.
+    path, _ = write_store(small_source, tmp_path, 32, progress=False)
+    names = {c.name: c.ok for c in verify_store(path, small_source, check_samples=2)[0]}
+    assert names["source sha256 train"] and names["source sha256 test"]
+    test = small_source.splits["test"]
+    changed = test.read(0, test.count).copy()
+    changed[-1, 0, 0, 0] ^= 1
+    other = Source("npz", small_source.classes, {**small_source.splits, "test": in_memory_split(changed, test.labels)})
+    checks = {c.name: c for c in verify_store(path, other, check_samples=2)[0]}
+    assert checks["source sha256 train"].ok and not checks["source sha256 test"].ok
+    assert "raw images differ" in checks["source sha256 test"].detail
+
+
 def test_a_store_without_a_source_hash_is_compared_on_samples(tmp_path, small_source):
     # Stores written before prep recorded source_sha256 stay usable: re-resized samples stand in for the hash.
     path, _ = write_store(small_source, tmp_path, 24, progress=False)

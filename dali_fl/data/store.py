@@ -592,6 +592,10 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
         checks.append(_value_range(f"value range {split}", len(images), lo, hi, store.dtype))
         if source is not None:
             checks.append(_check_samples(store, source, split, check_samples, seed))
+            if "source_sha256" in entry and split in source.splits:  # every raw image, where prep recorded them
+                same = source_sha256(source.splits[split], store.image_size, store.dtype) == entry["source_sha256"]
+                checks.append(Check(f"source sha256 {split}", same, entry["source_sha256"][:16] if same else
+                                    "the source's raw images differ from those the store was made from"))
     return checks, counts, list(m["classes"])
 
 
