@@ -9,8 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 SAMPLE = 7  # the round's client sample: (seed, round, SAMPLE)
-NOISE = 11  # DP-FedAvg's Gaussian noise: derive_seed(seed, round, NOISE)
-STACK = 13  # FLoRA's re-initialised adapters: derive_seed(seed, round, STACK)
+# Streams that seed torch's generator, as local training does with (seed, round, client), take tags above any
+# client id (2**31 + k): with a small tag, (seed, round, TAG) was also client TAG's training key, and DP's noise was
+# client 11's dropout stream on CPU.
+TORCH_TAG = 2 ** 31
+NOISE = TORCH_TAG + 11  # DP-FedAvg's Gaussian noise: derive_seed(seed, round, NOISE)
+STACK = TORCH_TAG + 13  # FLoRA's re-initialised adapters: derive_seed(seed, round, STACK)
 RANK = 17  # the draw of per-client LoRA ranks: (seed, RANK)
 HOLDOUT = 19  # FedSA-LoRA's held-out fifth of each client: derive_seed(seed, client, HOLDOUT)
 SPEED = 23  # the simulated clock's client compute speeds: (seed, SPEED)
@@ -22,10 +26,8 @@ DP_COUNT = 41  # adaptive clipping's noise on the clipped count: (seed, round, D
 TIEBREAK = 43  # over-selection's order of clients that finish at the same simulated time: (seed, round, TIEBREAK)
 AUGMENT = 0xA06  # the loaders' flips and crops: (epoch seed, AUGMENT)
 # Local training takes derive_seed(seed, round, client) and, per epoch, derive_seed(that, epoch): no tag, as
-# these were the first streams. A tag is a small number, so (seed, round, TAG) is also client TAG's training key.
-# Where both feed the same kind of generator they are one stream: NOISE and STACK seed torch's CPU generator, as
-# clients 11 and 13 do for dropout on CPU (timm's ViTs draw nothing there by default). Moving the tags would
-# change every DP and FLoRA result published from these streams; it is left as a known overlap.
+# these were the first streams. The small tags above can equal a client id, so their keys can be a client's
+# training key too; those streams are numpy's, which share nothing with torch's generator that training seeds.
 
 
 def derive_seed(*parts: int) -> int:

@@ -11,7 +11,9 @@ client_drift and update_spread when the drift began to be measured from the clie
 round 2's personal_acc when it began to be measured with the B each client had just trained (it read the B of
 the round before); and both rounds' upload_mb when B, which its clients keep, stopped being counted as sent.
 fedex-mixed was rewritten when a lower-rank client began to start from the global effective weights (D_r in
-its base weights); its round 1, where B is zero and so is D_r, is unchanged.
+its base weights); its round 1, where B is zero and so is D_r, is unchanged. dp-fedavg, fedlora-dp and
+stack-mixed were rewritten when DP's noise and FLoRA's fresh adapters moved to tags above any client id
+(seeds.TORCH_TAG): with tags 11 and 13 they were the torch streams clients 11 and 13 train with.
 """
 from __future__ import annotations
 

@@ -313,3 +313,16 @@ def test_clipping_without_noise_warns_that_the_run_is_not_private(store, caplog)
     caplog.clear()
     tiny_config(store, dp_clip=0.5, dp_noise=1.0)
     assert not any("no differential-privacy guarantee" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("client", [11, 12])
+def test_the_noise_is_not_a_clients_training_stream(client):
+    # Local training seeds torch with derive_seed(seed, round, client); with tag 11 the round's noise was client 11's
+    # dropout stream on CPU, draw for draw.
+    noise = {"w": torch.zeros(64)}
+    add_noise_(noise, 1.0, seed=0, round_=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(0, 3, client))
+        training = torch.randn(64)
+    assert not torch.equal(noise["w"], training)
+    assert abs(float(torch.corrcoef(torch.stack([noise["w"], training]))[0, 1])) < 0.5
