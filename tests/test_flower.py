@@ -147,6 +147,22 @@ def test_flower_app_writes_an_app_and_the_flwr_command(store, tmp_path, invoke):
     assert invoke("flower", "app", tmp_path / "other", "--store", store, *FLAGS).exit_code == 2  # not ours
 
 
+def test_a_relative_weights_path_reaches_the_run_config_absolute_as_train_saves_it(store, tmp_path, invoke,
+                                                                                    monkeypatch):
+    """flwr's SuperLink and a later `dali-fl train --resume` have other working directories."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--store", store, *FLAGS, "--pretrained", "--weights", "w.safetensors", "--out", "run"]
+    result = invoke("flower", "app", "app", *args)
+    assert result.exit_code == 0, result.output
+    run_config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert run_config["weights"] == str(tmp_path / "w.safetensors")
+    simulated = []
+    monkeypatch.setattr("dali_fl.flower.app.simulate", lambda c, **_: simulated.append(c) or [{"rounds": 0}])
+    assert invoke("flower", "run", *args).exit_code == 0
+    assert simulated[0]["weights"] == str(tmp_path / "w.safetensors")
+    assert config_from_run_config(simulated[0])[0].model.weights == str(tmp_path / "w.safetensors")
+
+
 def test_tensors_cross_the_wire_exactly_and_at_a_client_s_rank():
     gen = torch.Generator().manual_seed(0)
     state = {"l.lora_A.default.weight": torch.randn(4, 6, generator=gen),

@@ -45,8 +45,11 @@ def _run_config(ctx: click.Context, p: dict, client_cpus: float, client_gpus: fl
         raise DaliFlError(f"--device {device} needs --client-gpus > 0 (e.g. 1, or 0.5 to share a GPU): Ray hides the "
                           "GPUs from client workers given none")
     flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
+    # The paths as cfg resolved them (absolute, as train saves them): flwr's SuperLink and a later
+    # `dali-fl train --resume` run from other working directories.
+    resolved = {"store": cfg.data.store, "device": device, "weights": cfg.model.weights, "trace": cfg.clock.trace}
     out = p["out"] or Path("runs") / f"flower-{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_config = run_config_from_options({**flat, "store": cfg.data.store, "device": device}, Path(out).absolute())
+    run_config = run_config_from_options({**flat, **resolved}, Path(out).absolute())
     config_from_run_config(run_config)  # what the ServerApp will check: the round trip holds
     return run_config, cfg.fed.num_users
 
