@@ -242,8 +242,10 @@ class TrainConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)  # speeds, bandwidths, stragglers (engine/clock.py)
 
     @classmethod
-    def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None) -> "TrainConfig":
-        """Build and validate a config from flat option names (`rounds`, `lora_agg`, ...)."""
+    def from_options(cls, flat: Mapping[str, Any], preset: Optional[str] = None,
+                     settle: bool = True) -> "TrainConfig":
+        """Build and validate a config from flat option names (`rounds`, `lora_agg`, ...); `settle=False` leaves
+        what the algorithms derive (a calibrated noise) as given, for a resume that keeps the saved values."""
         opts = {**option_defaults(), **merge_options(flat, preset)}
         fields = option_fields()
         unknown = sorted(set(opts) - set(fields) - set(SELECTORS) - {"model_variant"})
@@ -261,7 +263,8 @@ class TrainConfig:
         refuse_ignored_options(opts)  # after each value's own checks: a nan is named as such
         algorithms.refuse(cfg)  # each active algorithm's refusals of the combination, in one line
         clock.refuse(cfg)
-        return algorithms.settle(cfg)  # derived options (a calibrated noise), saved in config.json as settled
+        # derived options (a calibrated noise), saved in config.json as settled
+        return algorithms.settle(cfg) if settle else cfg
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -300,7 +300,8 @@ def test_a_flower_resume_keeps_the_run_s_settings_but_rounds(store, tmp_path):
 
     run = tmp_path / "run"
     train(TrainConfig.from_options({**TINY, "store": str(store)}), run, progress=False)
-    more, _ = config_from_run_config(run_config_from_options({**TINY, "store": str(store), "rounds": 4}, run))
+    more, _ = config_from_run_config(run_config_from_options({**TINY, "store": str(store), "rounds": 4}, run),
+                                     settle=False)  # the ServerApp's, for a resume
     assert resumed_config(more, run).fed.rounds == 4
     assert resumed_config(more, run).to_json() == TrainConfig.from_options({**TINY, "store": str(store),
                                                                             "rounds": 4}).to_json()
@@ -310,6 +311,32 @@ def test_a_flower_resume_keeps_the_run_s_settings_but_rounds(store, tmp_path):
     assert resume_of({"resume": True}) and not resume_of({})
     with pytest.raises(DaliFlError, match="must be true or false"):
         resume_of({"resume": "yes"})
+
+
+def test_a_flower_resume_of_a_dp_epsilon_run_keeps_its_noise_and_names_a_changed_field(store, tmp_path, monkeypatch):
+    """As `dali-fl train --resume RUN --rounds 4`: z stays the one calibrated for the first rounds (the run is
+    extended); a changed option is named with its two values."""
+    from dali_fl.flower.server import resumed_config
+
+    run, dp = tmp_path / "run", {**TINY, "store": str(store), "rounds": 1, "dp_clip": 1.0, "dp_epsilon": 8.0}
+    train(TrainConfig.from_options(dp), run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    more = run_config_from_options({**dp, "rounds": 4}, run)
+    reached = DaliFlError("stopped at the nodes")  # past the resume's checks, with config.json written
+
+    def stop(*args):
+        raise reached
+
+    monkeypatch.setattr("dali_fl.flower.server.client_nodes", stop)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={**more, "resume": True})
+    with pytest.raises(DaliFlError) as got:
+        server_app(object(), context)
+    assert got.value is reached
+    now = json.loads((run / "config.json").read_text())
+    assert now["fed"]["rounds"] == 4 and now["algorithms"]["dp"] == saved["algorithms"]["dp"]
+    other, _ = config_from_run_config(run_config_from_options({**dp, "dp_clip": 2.0}, run), settle=False)
+    with pytest.raises(DaliFlError, match=r"the run config's dp-clip is 2.0, .*config.json has 1.0 \(only rounds"):
+        resumed_config(other, run)
 
 
 def test_a_node_holds_one_client_or_several():

@@ -31,8 +31,10 @@ def _main(grid: Grid, context: Context, run_configs: Optional[Sequence[Mapping[s
     """The ServerApp: validate each config as `dali-fl train` would, then serve its rounds."""
     try:
         for run_config in run_configs if run_configs is not None else [context.run_config]:
-            cfg, run_dir = config_from_run_config(run_config)
-            serve(grid, cfg, run_dir, resume=resume_of(run_config))
+            resume = resume_of(run_config)
+            # A resume keeps what the saved run derived (DP's noise for its first --rounds), as train's does.
+            cfg, run_dir = config_from_run_config(run_config, settle=not resume)
+            serve(grid, cfg, run_dir, resume=resume)
     except DaliFlError as err:
         log.error("error: %s", err)  # the one line `dali-fl train` would print, in Flower's log stream
         raise

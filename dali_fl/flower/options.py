@@ -66,10 +66,11 @@ def _floats(text: str) -> Any:
         return text
 
 
-def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, Path]:
-    """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError."""
+def config_from_run_config(run_config: Mapping[str, Any], settle: bool = True) -> tuple[TrainConfig, Path]:
+    """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError.
+    `settle=False`: what the algorithms derive is left as given (a resume keeps the saved run's)."""
     opts, out, preset = options_from_run_config(run_config)
-    cfg = TrainConfig.from_options(opts, preset)
+    cfg = TrainConfig.from_options(opts, preset, settle=settle)
     algorithms.refuse_one_process(cfg, "the Flower app does not run it", "use `dali-fl train`")
     refuse_clock(cfg)
     if out is None:

@@ -17,7 +17,8 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from dali_fl.config import TrainConfig, load_config
+from dali_fl import algorithms
+from dali_fl.config import TrainConfig, load_config, option_fields
 from dali_fl.data.store import MANIFEST
 from dali_fl.engine.aggregate import RunningSum
 from dali_fl.engine.federation import (
@@ -198,18 +199,45 @@ def flower_round(grid: Grid, fx: Federation, nodes: Mapping[int, int], round_: i
 
 
 def resumed_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
-    """RUN_DIR's saved config with the run config's rounds and device; any other difference is refused."""
+    """RUN_DIR's saved config with the run config's rounds and device, as `dali-fl train --resume` keeps it; `cfg`
+    is the run config's, unsettled (config_from_run_config(settle=False)): any other difference is refused."""
     check_config_file(run_dir)  # kind, nesting and field types, before the config is built from it
     saved = load_config(run_dir)
-    asked = json.loads(cfg.replace(fed={"rounds": saved.fed.rounds}, data={"device": saved.data.device}).to_json())
-    kept = json.loads(saved.to_json())
-    for section, fields in kept.items():
-        for name, value in fields.items() if isinstance(fields, dict) else ():
-            if asked.get(section, {}).get(name) != value:
-                raise DaliFlError(f"resume keeps the run's settings: the run config's {name.replace('_', '-')} is "
-                                  f"{asked.get(section, {}).get(name)!r}, {run_dir}/config.json has {value!r} (only "
-                                  "rounds and device may change)")
+    asked = _leaves(cfg.replace(fed={"rounds": saved.fed.rounds}, data={"device": saved.data.device}))
+    derived = {k for k, v in _leaves(_settled_quietly(cfg)).items() if asked.get(k) != v}
+    for path, value in _leaves(saved).items():
+        if path not in derived and asked.get(path) != value:
+            raise DaliFlError(f"resume keeps the run's settings: the run config's {_option_name(path)} is "
+                              f"{asked.get(path)!r}, {run_dir}/config.json has {value!r} (only rounds and device "
+                              "may change)")
     return saved.replace(fed={"rounds": cfg.fed.rounds}, data={"device": cfg.data.device})
+
+
+def _leaves(cfg: TrainConfig) -> dict[tuple[str, ...], object]:
+    """Every field of the config as saved in config.json, by its path: (section, field), an algorithm's
+    (algorithms, name, field)."""
+    doc = json.loads(cfg.to_json())
+    algs = {("algorithms", alg, k): v for alg, params in doc.pop("algorithms").items() for k, v in params.items()}
+    return {**{(section, k): v for section, fields in doc.items() for k, v in fields.items()}, **algs}
+
+
+def _settled_quietly(cfg: TrainConfig) -> TrainConfig:
+    """algorithms.settle(cfg) without its log: it is asked only which fields settle derives, and a resume keeps the
+    saved values (DP would log a noise calibrated for the new --rounds that the run never uses)."""
+    logger = logging.getLogger("dali_fl.algorithms")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return algorithms.settle(cfg)
+    finally:
+        logger.setLevel(level)
+
+
+def _option_name(path: tuple[str, ...]) -> str:
+    """A config.json field's option name without `--` (model.kwargs: model-kwargs, algorithms.dp.dp_clip: dp-clip)."""
+    names = {where: flat for flat, where in option_fields().items() if where[0] != "algorithms"}
+    name = names.get(path, path[-1])  # an algorithm's fields are its options; a derived one by its own name
+    return name.rstrip("_").replace("_", "-")
 
 
 def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
