@@ -100,6 +100,37 @@ def test_a_refused_config_stops_before_any_round_in_train_s_words(store, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key, value, takes", [("frac", "0.5", "a number"), ("deadline", "5", "a number"),
+                                               ("lr", "x", "a number"), ("dp-epsilon", "abc", 'a number, or ""'),
+                                               ("augment", "false", "true or false"),
+                                               ("compile", "false", "true or false"), ("rounds", 2.5, "a whole number"),
+                                               ("num-users", True, "a whole number"),
+                                               ("server-betas", 0.9, "numbers as text"),
+                                               ("lora-targets", 0.5, "text"), ("model-kwargs", True, "text")])
+def test_a_run_config_value_of_the_wrong_type_is_refused_in_one_line_naming_its_key(store, tmp_path, key, value,
+                                                                                      takes):
+    """`flwr run APP --run-config 'augment=\"false\"'` gives a string: not taken as true, and no TypeError."""
+    run_config = {**run_config_from_options({**TINY, "store": str(store)}, tmp_path / "run"), key: value}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(DaliFlError) as got:
+        server_app(object(), context)
+    shown = json.dumps(value) if not isinstance(value, bool) else "true"
+    assert str(got.value).startswith(f"the Flower run config's {key} = {shown} must be {takes}")
+    assert "\n" not in str(got.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_config_number_where_text_is_taken_is_its_text(store, tmp_path):
+    """`--run-config lora-ranks=4` arrives as a TOML integer; so may a float option's 1."""
+    run_config = {**run_config_from_options({**TINY, "store": str(store), "alg": "fedlora"}, tmp_path / "run"),
+                  "lora-ranks": 4, "lr": 1}
+    opts = options_from_run_config(run_config)[0]
+    assert opts["lora_ranks"] == "4" and opts["lr"] == 1
+    assert config_from_run_config(run_config)[0].local.lr == 1
+    with pytest.raises(DaliFlError, match=r"--staleness '3' does not parse"):  # its own words, not AttributeError
+        config_from_run_config({**run_config, "staleness": 3})
+
+
 @pytest.mark.parametrize("extra", [["--frac", "0"], ["--lora-ranks", "2,4"], ["--server-lr", "0.5"],
                                    ["--fednova"], ["--scaffold", "--optimizer", "sgd"],
                                    ["--dp-clip", "1", "--scaffold"]])

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union, get_args, get_type_hints
 
 from dali_fl import algorithms
-from dali_fl.config import TrainConfig, option_defaults
+from dali_fl.config import SECTIONS, TrainConfig, option_defaults, option_fields
 from dali_fl.errors import DaliFlError
 
 Scalar = Union[bool, int, float, str]
@@ -41,21 +41,56 @@ def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, 
 
 
 def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str], Optional[str]]:
-    """(flat options for TrainConfig.from_options, run directory, preset) from a Flower run config."""
+    """(flat options for TrainConfig.from_options, run directory, preset) from a Flower run config; a value of the
+    wrong type (`augment = "false"`, `frac = "0.5"`) is refused in one line naming its key."""
     opts: dict[str, Any] = {}
-    defaults = option_defaults()
+    defaults, kinds = option_defaults(), option_kinds()
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
         if name not in defaults and name + "_" in defaults:  # async: the option async_
             name += "_"
         if name in NULLABLE and value == "":
             value = None
-        elif name == "server_betas" and isinstance(value, str):
-            value = _floats(value)
+        elif name in kinds:
+            value = _typed(str(key), value, kinds[name], name in NULLABLE)
         opts[name] = value
     out, preset = opts.pop(OUT, None), opts.pop(PRESET, None) or None
     opts.pop(RESUME, None)  # the ServerApp's, read by `resume_of`
     return opts, None if out in (None, "") else str(out), preset
+
+
+def option_kinds() -> dict[str, type]:
+    """Each run-config key's Python type (bool, int, float, str; tuple for server-betas), by option name: its
+    default's, else (a None default) its field's or its declared one."""
+    kinds = {name: type(v) for name, v in option_defaults().items() if v is not None}
+    fields = option_fields()
+    for name in NULLABLE - set(kinds):
+        section, field = fields.get(name, ("", name))
+        if section == "algorithms":
+            kinds[name] = algorithms.option_fields()[name][1].metadata["type"]
+        elif section in SECTIONS:
+            kinds[name] = next(t for t in get_args(get_type_hints(SECTIONS[section])[field]) if t is not type(None))
+        else:  # model_variant, the seed's spelling of --pretrained: a choice of text
+            kinds[name] = str
+    return {**kinds, OUT: str}
+
+
+KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text (in quotes)",
+              tuple: "numbers as text, e.g. \"0.9,0.99\""}
+
+
+def _typed(key: str, value: Any, kind: type, nullable: bool) -> Any:
+    """`value` as its option's type, or a DaliFlError naming the key, the value and what it takes."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return value  # TOML's 1 for 1.0, kept as given as `dali-fl train` takes it from Python
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `--run-config lora-ranks=4` arrives as a TOML integer; its text is unambiguous
+    if kind is tuple and isinstance(value, str):
+        return _floats(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    unset = ", or \"\" for none" if nullable else ""
+    raise DaliFlError(f"the Flower run config's {key} = {_toml_value(value)} must be {KIND_WORDS[kind]}{unset}")
 
 
 def _floats(text: str) -> Any:
