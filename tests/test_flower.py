@@ -370,6 +370,40 @@ def test_a_flower_resume_of_a_dp_epsilon_run_keeps_its_noise_and_names_a_changed
         resumed_config(other, run)
 
 
+def test_a_refusal_before_round_1_leaves_nothing_of_the_run_so_a_retry_starts(store, tmp_path, monkeypatch):
+    """As train: in a directory the run made, nothing; in the user's own (made empty beforehand), no file of the
+    run but the lock a retry takes. A refused start over another run leaves that run as it was."""
+    import dali_fl.flower.server as server
+
+    def refuse(*args):
+        raise DaliFlError("no Flower SuperNode holds client 0")
+
+    def serve_at(run: Path, **options) -> str:
+        run_config = run_config_from_options({**TINY, "store": str(store), **options}, run)
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        with pytest.raises(DaliFlError) as got:
+            server_app(object(), context)
+        return str(got.value)
+
+    monkeypatch.setattr(server, "client_nodes", refuse)  # a SuperNode missing
+    made = tmp_path / "made"
+    made.mkdir()
+    for _ in range(2):  # the retry is not refused as "already holds a run"
+        assert serve_at(made) == "no Flower SuperNode holds client 0"
+        assert sorted(p.name for p in made.iterdir()) == [".lock"]
+    assert serve_at(tmp_path / "new" / "run") == "no Flower SuperNode holds client 0"
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(server, "client_nodes", lambda grid, cfg: dict.fromkeys(range(cfg.fed.num_users), 1))
+    monkeypatch.setattr(server, "flower_round", lambda *a: refuse())  # round 1 fails, after its log was opened
+    assert serve_at(made) == "no Flower SuperNode holds client 0"
+    assert sorted(p.name for p in made.iterdir()) == [".lock"]
+    run = tmp_path / "run"
+    train(TrainConfig.from_options({**TINY, "store": str(store), "rounds": 1}), run, progress=False)
+    before = sorted(p.name for p in run.iterdir())
+    assert "already holds a run" in serve_at(run)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_a_node_holds_one_client_or_several():
     """--node-config partition-id=N, or clients="A-B,C" for a site with several; anything else in one line."""
     from types import SimpleNamespace

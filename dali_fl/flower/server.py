@@ -5,6 +5,7 @@ metrics and the checkpoint are dali-fl's own, so a Flower run writes a dali-fl r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -32,7 +33,7 @@ from dali_fl.engine.federation import (
     server_update,
 )
 from dali_fl.engine.local import ClientResult
-from dali_fl.engine.run import checkpoint_tensors, prepare, run_rounds
+from dali_fl.engine.run import _first_missing, _remove_start, checkpoint_tensors, prepare, run_rounds
 from dali_fl.engine.rundir import RunLock
 from dali_fl.engine.trust import check_config_file
 from dali_fl.errors import DaliFlError
@@ -243,11 +244,13 @@ def _option_name(path: tuple[str, ...]) -> str:
 def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run (or, with `resume`, continue) a federation over `grid`, writing RUN_DIR as `dali-fl train` does."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created = None if resume else _first_missing(run_dir)
     with RunLock(run_dir):
+        wrote = False  # whether RUN_DIR/config.json is this run's
         try:
             cfg = resumed_config(cfg, run_dir) if resume else cfg
             fx, start = prepare(cfg, run_dir, resume=resume)  # the same checks, partition.json and config.json
+            wrote = not resume
             try:
                 nodes = client_nodes(grid, cfg)
             except BaseException:
@@ -257,6 +260,21 @@ def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> 
             return run_rounds(cfg, fx, run_dir, start, False, RoundHooks(),
                               play=lambda fx, r: flower_round(grid, fx, nodes, r))
         except BaseException:
-            if created and not (run_dir / "checkpoint").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)  # no round finished: leave nothing of this run behind
+            if not resume:
+                remove_unfinished(run_dir, created, wrote)
             raise
+
+
+def remove_unfinished(run_dir: Path, created: Optional[Path], wrote: bool) -> None:
+    """Leave nothing of a new run that finished no round, as train does (`wrote`: its config.json is written, so
+    it and the first round's empty log go too); a retry then starts where this one did."""
+    if (run_dir / "checkpoint").exists():
+        return  # a round finished: the run is there to resume
+    if wrote:  # unlike train's, a Flower run meets its clients (and may be refused) after config.json
+        for name in ("config.json", "metrics.jsonl"):
+            with contextlib.suppress(OSError):
+                (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    elif (run_dir / "config.json").exists():
+        return  # another run's, which prepare refused to start over
+    _remove_start(run_dir, created)  # train's: the start-up files, or the directories this run made
