@@ -372,7 +372,8 @@ def test_a_flower_resume_of_a_dp_epsilon_run_keeps_its_noise_and_names_a_changed
 
 def test_a_refusal_before_round_1_leaves_nothing_of_the_run_so_a_retry_starts(store, tmp_path, monkeypatch):
     """As train: in a directory the run made, nothing; in the user's own (made empty beforehand), no file of the
-    run but the lock a retry takes. A refused start over another run leaves that run as it was."""
+    run but the lock a retry takes. A refused start over another run leaves that run as it was and says how
+    `flwr run` continues it."""
     import dali_fl.flower.server as server
 
     def refuse(*args):
@@ -400,7 +401,9 @@ def test_a_refusal_before_round_1_leaves_nothing_of_the_run_so_a_retry_starts(st
     run = tmp_path / "run"
     train(TrainConfig.from_options({**TINY, "store": str(store), "rounds": 1}), run, progress=False)
     before = sorted(p.name for p in run.iterdir())
-    assert "already holds a run" in serve_at(run)
+    line = serve_at(run)  # `flwr run`'s ways on: it has no --resume and no --out
+    assert line == f"{run} already holds a run; continue it with --run-config resume=true or choose another out " \
+                   "(--run-config 'out=\"DIR\"')"
     assert sorted(p.name for p in run.iterdir()) == before
 
 

@@ -76,12 +76,12 @@ class RunLock:
             self.fd = None
 
 
-def check_fresh(run_dir: Path, resume: Optional[str] = None) -> None:
+def check_fresh(run_dir: Path, resume: Optional[str] = None, elsewhere: str = "choose another --out") -> None:
     """Refuse to start a new run where one was started (config.json, written last, marks it), or on foreign files;
-    `resume` is how the caller's user continues one (default: train's --resume)."""
+    `resume` is how the caller's user continues one (default: train's --resume), `elsewhere` how they start anew."""
     if (run_dir / "config.json").exists() or (run_dir / "config.json").is_symlink():
         raise DaliFlError(f"{run_dir} already holds a run; continue it with {resume or f'--resume {run_dir}'} or "
-                          "choose another --out")
+                          f"{elsewhere}")
     check_ours(run_dir)
     # data.store's MANIFEST, spelt out: importing data.store imports torch, which tools reading runs do without.
     store = next((d for d in Path(run_dir).absolute().parents if (d / "manifest.json").is_file()), None)

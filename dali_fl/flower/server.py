@@ -34,7 +34,7 @@ from dali_fl.engine.federation import (
 )
 from dali_fl.engine.local import ClientResult
 from dali_fl.engine.run import _first_missing, _remove_start, checkpoint_tensors, prepare, run_rounds
-from dali_fl.engine.rundir import RunLock
+from dali_fl.engine.rundir import RunLock, check_fresh
 from dali_fl.engine.trust import check_config_file
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import client_rank
@@ -248,7 +248,10 @@ def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> 
     with RunLock(run_dir):
         wrote = False  # whether RUN_DIR/config.json is this run's
         try:
-            cfg = resumed_config(cfg, run_dir) if resume else cfg
+            if resume:
+                cfg = resumed_config(cfg, run_dir)
+            else:  # before prepare's own check, in the words of `flwr run`, which has no --resume or --out
+                check_fresh(run_dir, "--run-config resume=true", "choose another out (--run-config 'out=\"DIR\"')")
             fx, start = prepare(cfg, run_dir, resume=resume)  # the same checks, partition.json and config.json
             wrote = not resume
             try:
