@@ -131,6 +131,19 @@ def test_a_run_config_number_where_text_is_taken_is_its_text(store, tmp_path):
         config_from_run_config({**run_config, "staleness": 3})
 
 
+def test_a_preset_in_the_run_config_is_refused_as_it_would_change_nothing(store, tmp_path, invoke):
+    """The table holds every option and options override a preset; `flower app --preset` writes its values."""
+    run_config = run_config_from_options({**TINY, "store": str(store)}, tmp_path / "run")
+    with pytest.raises(DaliFlError, match=r"^the Flower run config's preset = \"tiny-32\" would change nothing"):
+        config_from_run_config({**run_config, "preset": "tiny-32"})
+    assert config_from_run_config({**run_config, "preset": ""})[0].fed.rounds == TINY["rounds"]
+    result = invoke("flower", "app", tmp_path / "app", "--store", store, "--preset", "tiny-32", "--no-augment",
+                    "--device", "cpu", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    written = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert "preset" not in written and written["rounds"] == 6  # tiny-32's
+
+
 @pytest.mark.parametrize("extra", [["--frac", "0"], ["--lora-ranks", "2,4"], ["--server-lr", "0.5"],
                                    ["--fednova"], ["--scaffold", "--optimizer", "sgd"],
                                    ["--dp-clip", "1", "--scaffold"]])

@@ -145,7 +145,7 @@ def compare(ctx: click.Context, client_cpus: float, client_gpus: float, **p) -> 
     from dali_fl.flower.options import options_from_run_config
 
     run_config, _ = _run_config(ctx, p, client_cpus, client_gpus)
-    options, out, _ = options_from_run_config(run_config)
+    options, out = options_from_run_config(run_config)
     try:
         costs = run_both(options, Path(out), client_cpus=client_cpus, client_gpus=client_gpus)
     except KeyboardInterrupt:

@@ -12,8 +12,9 @@ from dali_fl.errors import DaliFlError
 Scalar = Union[bool, int, float, str]
 # Options whose default is None: a TOML table cannot hold None, so "" stands for it.
 NULLABLE = frozenset({"model_variant", *(k for k, v in option_defaults().items() if v is None)})
-# Keys a Flower run config has besides the run's options: where the server writes, a named preset, and whether
-# to continue that run directory from its last finished round (`flwr run APP --run-config resume=true`).
+# Keys a Flower run config has besides the run's options: where the server writes, and whether to continue that
+# run directory from its last finished round (`flwr run APP --run-config resume=true`). A `preset` is refused: the
+# table spells out every option, and explicit options override a preset, so it would change nothing.
 OUT, PRESET, RESUME = "out", "preset", "resume"
 MARKER = "# Written by `dali-fl flower app`"
 COMPONENTS = {"serverapp": "dali_fl.flower.app:server_app", "clientapp": "dali_fl.flower.app:client_app"}
@@ -40,9 +41,13 @@ def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, 
     return config
 
 
-def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str], Optional[str]]:
-    """(flat options for TrainConfig.from_options, run directory, preset) from a Flower run config; a value of the
-    wrong type (`augment = "false"`, `frac = "0.5"`) is refused in one line naming its key."""
+def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+    """(flat options for TrainConfig.from_options, run directory) from a Flower run config; a value of the wrong
+    type (`augment = "false"`, `frac = "0.5"`) or a `preset` is refused in one line naming its key."""
+    if run_config.get(PRESET, "") != "":
+        raise DaliFlError(f"the Flower run config's {PRESET} = {_toml_value(run_config[PRESET])} would change "
+                          "nothing: the table holds every option, and options override a preset; write the app "
+                          "with `dali-fl flower app DIR --preset NAME` (it writes the preset's values), or drop it")
     opts: dict[str, Any] = {}
     defaults, kinds = option_defaults(), option_kinds()
     for key, value in run_config.items():
@@ -54,9 +59,10 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, An
         elif name in kinds:
             value = _typed(str(key), value, kinds[name], name in NULLABLE)
         opts[name] = value
-    out, preset = opts.pop(OUT, None), opts.pop(PRESET, None) or None
+    out = opts.pop(OUT, None)
+    opts.pop(PRESET, None)  # "" (none), as refused above otherwise
     opts.pop(RESUME, None)  # the ServerApp's, read by `resume_of`
-    return opts, None if out in (None, "") else str(out), preset
+    return opts, None if out in (None, "") else str(out)
 
 
 def option_kinds() -> dict[str, type]:
@@ -104,8 +110,8 @@ def _floats(text: str) -> Any:
 def config_from_run_config(run_config: Mapping[str, Any], settle: bool = True) -> tuple[TrainConfig, Path]:
     """The run's TrainConfig and directory; a config `dali-fl train` refuses raises its one-line DaliFlError.
     `settle=False`: what the algorithms derive is left as given (a resume keeps the saved run's)."""
-    opts, out, preset = options_from_run_config(run_config)
-    cfg = TrainConfig.from_options(opts, preset, settle=settle)
+    opts, out = options_from_run_config(run_config)
+    cfg = TrainConfig.from_options(opts, settle=settle)
     algorithms.refuse_one_process(cfg, "the Flower app does not run it", "use `dali-fl train`")
     refuse_clock(cfg)
     if out is None:
