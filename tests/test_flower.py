@@ -207,6 +207,22 @@ def test_a_relative_weights_path_reaches_the_run_config_absolute_as_train_saves_
     assert config_from_run_config(simulated[0])[0].model.weights == str(tmp_path / "w.safetensors")
 
 
+@pytest.mark.parametrize("clients", [1, 3, 4, 100])
+def test_the_printed_deployment_starts_a_supernode_for_every_client(clients):
+    """Every id is printed (three clients or fewer) or named by the line between the first and the last."""
+    from dali_fl.flower.options import deploy_commands
+
+    lines = deploy_commands(Path("app"), "/data/s", clients)
+    ids = [int(ln.split("partition-id=")[1].split()[0]) for ln in lines if ln.startswith("flower-supernode")]
+    between = [ln for ln in lines if ln.startswith("# ...")]
+    if clients <= 3:
+        assert ids == list(range(clients)) and not between
+    else:
+        assert ids == [0, clients - 1] and lines.index(between[0]) == 2
+        assert f"each partition-id from 1 to {clients - 2}, on --port 9094 + id (9095 to {9092 + clients})" in \
+            between[0]
+
+
 def test_tensors_cross_the_wire_exactly_and_at_a_client_s_rank():
     gen = torch.Generator().manual_seed(0)
     state = {"l.lora_A.default.weight": torch.randn(4, 6, generator=gen),

@@ -199,10 +199,18 @@ def flwr_command(app_dir: Path, num_supernodes: int, client_cpus: float = 1, cli
 
 
 def deploy_commands(app_dir: Path, store: str, num_users: int) -> list[str]:
-    """The commands of a deployment on this machine: a SuperLink, one SuperNode per client, `flwr run`."""
+    """The commands of a deployment on this machine: a SuperLink, one SuperNode per client, `flwr run`; past three
+    clients, the first and last SuperNode with a line saying to start one for each id between them."""
+    def node(c: int) -> str:
+        return (f"flower-supernode --insecure --superlink 127.0.0.1:8000 --port {9094 + c} "
+                f"--node-config 'partition-id={c} store=\"{store}\"'")
+
     last = num_users - 1
-    return ["flower-superlink --insecure --disable-runtime-dependency-installation",
-            *(f"flower-supernode --insecure --superlink 127.0.0.1:8000 --port {9094 + c} "
-              f"--node-config 'partition-id={c} store=\"{store}\"'" for c in sorted({0, last})),
+    nodes = [node(c) for c in range(num_users)]
+    if num_users > 3:  # a line per client would bury the other commands; the elision says what it stands for
+        between = (f"# ... and one SuperNode like these for each partition-id from 1 to {last - 1}, on --port "
+                   f"9094 + id (9095 to {9094 + last - 1})")
+        nodes = [nodes[0], between, nodes[-1]]
+    return ["flower-superlink --insecure --disable-runtime-dependency-installation", *nodes,
             f"flwr run {app_dir} deployment --stream  # [superlink.deployment] address = \"127.0.0.1:8000\", "
             "insecure = true in $FLWR_HOME/config.toml"]
