@@ -161,18 +161,18 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: bool = False, progress: bo
     if type(hooks) is not RoundHooks:
         algorithms.refuse_one_process(cfg, "several processes cannot share it", "run without --nproc")
     run_dir = Path(run_dir)
-    created = _first_missing(run_dir) if hooks.is_writer and not resume else None
+    created = first_missing(run_dir) if hooks.is_writer and not resume else None
     with RunLock(run_dir) if hooks.is_writer else contextlib.nullcontext():
         try:
             fx, start = prepare(cfg, run_dir, resume, write=hooks.is_writer)
         except BaseException:
             if hooks.is_writer and not resume and not (run_dir / "config.json").exists():
-                _remove_start(run_dir, created)  # nothing of this run exists yet: leave nothing of it
+                remove_start(run_dir, created)  # nothing of this run exists yet: leave nothing of it
             raise
         return run_rounds(cfg, fx, run_dir, start, progress and hooks.is_writer, hooks)
 
 
-def _first_missing(run_dir: Path) -> Optional[Path]:
+def first_missing(run_dir: Path) -> Optional[Path]:
     """The outermost directory of `run_dir` that does not exist yet (the run makes it), or None."""
     missing = None
     for d in (run_dir, *run_dir.absolute().parents):
@@ -182,7 +182,7 @@ def _first_missing(run_dir: Path) -> Optional[Path]:
     return missing
 
 
-def _remove_start(run_dir: Path, created: Optional[Path]) -> None:
+def remove_start(run_dir: Path, created: Optional[Path]) -> None:
     """Remove what a run that never wrote its config.json left: the directories it made, or (in the user's) its
     files."""
     if created is not None:

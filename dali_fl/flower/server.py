@@ -33,7 +33,7 @@ from dali_fl.engine.federation import (
     server_update,
 )
 from dali_fl.engine.local import ClientResult
-from dali_fl.engine.run import _first_missing, _remove_start, checkpoint_tensors, prepare, run_rounds
+from dali_fl.engine.run import checkpoint_tensors, first_missing, prepare, remove_start, run_rounds
 from dali_fl.engine.rundir import RunLock, check_fresh
 from dali_fl.engine.trust import check_config_file
 from dali_fl.errors import DaliFlError
@@ -244,7 +244,7 @@ def _option_name(path: tuple[str, ...]) -> str:
 def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run (or, with `resume`, continue) a federation over `grid`, writing RUN_DIR as `dali-fl train` does."""
     run_dir = Path(run_dir)
-    created = None if resume else _first_missing(run_dir)
+    created = None if resume else first_missing(run_dir)
     with RunLock(run_dir):
         wrote = False  # whether RUN_DIR/config.json is this run's
         try:
@@ -280,4 +280,4 @@ def remove_unfinished(run_dir: Path, created: Optional[Path], wrote: bool) -> No
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     elif (run_dir / "config.json").exists():
         return  # another run's, which prepare refused to start over
-    _remove_start(run_dir, created)  # train's: the start-up files, or the directories this run made
+    remove_start(run_dir, created)  # train's: the start-up files, or the directories this run made
