@@ -51,6 +51,8 @@ def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:
     util, used = sampler.gpu_window(t0, t1)
     clients, epochs = timed.gaps()
     out = {k: row[k] for k in ROUND_KEYS}
+    # The epoch-end GPU syncs ran inside the data-wait timer (see TimedLoader.sync_s): they waited for compute.
+    out.update(data_wait_s=row["data_wait_s"] - timed.sync_s, compute_s=row["compute_s"] + timed.sync_s)
     out.update(images=row["num_samples"] * fx.cfg.local.local_ep, cpu_core_s=cpu,
                busy_cores=cpu / row["round_time_s"], gpu_util_pct=util, gpu_used_mib=used,
                client_switch_s=clients, epoch_switch_s=epochs,

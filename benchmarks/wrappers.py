@@ -13,6 +13,9 @@ class TimedLoader:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.epochs: list[tuple[object, Optional[float], float]] = []  # (indices, first batch, end)
+        # Seconds spent waiting for the GPU at epoch ends. They pass inside local training's timed next(), so
+        # its data wait holds them; timed_round moves them to compute, where the queued work belongs.
+        self.sync_s = 0.0
 
     def epoch(self, indices: np.ndarray, seed: int, shuffle: bool = True) -> Iterator:
         """The inner loader's epoch, timed."""
@@ -28,7 +31,9 @@ class TimedLoader:
         if device is not None and device.type == "cuda":
             import torch
 
+            start = time.perf_counter()
             torch.cuda.synchronize(device)  # the client's queued GPU work is compute, not switch time
+            self.sync_s += time.perf_counter() - start
         self.epochs.append((indices, first, time.perf_counter()))
 
     def gaps(self) -> tuple[list[float], list[float]]:

@@ -147,3 +147,30 @@ def test_the_cap_is_ignored_on_the_cpu(caplog) -> None:
         assert round_point.cap_gpu_memory("cpu", 12.0) is None
     assert "--gpu-mem-gib 12.0 ignored: device cpu has no GPU memory to cap" in caplog.text
     assert round_point.cap_gpu_memory("cuda:0", None) is None  # no cap asked: CUDA is not even touched
+
+
+def test_waiting_for_the_gpu_at_epoch_ends_is_compute_not_data_wait(tmp_path, monkeypatch) -> None:
+    # TimedLoader's epoch-end sync runs inside local training's timed next(): 0.2 s of queued "GPU work" per
+    # epoch landed in data_wait_s (the bound and every kind showed a wait that was compute).
+    import time
+
+    from benchmarks.round_point import timed_round
+    from benchmarks.sampler import Sampler
+    from dali_fl.engine.run import prepare
+    from tests.tiny import tiny_config, tiny_store
+
+    fx, _ = prepare(tiny_config(tiny_store(tmp_path), num_users=4, frac=0.5, local_ep=2), tmp_path / "run",
+                    resume=False, write=False)
+
+    class OnCuda:  # the real loader, reporting a CUDA device so that TimedLoader syncs
+        device = torch.device("cuda")
+
+        def epoch(self, *args, **kwargs):
+            return fx.train_loader.epoch(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: time.sleep(0.2))
+    try:
+        out = timed_round(fx, 1, OnCuda(), Sampler())
+    finally:
+        fx.close()
+    assert out["data_wait_s"] < 0.2 and out["compute_s"] >= 0.8  # 2 clients x 2 epochs x 0.2 s, now compute
