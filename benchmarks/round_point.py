@@ -154,7 +154,7 @@ def compute_figures(flops_per_image: float, rounds: list[dict], device: str) -> 
 
 
 def median_row(rows: list[dict]) -> dict:
-    """The round with the median round time (the lower one of an even count), so its parts add up."""
+    """The round with the median round time (the lower one of an even count): every figure shown comes from it."""
     return sorted(rows, key=lambda r: r["round_time_s"])[(len(rows) - 1) // 2]
 
 
@@ -166,30 +166,29 @@ def med(values: Iterable[Optional[float]]) -> Optional[float]:
 
 def summarize(point: dict, build_s: float, warm: dict, rounds: list[dict], bounds: list[dict],
               mem: dict) -> dict:
-    """Per-kind figures: the median round's split, medians of the rest, stall against the bound."""
+    """Per-kind figures: the median round's, against the median bound round's, so a row is one round."""
     m, b = median_row(rounds), median_row(bounds)
-    stall = 1 - b["round_time_s"] / m["round_time_s"]  # the medians the table shows; odd --rounds keep them exact
+    stall = 1 - b["round_time_s"] / m["round_time_s"]
     return {**point, "build_s": build_s, "warmup_round_s": warm["round_time_s"], "loadavg_1m": os.getloadavg()[0],
-            "images_per_round": m["images"], "clients_per_round": m["num_clients"],
-            **{k: m[k] for k in ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "other_s")},
-            "images_per_s": med(r["images_per_s"] for r in rounds),
+            "images_per_round": m["images"], "clients_per_round": m["num_clients"], "median_round": m["round"],
+            **{k: m[k] for k in ("round_time_s", "data_wait_s", "compute_s", "aggregate_s", "other_s",
+                                 "images_per_s")},
             "bound_round_time_s": b["round_time_s"], "bound_compute_s": b["compute_s"],
             "data_stall": max(0.0, stall), "data_stall_raw": stall,
-            "wait_fraction": med(r["data_wait_s"] / r["round_time_s"] for r in rounds),
-            **cpu_figures(rounds, bounds), **switch_figures(rounds, bounds), **gpu_memory(rounds),
+            "wait_fraction": m["data_wait_s"] / m["round_time_s"],
+            **cpu_figures(m, b), **switch_figures(rounds, bounds), **gpu_memory(rounds),
             **mem, "rounds": rounds, "bound_rounds": bounds}
 
 
-def cpu_figures(rounds: list[dict], bounds: list[dict]) -> dict:
-    """CPU and GPU use of the measured rounds and of the bound, medians over rounds."""
-    loader_cpu = med((ro["cpu_core_s"] - bo["cpu_core_s"]) / ro["images"] for ro, bo in zip(rounds, bounds))
-    return {"cpu_core_s": med(r["cpu_core_s"] for r in rounds), "busy_cores": med(r["busy_cores"] for r in rounds),
-            "bound_cpu_core_s": med(r["cpu_core_s"] for r in bounds),
-            "bound_busy_cores": med(r["busy_cores"] for r in bounds),
-            "cpu_core_s_per_1k_images": med(1000 * r["cpu_core_s"] / r["images"] for r in rounds),
-            "loader_core_s_per_1k_images": 1000 * loader_cpu,
-            "gpu_util_pct": med(r["gpu_util_pct"] for r in rounds),
-            "bound_gpu_util_pct": med(r["gpu_util_pct"] for r in bounds)}
+def cpu_figures(m: dict, b: dict) -> dict:
+    """CPU and GPU use of the median round and of the median bound round."""
+    loader_cpu = m["cpu_core_s"] - b["cpu_core_s"]
+    # A round that used less CPU than its bound measured noise (psutil counts in clock ticks), not a loader cost.
+    return {"cpu_core_s": m["cpu_core_s"], "busy_cores": m["busy_cores"],
+            "bound_cpu_core_s": b["cpu_core_s"], "bound_busy_cores": b["busy_cores"],
+            "cpu_core_s_per_1k_images": 1000 * m["cpu_core_s"] / m["images"],
+            "loader_core_s_per_1k_images": 1000 * loader_cpu / m["images"] if loader_cpu >= 0 else None,
+            "gpu_util_pct": m["gpu_util_pct"], "bound_gpu_util_pct": b["gpu_util_pct"]}
 
 
 def switch_figures(rounds: list[dict], bounds: list[dict]) -> dict:

@@ -19,7 +19,7 @@ def round_row(r: dict) -> list[str]:
     return [r["kind"], f"{r['round_time_s']:.2f}", f"{r['data_wait_s']:.2f}", f"{r['compute_s']:.2f}",
             f"{r['aggregate_s']:.3f}", f"{r['bound_round_time_s']:.2f}", f"{100 * r['data_stall']:.1f}%",
             f"{r['images_per_s']:.1f}", f"{r['cpu_core_s']:.1f}", f"{r['busy_cores']:.2f}",
-            f"{r['cpu_core_s_per_1k_images']:.1f}", f"{r['loader_core_s_per_1k_images']:.1f}",
+            f"{r['cpu_core_s_per_1k_images']:.1f}", fmt(r["loader_core_s_per_1k_images"], ".1f"),
             fmt(r["gpu_util_pct"], ".0f"), f"{r['peak_rss_mib']:.0f} / {r['peak_pss_mib']:.0f}",
             f"{r['peak_pss_store_mib']:.0f}", fmt(r["peak_gpu_mem_mib"], ".0f"), fmt(r["client_switch_ms"], ".1f")]
 
@@ -42,8 +42,10 @@ def markdown(doc: dict) -> str:
     what = (f"{s['alg']} on `{s['model']}` ({s['model_kwargs'] or 'no kwargs'}), "
             f"{'pretrained' if s['pretrained'] else 'random init'}, synthetic store of {s['num_train']:,} images, "
             f"local_ep {s['local_ep']}, batch {s['local_bs']}, augment {'on' if s['augment'] else 'off'}, "
-            f"amp {s['amp']}; one warm-up round, then the median of {s['rounds']} rounds (each paired with "
-            "the same round on one cached device batch: the compute-only bound).")
+            f"amp {s['amp']}; one warm-up round, then {s['rounds']} rounds, each paired with the same round on one "
+            "cached device batch (the compute-only bound). A row is the median round by round time (the lower "
+            "middle one of an even count) beside the median bound round; loader core-s is n/a where the round "
+            "used less CPU than its bound, which is noise.")
     if s["scaling"]:
         rows = table(SCALING_COLUMNS, map(scaling_row, doc["results"]))
     else:

@@ -174,3 +174,26 @@ def test_waiting_for_the_gpu_at_epoch_ends_is_compute_not_data_wait(tmp_path, mo
     finally:
         fx.close()
     assert out["data_wait_s"] < 0.2 and out["compute_s"] >= 0.8  # 2 clients x 2 epochs x 0.2 s, now compute
+
+
+def _row(round_: int, time_s: float, cpu: float) -> dict:
+    """A measured round whose figures all follow from its time, so a row mixing two rounds shows."""
+    return dict(round=round_, num_clients=2, images=100, round_time_s=time_s, data_wait_s=time_s / 4,
+                compute_s=time_s / 2, aggregate_s=0.1, other_s=time_s / 4 - 0.1, images_per_s=100 / time_s,
+                cpu_core_s=cpu, busy_cores=cpu / time_s, gpu_util_pct=None, gpu_used_mib=None,
+                peak_gpu_mem_mb=None, client_switch_s=[0.01], epoch_switch_s=[])
+
+
+def test_an_even_count_of_rounds_reports_one_round_not_the_average_of_two(monkeypatch) -> None:
+    from benchmarks import round_point
+
+    rounds = [_row(2, 2.0, 4.0), _row(3, 1.0, 3.0)]
+    bounds = [_row(2, 0.9, 1.0), _row(3, 0.8, 3.5)]  # the faster bound round used more CPU than round 3
+    row = round_point.summarize({"kind": "dali"}, 1.0, rounds[0], rounds, bounds, {})
+    assert row["median_round"] == 3 and row["round_time_s"] == 1.0
+    assert row["images_per_s"] == 100.0 and row["cpu_core_s"] == 3.0 and row["busy_cores"] == 3.0
+    assert row["bound_round_time_s"] == 0.8 and row["bound_cpu_core_s"] == 3.5
+    assert row["cpu_core_s_per_1k_images"] == 30.0
+    assert row["loader_core_s_per_1k_images"] is None  # less than its bound: noise, not a negative cost
+    row = round_point.summarize({"kind": "dali"}, 1.0, rounds[0], rounds, [_row(2, 0.9, 1.0), _row(3, 0.8, 1.0)], {})
+    assert row["loader_core_s_per_1k_images"] == pytest.approx(1000 * (3.0 - 1.0) / 100)
