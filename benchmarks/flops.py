@@ -1,10 +1,15 @@
 """Model FLOPs per trained image (torch's FlopCounterMode over one step) and device peaks, for TFLOP/s and MFU."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), by a word of the device name.
-PEAK_BF16_TFLOPS = {"h200": 989.4, "h100": 989.4, "a100": 312.0, "l40s": 362.1, "l4": 121.0, "a10": 125.0}
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), by the whole device name torch reports: a word of
+# it would give "NVIDIA L40" the L4's peak and an H100 PCIe the SXM part's.
+PEAK_BF16_TFLOPS = ((r"nvidia (gh|h)200( \d+gb)?( hbm3e)?", 989.4), (r"nvidia h200 nvl", 835.5),
+                    (r"nvidia h100 80gb hbm3|nvidia h100 sxm5 80gb", 989.4), (r"nvidia h100 pcie", 756.5),
+                    (r"nvidia h100 nvl", 835.5), (r"nvidia a100[- ].*", 312.0), (r"nvidia l40s", 362.1),
+                    (r"nvidia l40", 181.0), (r"nvidia l4", 121.0), (r"nvidia a10", 125.0))
 
 
 def train_flops_per_image(model, image_size: int, device) -> float:
@@ -24,5 +29,5 @@ def train_flops_per_image(model, image_size: int, device) -> float:
 
 def peak_tflops(device_name: Optional[str]) -> Optional[float]:
     """The device's dense bf16 peak, or None for a CPU or a GPU this table does not know."""
-    name = (device_name or "").lower()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    name = " ".join((device_name or "").lower().split())
+    return next((peak for pattern, peak in PEAK_BF16_TFLOPS if re.fullmatch(pattern, name)), None)

@@ -82,6 +82,10 @@ def test_flops_are_counted_per_trained_image_and_peaks_are_known() -> None:
     assert all(p.grad is None for p in model.parameters())  # nothing left behind for the next step
     assert peak_tflops("NVIDIA H200") == peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops(None) is None and peak_tflops("Some New GPU") is None
+    # the whole name: an L40 is not an L4, a PCIe H100 not the SXM part, and an unknown variant is not guessed
+    assert (peak_tflops("NVIDIA L40"), peak_tflops("NVIDIA L4"), peak_tflops("NVIDIA L40S")) == (181.0, 121.0, 362.1)
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.5 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA A10G") is None and peak_tflops("NVIDIA H100 NVL") == 835.5
 
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
