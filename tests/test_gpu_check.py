@@ -220,13 +220,21 @@ DOC = {"settings": {"alg": "fedlora", "model": "vit_base_patch16_224", "image_si
 CAP = {"gpu_mem_cap_gib": 12, "gpu_mem_fraction": 0.151, "gpu_total_mib": 81559.0}
 
 
-def test_the_12_gb_verdict_comes_from_the_capped_run_not_from_nvml():
+def test_the_12_gb_verdict_adds_what_ran_outside_torch_to_the_capped_peak():
     capped = {**DOC, "settings": {**DOC["settings"], "gpu_mem_gib": 12}}
-    fits = "\n".join(check_summary.round_table({**capped, "results": [
-        {**ROW, **CAP, "fits_gpu_mem_cap": True, "peak_gpu_reserved_mib": 3100, "peak_gpu_used_mib": 13000.0}]}))
+
+    def verdict(**row) -> str:
+        return "\n".join(check_summary.round_table({**capped, "results": [
+            {**ROW, **CAP, "fits_gpu_mem_cap": True, "peak_gpu_reserved_mib": 3100, **row}]}))
+
+    fits = verdict(peak_gpu_used_mib=3900.0)  # 800 MiB of context and DALI pools beside torch's 2500 allocated
     assert "torch capped at 12 GiB" in fits and "fraction 0.151 of the 79.6 GiB card" in fits
-    assert "it fits a 12 GiB card" in fits and "2500 MiB allocated, 3100 MiB reserved" in fits
-    assert "NVML's device-used peak was 13000 MiB" in fits  # context only: over 12 GiB, and still it fits
+    assert "2500 MiB allocated, 3100 MiB reserved" in fits and "About 800 MiB ran outside torch" in fits
+    assert "3300 MiB, so it fits a 12 GiB card" in fits
+    # torch stayed under its cap, but the context and pools outside it would not leave torch enough on the card
+    too_big = verdict(peak_gpu_mem_mib=11000, peak_gpu_reserved_mib=11500, peak_gpu_used_mib=13000.0)
+    assert "12500 MiB, so it does not fit a 12 GiB card" in too_big and "it fits" not in too_big
+    assert "so whether it fits a 12 GiB card is open" in verdict(peak_gpu_used_mib=None)
     oom = {"kind": "dali-gpu-resize", **CAP, "fits_gpu_mem_cap": False, "peak_gpu_mem_mib": 12100.0,
            "peak_gpu_reserved_mib": 12280.0, "out_of_memory": "CUDA out of memory. Tried to allocate 2.00 GiB"}
     too_big = "\n".join(check_summary.round_table({**capped, "results": [oom]}))
