@@ -7,6 +7,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -42,22 +43,30 @@ def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:
     """One real `run_round` with `loader` swapped in, plus CPU, GPU and switch figures."""
     from dali_fl.engine.federation import run_round
 
-    timed = TimedLoader(loader)
+    timed = TimedLoader(loader, at_epoch_end=partial(sampler.sample, full=True) if transient_workers(loader) else None)
     cpu0, own0 = tree_cpu_seconds(), sampler.own_cpu
     t0 = time.perf_counter()
     row = run_round(fx, round_, loader=timed)
     t1 = time.perf_counter()
-    cpu = tree_cpu_seconds() - cpu0 - (sampler.own_cpu - own0)
+    cpu = tree_cpu_seconds() - cpu0 - (sampler.own_cpu - own0) - timed.probe_cpu_s
     util, used = sampler.gpu_window(t0, t1)
     clients, epochs = timed.gaps()
     out = {k: row[k] for k in ROUND_KEYS}
     # The epoch-end GPU syncs ran inside the data-wait timer (see TimedLoader.sync_s): they waited for compute.
-    out.update(data_wait_s=row["data_wait_s"] - timed.sync_s, compute_s=row["compute_s"] + timed.sync_s)
-    out.update(images=row["num_samples"] * fx.cfg.local.local_ep, cpu_core_s=cpu,
-               busy_cores=cpu / row["round_time_s"], gpu_util_pct=util, gpu_used_mib=used,
+    # The epoch-end memory probes ran there too, and are the benchmark's, not the round's.
+    round_s, images = row["round_time_s"] - timed.probe_s, row["num_samples"] * fx.cfg.local.local_ep
+    out.update(round_time_s=round_s, data_wait_s=row["data_wait_s"] - timed.sync_s - timed.probe_s,
+               compute_s=row["compute_s"] + timed.sync_s, images_per_s=images / round_s)
+    out.update(images=images, cpu_core_s=cpu, busy_cores=cpu / round_s, gpu_util_pct=util, gpu_used_mib=used,
                client_switch_s=clients, epoch_switch_s=epochs,
-               other_s=row["round_time_s"] - row["data_wait_s"] - row["compute_s"] - row["aggregate_s"])
+               other_s=round_s - out["data_wait_s"] - out["compute_s"] - row["aggregate_s"])
     return out
+
+
+def transient_workers(loader: Any) -> bool:
+    """Whether the loader's DataLoader workers exit at each epoch's end, taking their mapped store pages along."""
+    workers = getattr(getattr(loader, "cfg", None), "workers", None)
+    return workers is not None and workers.num_workers > 0 and not workers.persistent_workers
 
 
 def measure_point(s: Settings, point: dict) -> dict:

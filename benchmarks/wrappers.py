@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -10,8 +10,11 @@ import numpy as np
 class TimedLoader:
     """Wraps a loader: notes when each epoch's first batch arrives and when the epoch ends."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, at_epoch_end: Optional[Callable[[], None]] = None) -> None:
         self.inner = inner
+        # Called once an epoch's last batch is consumed, while the loader's workers are still alive; its seconds
+        # and CPU are the benchmark's own, which timed_round takes out of the round.
+        self.at_epoch_end, self.probe_s, self.probe_cpu_s = at_epoch_end, 0.0, 0.0
         self.epochs: list[tuple[object, Optional[float], float]] = []  # (indices, first batch, end)
         # Seconds spent waiting for the GPU at epoch ends. They pass inside local training's timed next(), so
         # its data wait holds them; timed_round moves them to compute, where the queued work belongs.
@@ -22,11 +25,17 @@ class TimedLoader:
         return self._timed(self.inner.epoch(indices, seed, shuffle), indices)
 
     def _timed(self, batches: Iterator, indices: np.ndarray) -> Iterator:
-        first = None
+        first, seen = None, 0
         for batch in batches:
             if first is None:
                 first = time.perf_counter()
             yield batch
+            seen += len(batch[1])
+            if self.at_epoch_end is not None and seen >= len(indices):
+                start, cpu = time.perf_counter(), time.thread_time()
+                self.at_epoch_end()
+                self.probe_s += time.perf_counter() - start
+                self.probe_cpu_s += time.thread_time() - cpu
         device = getattr(getattr(self.inner, "cfg", None), "device", None) or getattr(self.inner, "device", None)
         if device is not None and device.type == "cuda":
             import torch

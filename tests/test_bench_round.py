@@ -201,3 +201,16 @@ def test_an_even_count_of_rounds_reports_one_round_not_the_average_of_two(monkey
     assert row["loader_core_s_per_1k_images"] is None  # less than its bound: noise, not a negative cost
     row = round_point.summarize({"kind": "dali"}, 1.0, rounds[0], rounds, [_row(2, 0.9, 1.0), _row(3, 0.8, 1.0)], {})
     assert row["loader_core_s_per_1k_images"] == pytest.approx(1000 * (3.0 - 1.0) / 100)
+
+
+def test_the_seed_s_store_pages_are_read_before_its_workers_exit(tmp_path: Path) -> None:
+    """memmap-seed's workers map the float32 store and exit each epoch: a PSS sample after that finds nothing."""
+    doc = bench.main(["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5",
+                      "--model-kwargs", TINY_VIT, "--rounds", "1", "--kinds", "memmap-seed", "--device", "cpu",
+                      "--threads", "1", "--in-process", "--data-dir", str(tmp_path / "data"),
+                      "--out", str(tmp_path / "out")])
+    [f32] = (tmp_path / "data").rglob("*-f32/train_images.npy")
+    row = doc["results"][0]
+    # 100 of the 200 rows, 3 KiB each and spread over the file: over half its pages are read in one round
+    assert row["peak_pss_store_mib"] >= 0.4 * f32.stat().st_size / 2**20, (row["peak_pss_store_mib"], f32)
+    assert 0 <= row["data_wait_s"] < row["round_time_s"] and row["images_per_round"] == 100
