@@ -2,6 +2,7 @@
 equality with FedAvg, FedEx-LoRA under a server step, exact resume of the moments, and bad options."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,32 @@ def test_fedex_with_a_server_optimizer_steps_the_factors_and_folds_the_plain_res
     for p in pairs:
         torch.testing.assert_close(params[p.base].detach(), base0[p.base] + residual[p.base], rtol=1e-5, atol=1e-6)
     fx.close()
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_a_round_whose_clients_have_no_samples_takes_no_server_step(store, tmp_path, monkeypatch, opt):
+    # Momentum kept moving the model on a round that aggregated nothing (Dirichlet --min-size 0 leaves clients
+    # empty), which a round the clock empties leaves as it was. The moments stay as they were too.
+    fx, _ = prepare(config(store, server_opt=opt, server_lr=0.5, partition="dirichlet", alpha=0.1, min_size=0,
+                           num_users=8, frac=0.25, seed=2), tmp_path / opt, resume=False, write=False)
+    try:
+        empty = np.flatnonzero(fx.partition.sizes() == 0)
+        fed.run_round(fx, 1)
+        before = {k: v.clone() for k, v in trainable_state(fx.model).items()}
+        (server,) = [a for a in fx.algs if isinstance(a, FedOpt)]
+        moments = {k: v.clone() for k, v in server.state_tensors().items()}
+        monkeypatch.setattr(fed, "sample_clients", lambda cfg, round_: empty[:1])
+        row = fed.run_round(fx, 2)
+        after = trainable_state(fx.model)
+        moments_after = server.state_tensors()
+    finally:
+        fx.close()
+    assert len(empty) >= 1 and row["num_samples"] == 0 and moments
+    assert any(float(m.abs().max()) > 0 for m in moments.values())  # round 1 left momentum that would move it
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    for k in moments:
+        assert torch.equal(moments_after[k], moments[k]), k
 
 
 def test_resume_is_bitwise_exact_with_server_state(invoke, store, tmp_path):
