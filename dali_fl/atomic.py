@@ -80,18 +80,36 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's 22nd field), or None if none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # after the command name, which may hold spaces
+
+
+def _writer_tag() -> str:
+    """PID.START for this process: a pid alone is reused (a container's restart hands out the same small pids)."""
+    return f"{os.getpid()}.{_start_time(os.getpid())}"
+
+
 def _writer_alive(name: str) -> bool:
-    """Whether another running process owns a temp or old directory (its id ends the name)."""
-    pid = name.rsplit("-", 1)[-1]
+    """Whether another running process owns a temp or old directory (its tag ends the name)."""
+    pid, _, start = name.rsplit("-", 1)[-1].partition(".")
     # This process's own leftovers come from an earlier call that was interrupted: not in use.
-    return pid.isdigit() and int(pid) != os.getpid() and Path(f"/proc/{pid}").exists()
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    running = _start_time(int(pid))
+    # Without a start time (names of earlier versions) any process with that id counts as the writer.
+    return running is not None and (not start or start == running)
 
 
 def temp_dir_for(final: Path, whole: Callable[[Path], bool] = lambda p: True) -> Path:
-    """A fresh `.NAME.tmp-PID` directory beside `final`, after clearing what crashed writers left."""
+    """A fresh `.NAME.tmp-PID.START` directory beside `final`, after clearing what crashed writers left."""
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(final, whole)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.tmp-{_writer_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
@@ -101,12 +119,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Publish the finished directory `tmp` as `final`; readers see the old one or the new one, whole.
 
     Every file in `tmp` and `tmp` itself are fsynced first; an existing `final` is renamed to
-    `.NAME.old-PID` beside it; `tmp` is renamed to `final` and the parent is fsynced; only then
+    `.NAME.old-PID.START` beside it; `tmp` is renamed to `final` and the parent is fsynced; only then
     is the old copy deleted. A crash between the two renames leaves the old copy whole, and
     `recover_dir` (called by every reader and writer of such a directory) puts it back.
     """
     sync_tree(tmp)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{_writer_tag()}"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

@@ -72,6 +72,21 @@ def test_leftover_old_copies_are_removed_but_debris_is_never_restored(tmp_path):
     assert not final.exists() and not debris.exists()
 
 
+def test_a_copy_whose_writer_id_was_reused_is_restored_but_a_live_writers_is_left(tmp_path):
+    # A pid alone named the writer: after a container restart another process holds the crashed writer's small pid,
+    # and the whole old copy was taken for one still being written: the store stayed missing.
+    other = os.getppid()  # a live process that is not this one
+    final = tmp_path / "store"
+    reused = tmp_path / f".store.old-{other}.1"  # that pid, but a start time it does not have
+    (reused / "manifest.json").parent.mkdir()
+    (reused / "manifest.json").write_text("{}")
+    live = tmp_path / f".store.tmp-{other}.{Path(f'/proc/{other}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+    live.mkdir()
+    assert recover_dir(final, lambda p: (p / "manifest.json").exists()) is True
+    assert (final / "manifest.json").exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store", live.name])
+
+
 def _state(value: float) -> dict[str, torch.Tensor]:
     return {"w": torch.full((3,), value)}
 
