@@ -309,6 +309,23 @@ def _build(path, num_classes: int = 10):
                                  weights=str(path)), num_classes=num_classes, img_size=224, seed=0)
 
 
+@pytest.mark.parametrize("made,store_px", [(32, 32), (224, 224), (224, 32), (32, 224)])
+def test_local_weights_are_checked_against_their_own_image_size(tmp_path, made, store_px):
+    # The size check read the hub's 224px for any --weights file: a user's own 32px weights were refused on a 32px
+    # store, and on a 224px store timm resampled their 2x2 position embeddings to 14x14 without a word.
+    from dali_fl.model.build import ModelSpec, build_model
+
+    donor = _weights(tmp_path / "w.safetensors", img_size=made)
+    spec = ModelSpec("vit_tiny_patch16_224", dict(depth=2, embed_dim=32, num_heads=2), pretrained=True,
+                     weights=str(tmp_path / "w.safetensors"))
+    if made != store_px:
+        with pytest.raises(DaliFlError, match=rf"made for {made}px images .* the model takes {store_px}px"):
+            build_model(spec, num_classes=10, img_size=store_px, seed=0)
+        return
+    model = build_model(spec, num_classes=10, img_size=store_px, seed=0)
+    torch.testing.assert_close(model.pos_embed, donor.pos_embed)
+
+
 def test_relative_weights_are_saved_absolute_so_resume_works_from_elsewhere(invoke, tmp_path, monkeypatch):
     _weights(tmp_path / "w.safetensors", depth=1)
     store, _ = write_store(load_synthetic(8, 4, seed=0), tmp_path, 224, progress=False)  # what the weights expect

@@ -6,7 +6,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -97,8 +97,8 @@ def expected_image_size(spec: ModelSpec) -> Optional[int]:
     """The input size pretrained weights expect, or None when any size works (random init)."""
     import timm
 
-    if not spec.pretrained:
-        return None
+    if not spec.pretrained or (spec.weights is not None and not str(spec.weights).endswith(".npz")):
+        return None  # a local state dict says its own size: its position embeddings are checked as it loads
     cfg = timm.models.get_pretrained_cfg(spec.name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
 
@@ -151,6 +151,7 @@ def _load_checked(model: nn.Module, spec: ModelSpec) -> None:
 
     state = load_state_dict(str(spec.weights))  # torch.load(weights_only=True); unwraps "state_dict", "model"
     module = sys.modules[type(model).__module__]
+    _check_grid(model, state, spec)
     if hasattr(module, "checkpoint_filter_fn"):
         state = module.checkpoint_filter_fn(state, model)
     own, heads = model.state_dict(), head_names(model)
@@ -164,6 +165,21 @@ def _load_checked(model: nn.Module, spec: ModelSpec) -> None:
         raise ValueError(f"it does not fit {spec.name} with --model-kwargs {spec.kwargs}: {len(missing)} of the "
                          f"model's tensors are not in it{' (e.g. ' + missing[0] + ')' if missing else ''} and it "
                          f"holds {len(extra)} the model lacks{' (e.g. ' + extra[0] + ')' if extra else ''}")
+
+
+def _check_grid(model: nn.Module, state: Mapping[str, torch.Tensor], spec: ModelSpec) -> None:
+    """Refuse weights made for another image size, as hub weights are: timm's filter would resample their position
+    embeddings to the store's grid without a word (a 224px file's 14x14 onto a 32px store's 2x2)."""
+    own, theirs = getattr(model, "pos_embed", None), state.get("pos_embed")
+    if own is None or theirs is None or theirs.shape[1] == own.shape[1]:
+        return
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+    patch, grid = model.patch_embed.patch_size[0], model.patch_embed.grid_size[0]  # timm ViTs all have these
+    side = math.isqrt(max(theirs.shape[1] - prefix, 0))
+    made = f"{side * patch}px images" if side * side == theirs.shape[1] - prefix else "another image size"
+    raise DaliFlError(f"--weights {spec.weights} was made for {made} ({theirs.shape[1]} position embeddings), but "
+                      f"the model takes {grid * patch}px ({own.shape[1]}); use a store (or --resize-to) of the "
+                      "weights' size, or weights made at the store's")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
