@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import stat
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,28 @@ MAX_SPLITS = 16
 MAX_MANIFEST_BYTES = 64 << 20  # 100,000 class names fit in a few MB
 CHUNK_BYTES = 64 << 20  # resized bytes per chunk: bounds memory whatever the dataset size
 LEGACY_SAMPLES = 64  # re-resized samples per split that stand in for the source hash older stores lack
+
+
+REPREP = "re-run `dali-fl prep --force`"
+
+
+class RowReader:
+    """Gathers rows of a mapped image file after checking, through its own descriptor, that the file kept its size.
+
+    Reading a mapped page past the end of a file cut in place kills the process with SIGBUS, without a word; the
+    check makes that one line (a cut landing between the check and the copy can still kill it).
+    """
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images, self.path = images, Path(images.filename)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        weakref.finalize(self, os.close, self._fd)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if os.fstat(self._fd).st_size != self._size:
+            raise DaliFlError(f"store file {self.path} changed size while it was read; {REPREP}")
+        return self.images[rows]
 
 
 def store_name(source: str, image_size: int, dtype: str = "uint8") -> str:
@@ -66,11 +89,25 @@ class Store:
 
     def images(self, split: str) -> np.ndarray:
         """The split's images as a read-only memmap shaped (N, H, W, 3)."""
-        return np.load(self.path / self._entry(split)["images"]["file"], mmap_mode="r")
+        return self._load(split, "images", mmap_mode="r")
 
     def labels(self, split: str) -> np.ndarray:
         """The split's labels as int64."""
-        return np.load(self.path / self._entry(split)["labels"]["file"], allow_pickle=False)
+        return self._load(split, "labels", allow_pickle=False)
+
+    def _load(self, split: str, key: str, **kwargs) -> np.ndarray:
+        """np.load of a split's file, checked again: a file deleted or cut since open_store is one line."""
+        spec = self._entry(split)[key]
+        path = self.path / spec["file"]
+        _check_npy(path, spec)
+        try:
+            return np.load(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise DaliFlError(f"cannot read store file {path} ({err}); {REPREP}") from None
+
+    def row_reader(self, split: str) -> "RowReader":
+        """The split's images for a loader's reads (`reader[rows]`), refusing a file cut in place since it was mapped."""
+        return RowReader(self.images(split))
 
     def files(self) -> tuple[Path, ...]:
         """Every file the store is made of: its manifest and each split's images and labels."""

@@ -181,8 +181,8 @@ class DaliLoader(Loader):
 
     @staticmethod
     def _host_gather(cfg: LoaderConfig) -> Callable[[np.ndarray], np.ndarray]:
-        images = cfg.store.images(cfg.split)
-        return lambda rows: images[rows]  # the one piece of per-batch CPU work
+        images = cfg.store.row_reader(cfg.split)
+        return images.__getitem__  # the one piece of per-batch CPU work
 
     def _gpu_gather(self, cfg: LoaderConfig) -> Callable[[np.ndarray], torch.Tensor]:
         self._resident = upload_split(cfg.store.images(cfg.split), cfg.device)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dali_fl.data.store import Store
+from dali_fl.data.store import RowReader, Store
+from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
 from dali_fl.loaders.order import Batch
 from dali_fl.loaders.resize import interpolation, resize_nhwc
@@ -21,13 +22,13 @@ class StoreRows(Dataset):
     def __init__(self, store: Store, split: str) -> None:
         self.store, self.split = store, split
         self.labels = store.labels(split)
-        self._images: Optional[np.ndarray] = None
+        self._images: Optional[RowReader] = None
 
     @property
-    def images(self) -> np.ndarray:
+    def images(self) -> RowReader:
         # Opened lazily in each process: a pickled memmap would carry the whole array with it.
         if self._images is None:
-            self._images = self.store.images(self.split)
+            self._images = self.store.row_reader(self.split)
         return self._images
 
     def __getstate__(self) -> dict:
@@ -57,11 +58,24 @@ class PlanSampler(Sampler):
         return len(self.plan)
 
 
-def shutdown_workers(loader: Optional[DataLoader]) -> None:
-    """Stop a DataLoader's persistent workers now rather than whenever it is collected."""
-    it = getattr(loader, "_iterator", None) if loader is not None else None
-    if it is not None and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()  # private, but the only deterministic way to end persistent workers
+class Epochs:
+    """Runs a DataLoader's epochs and keeps the last one's iterator, so that its workers can be stopped."""
+
+    def __init__(self) -> None:
+        self._it: Optional[Iterator] = None
+
+    def __call__(self, loader: DataLoader) -> Iterator:
+        self._it = iter(loader)  # for persistent workers this is the loader's own, reused iterator
+        try:
+            yield from self._it
+        except DaliFlError as err:  # raised in a worker: torch re-raises it with the worker's traceback inside
+            raise DaliFlError(str(err).strip().splitlines()[-1].split("DaliFlError: ", 1)[-1]) from None
+
+    def stop(self) -> None:
+        """Stop the workers now, those of an epoch left unfinished too, rather than whenever they are collected."""
+        if self._it is not None and hasattr(self._it, "_shutdown_workers"):
+            self._it._shutdown_workers()  # private, but the only deterministic way to end them
+        self._it = None
 
 
 class MemmapLoader(Loader):
@@ -71,7 +85,7 @@ class MemmapLoader(Loader):
 
     def __init__(self, cfg: LoaderConfig) -> None:
         super().__init__(cfg)
-        self._sampler = PlanSampler()
+        self._sampler, self._epochs = PlanSampler(), Epochs()
         kw = cfg.workers.dataloader_kwargs(cfg.device)
         self._pinned = kw["pin_memory"]
         # batch_size=None: each sampler item is a whole batch, gathered with one fancy index.
@@ -87,7 +101,7 @@ class MemmapLoader(Loader):
     def _batches(self, plan: list[Batch], rows: np.ndarray) -> Iterator[Served]:
         self._sampler.plan = plan  # swap first: the iter() below starts the workers' prefetch
         dev = self.cfg.device
-        for batch, (images, labels, read) in zip(plan, self._loader):
+        for batch, (images, labels, read) in zip(plan, self._epochs(self._loader)):
             x = images.to(dev, non_blocking=self._pinned)
             if self.cfg.resize is not None:  # on the device, before the crop: padding keeps its 4 px at N
                 x = resize_nhwc(x, self.cfg.resize, self._method)
@@ -96,5 +110,5 @@ class MemmapLoader(Loader):
             yield self._normalize(x), labels.to(dev, non_blocking=self._pinned), read.numpy()
 
     def close(self) -> None:
-        shutdown_workers(self._loader)
+        self._epochs.stop()
         self._loader = None

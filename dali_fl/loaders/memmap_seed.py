@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from dali_fl.data.store import Store, open_store
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders.base import Loader, LoaderConfig, LoaderWorkers, Served
-from dali_fl.loaders.memmap import StoreRows, shutdown_workers
+from dali_fl.loaders.memmap import Epochs, StoreRows
 from dali_fl.loaders.normalize import Normalization
 from dali_fl.loaders.order import Batch
 from dali_fl.loaders.transforms import crop_flip
@@ -80,6 +80,7 @@ class MemmapSeedLoader(Loader):
         self._client: Optional[np.ndarray] = None
         self._sampler = PlanBatchSampler()
         self._loader: Optional[DataLoader] = None
+        self._epochs = Epochs()
         self._pinned = False
 
     @classmethod
@@ -97,7 +98,7 @@ class MemmapSeedLoader(Loader):
     def _loader_for(self, rows: np.ndarray) -> DataLoader:
         """The client's DataLoader: new when the indices change, as the seed's LocalUpdate did."""
         if self._loader is None or self._client is None or not np.array_equal(rows, self._client):
-            shutdown_workers(self._loader)
+            self._epochs.stop()
             self._sampler = PlanBatchSampler()
             kw = self.cfg.workers.dataloader_kwargs(self.cfg.device)
             self._pinned = kw["pin_memory"]
@@ -109,10 +110,10 @@ class MemmapSeedLoader(Loader):
         loader = self._loader_for(rows)
         self._sampler.plan = plan
         dev, dtype = self.cfg.device, self.cfg.out_dtype
-        for images, labels, read in loader:
+        for images, labels, read in self._epochs(loader):
             x = images.to(dev, non_blocking=self._pinned).to(dtype)
             yield x, labels.to(dev, non_blocking=self._pinned), read.numpy()
 
     def close(self) -> None:
-        shutdown_workers(self._loader)
+        self._epochs.stop()
         self._loader = None
