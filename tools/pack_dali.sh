@@ -3,7 +3,7 @@
 # parts small enough to move one at a time to a machine that cannot install packages itself.
 #   usage: tools/pack_dali.sh [OUT_DIR=.carry] [PART_MB=56] [DALI_SPEC=nvidia-dali-cuda120==2.4.0]
 # Writes OUT_DIR/dali-1/part .. OUT_DIR/dali-K/part and OUT_DIR/dali-1/unpack.sh, and adds
-# OUT_DIR to .git/info/exclude when run inside a git checkout. Takes about 5 minutes on 2 cores.
+# OUT_DIR to .git/info/exclude when it lies inside a git checkout. Takes about 5 minutes on 2 cores.
 # On the other machine, once every part is there:  bash OUT_DIR/dali-1/unpack.sh /tmp/site
 # then: export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
@@ -47,8 +47,10 @@ cat $parts | unxz | tar -C "$dest" -xf -
 echo "DALI unpacked into $dest: export PYTHONPATH=$dest:\$PYTHONPATH"
 UNPACK
 chmod +x "$out/dali-1/unpack.sh"
-if top=$(git rev-parse --show-toplevel 2>/dev/null); then
-  rel=$(realpath --relative-to="$top" "$out")
+top=$(git rev-parse --show-toplevel 2>/dev/null) || top=
+rel=${top:+$(realpath --relative-to="$top" "$out")}
+case "$rel" in ""|..|../*) rel= ;; esac  # only an OUT_DIR inside the checkout would travel with it
+if [ -n "$rel" ]; then
   exclude=$(git rev-parse --git-path info/exclude)  # .git/info/exclude, also from a worktree
   mkdir -p "$(dirname "$exclude")"
   grep -qx "/$rel/" "$exclude" 2>/dev/null || echo "/$rel/" >> "$exclude"
