@@ -383,3 +383,34 @@ def test_unsafe_or_garbage_weights_are_one_line(invoke, assert_user_error, tmp_p
 def test_a_bare_group_prints_its_help_not_an_error(invoke):
     result = invoke("flower")
     assert result.output.startswith("Usage: cli flower") and "error:" not in result.output  # CliRunner names it cli
+
+
+def test_a_run_stopped_at_an_unevaluated_round_reports_that_rounds_accuracy_as_final(invoke, store, tmp_path,
+                                                                                   monkeypatch):
+    # Killed in round 4 of 4 with --eval-every 2, then resumed with --rounds 3: no round was left to play, and the
+    # summary called round 2's accuracy final.
+    from tests.tiny import kill_at_client
+
+    whole = _train(invoke, store, tmp_path / "whole", "--rounds", 3, "--eval-every", 2)
+    assert whole.exit_code == 0, whole.output
+    kill_at_client(monkeypatch, 7)  # two clients a round: the first of round 4
+    assert _train(invoke, store, tmp_path / "cut", "--rounds", 4, "--eval-every", 2).exit_code == 130
+    monkeypatch.undo()
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[-1]["test_acc"] is None
+    result = invoke("train", "--resume", tmp_path / "cut", "--rounds", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    want, got = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("whole", "cut"))
+    assert want["final_test_acc"] != [r["test_acc"] for r in rows if r["test_acc"] is not None][-1]
+    assert got["final_test_acc"] == want["final_test_acc"] and got["rounds"] == 3
+
+
+def test_a_finished_run_continued_and_interrupted_has_no_summary_of_the_shorter_run(invoke, store, tmp_path,
+                                                                                   monkeypatch):
+    from tests.tiny import kill_at_client
+
+    run = _finished(invoke, store, tmp_path / "r", rounds=1)
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 1
+    kill_at_client(monkeypatch, 3)  # the first client of round 3: round 2 is logged
+    assert invoke("train", "--resume", run, "--rounds", 3, "--quiet").exit_code == 130
+    assert not (run / "summary.json").exists()  # it said a 1-round run was finished

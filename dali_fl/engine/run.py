@@ -26,6 +26,7 @@ from dali_fl.engine.rundir import (
     algorithm_files,
     check_fresh,
     load_checkpoint,
+    read_metrics,
     save_checkpoint,
 )
 from dali_fl.engine.trust import check_resume, record_identity
@@ -201,9 +202,13 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
     `play(fx, round)` replaces dali-fl's own round (the Flower server plays it over the network).
     """
     metrics = MetricsLog(run_dir, start) if hooks.is_writer else None
+    if metrics is not None and start <= cfg.fed.rounds:  # until the last round, the run is not finished
+        (run_dir / "summary.json").unlink(missing_ok=True)
     bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", unit="round", disable=not progress)
+    final = None
     try:
         with explain_oom(fx.device):
+            final = evaluate_stop(cfg, fx, run_dir, start, hooks)
             for r in bar:
                 row = play(fx, r) if play else run_round(fx, r, progress, hooks)
                 if r % cfg.data.eval_every == 0 or r == cfg.fed.rounds:
@@ -225,12 +230,27 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
         fx.close()
         if metrics is not None:
             metrics.close()
-    return write_summary(run_dir, metrics.rows, algorithms.summary_keys(cfg)) if metrics is not None else {}
+    return write_summary(run_dir, metrics.rows, algorithms.summary_keys(cfg), final) if metrics is not None else {}
 
 
-def write_summary(run_dir: Path, rows: list[dict], keys: tuple[str, ...] = ()) -> dict:
-    """summary.json: final and best accuracy, rounds done, total time, and the last row's `keys`."""
-    accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
+def evaluate_stop(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, hooks: RoundHooks) -> Optional[float]:
+    """The final model's test accuracy when a resume's --rounds is the rounds done and the last was not evaluated
+    (--eval-every): the summary would call an earlier round's accuracy final. That round's row stays as logged."""
+    if start <= cfg.fed.rounds or start == 1:
+        return None
+    rows = read_metrics(run_dir)  # every process reads it, so that all of them evaluate, or none
+    if not rows or rows[-1].get("test_acc") is not None:
+        return None
+    acc, _ = hooks.evaluate(fx)
+    log.info("round %d was not evaluated when it ran; the final model's test accuracy is %.4f", rows[-1]["round"],
+             acc)
+    return acc
+
+
+def write_summary(run_dir: Path, rows: list[dict], keys: tuple[str, ...] = (), final: Optional[float] = None) -> dict:
+    """summary.json: final and best accuracy, rounds done, total time, and the last row's `keys`; `final` is the
+    last round's accuracy where its row has none."""
+    accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None] + ([final] if final is not None else [])
     summary = {"final_test_acc": accs[-1] if accs else None, "best_test_acc": max(accs) if accs else None,
                "rounds": rows[-1]["round"] if rows else 0,
                "total_time_s": sum(r["round_time_s"] + r.get("eval_s", 0.0) for r in rows)}
