@@ -36,7 +36,8 @@ from dali_fl.model.ranks import set_scale, truncate_, upload_values
 from dali_fl.seeds import SAMPLE, derive_seed, stream
 
 # Summed over clients and over processes.
-TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s")
+TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s",
+              "trained")
 
 # --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
 RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
@@ -226,6 +227,7 @@ def add_update(fx: Federation, running: RunningSum, totals: dict, update: Client
     running.add(c.state, c.weight, update.product_scale)
     totals["upload_values"] += update.upload_values
     totals["drift_sum"] += c.drift
+    totals["trained"] += res.num_samples > 0  # a client without samples has no update to drift
     totals["drift_sq_sum"] += c.weight * c.drift * c.drift
     totals["loss_sum"] += res.loss * res.num_samples
     totals["num_samples"] += res.num_samples
@@ -309,7 +311,7 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),
            "upload_mb": totals["upload_values"] * 4 / 1e6,  # float32 values the clients sent
-           "client_drift": totals["drift_sum"] / num_clients if some else None,
+           "client_drift": totals["drift_sum"] / totals["trained"] if some and totals["trained"] else None,
            # Weighted spread of the clients' updates around their mean: what drift correction shrinks. Undefined
            # for mixed ranks, whose clients start from different (truncated) points.
            "update_spread": None if fx.ranks is not None or not some else

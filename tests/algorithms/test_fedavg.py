@@ -54,3 +54,27 @@ def test_counts_cross_processes_exactly():
     flat, counts = running.flat()
     running.load_flat(flat, counts)
     assert running.total == 16_777_217 and running.scalars["tau"] == 48_653_929.3
+
+
+def test_client_drift_is_the_mean_over_the_clients_that_trained(store, tmp_path, monkeypatch):
+    # A sampled client without samples (Dirichlet --min-size 0) has no update, yet it counted in the mean: with one
+    # of three sampled clients empty, client_drift read two thirds of the trained clients' mean.
+    import dali_fl.engine.federation as fed
+    from dali_fl.engine.run import prepare
+    from tests.algorithms.common import config
+
+    drifts = {}
+    for name, pick in (("with-empty", lambda sizes: [np.flatnonzero(sizes == 0)[0], *np.flatnonzero(sizes)[:2]]),
+                       ("without", lambda sizes: np.flatnonzero(sizes)[:2])):
+        fx, _ = prepare(config(store, partition="dirichlet", alpha=0.1, min_size=0, num_users=8, frac=0.25, seed=2),
+                        tmp_path / name, resume=False, write=False)
+        clients = np.asarray(pick(fx.partition.sizes()))
+        monkeypatch.setattr(fed, "sample_clients", lambda cfg, round_, clients=clients: clients)
+        try:
+            row = fed.run_round(fx, 1)
+        finally:
+            fx.close()
+        drifts[name] = row["client_drift"]
+        assert row["num_clients"] == len(clients)
+    assert drifts["without"] > 0
+    assert abs(drifts["with-empty"] - drifts["without"]) <= 1e-6 * drifts["without"]
