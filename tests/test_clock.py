@@ -254,6 +254,26 @@ def test_plot_metrics_refuses_in_one_line_before_printing(finished, tmp_path, ar
     assert line.startswith("error: ") and all(w in line for w in words), line
 
 
+@pytest.mark.parametrize("edit,words", [
+    (lambda row: row.pop("round_time_s"), "round_time_s = None"),  # a KeyError halfway through the table
+    (lambda row: row.update(test_acc="0.5"), "test_acc = '0.5'"),  # a format-code ValueError
+    (lambda row: row.update(test_acc=0.5, test_loss=None), "test_acc without test_loss"),  # a KeyError in plot
+])
+def test_plot_metrics_refuses_rows_it_cannot_read_in_one_line(finished, tmp_path, edit, words):
+    import shutil
+
+    run = tmp_path / "edited"
+    shutil.copytree(finished, run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    edit(rows[-1])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(run)], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: ") and f"row {len(rows)} has {words}" in line, line
+
+
 @pytest.mark.parametrize("where", ["import", "run"])
 def test_a_ctrl_c_in_plot_metrics_is_one_line_and_130(finished, where):
     """While it imports dali_fl (the likeliest moment), or while it reads a run."""

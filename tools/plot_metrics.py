@@ -42,8 +42,24 @@ def load(run_dirs: list[Path], x: str = "round") -> dict[Path, list[dict]]:
             fail(f"{run} has no metrics.jsonl rows; is it a dali-fl run directory?")
         if any(key not in r for r in rows):
             fail(f"{run} has rows without {key} (written before the simulated clock); plot it against --x round")
+        check_fields(run, rows)
         runs[run] = rows
     return runs
+
+
+NUMBERS = {"round_time_s": False, "test_acc": True, "test_loss": True, "train_loss": True}  # name: may be null
+
+
+def check_fields(run: Path, rows: list[dict]) -> None:
+    """The columns this tool reads are numbers (or null where a round may lack them): an edited or foreign file is
+    one line, not a traceback halfway through the table."""
+    for n, row in enumerate(rows, 1):
+        for name, nullable in NUMBERS.items():
+            value = row.get(name)
+            if not (value is None and nullable) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                fail(f"{run / 'metrics.jsonl'} row {n} has {name} = {value!r}, not a number; is it a dali-fl run?")
+        if row.get("test_acc") is not None and row.get("test_loss") is None:
+            fail(f"{run / 'metrics.jsonl'} row {n} has test_acc without test_loss; is it a dali-fl run?")
 
 
 def fail(message: str) -> NoReturn:
