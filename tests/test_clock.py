@@ -218,6 +218,16 @@ def test_dp_takes_a_trace_of_speeds_but_not_one_that_leaves_clients_out(store, t
         tiny_config(store, dp_clip=1.0, dp_noise=0.5, trace=str(windows))
 
 
+@pytest.mark.parametrize("name,value", [("speed", 5.0), ("speed_spread", 10.0), ("bandwidth", 0.5),
+                                        ("upload_bandwidth", 0.1), ("bandwidth_spread", 10.0)])
+def test_a_trace_refuses_the_drawn_speeds_it_replaces(store, tmp_path, name, value):
+    # They were accepted and recorded in config.json, and the simulated time was the trace's alone.
+    trace = write_trace(tmp_path / "t.csv", ["client,speed,bandwidth", *(f"{c},{c + 1},1" for c in range(4))])
+    with pytest.raises(DaliFlError, match=f"--{name.replace('_', '-')} {value} sets the drawn .* --trace replaces"):
+        tiny_config(store, trace=str(trace), **{name: value})
+    assert tiny_config(store, trace=str(trace)).clock.trace == str(trace)
+
+
 def test_flower_refuses_what_it_does_not_run(store):
     from dali_fl.flower.options import config_from_run_config, run_config_from_options
 

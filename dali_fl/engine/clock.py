@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -38,6 +38,9 @@ Z90 = 1.2815515655446004  # the standard normal's 90th percentile: P90 / P10 = e
 TRACE_COLUMNS = ("client", "speed", "bandwidth")
 TRACE_MAX_BYTES = 1 << 30  # a row per client: a million clients with long windows fit well under it
 TRACE_OPTIONAL = ("upload_bandwidth", "available")
+
+
+DRAWN = ("speed", "speed_spread", "bandwidth", "upload_bandwidth", "bandwidth_spread")  # what --trace replaces
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,10 @@ def refuse(cfg: "TrainConfig") -> None:
     if wanted > fed.num_users:
         raise DaliFlError(f"--over-select {clock.over_select} samples {wanted} clients a round, more than the "
                           f"federation's {fed.num_users}; lower --over-select or --frac")
+    drawn = [f for f in fields(ClockConfig) if f.name in DRAWN and getattr(clock, f.name) != f.default]
+    if clock.trace and drawn:  # config.json would record them as if they set the clock
+        raise DaliFlError(f"--{drawn[0].name.replace('_', '-')} {getattr(clock, drawn[0].name)} sets the drawn "
+                          "client speeds and bandwidths, which --trace replaces; drop it or --trace")
     trace = read_trace(Path(clock.trace), fed.num_users) if clock.trace else None
     # Only what leaves sampled clients out: a trace of speeds and bandwidths alone changes the clock, not who counts.
     leaving_out = [flag for flag, on in (("--deadline", clock.deadline > 0), ("--over-select", clock.over_select > 1),
