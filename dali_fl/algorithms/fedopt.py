@@ -34,7 +34,8 @@ class FedOptParams:
                              "new model.", choices=SERVER_OPTS)
     server_lr: float = option(1.0, "Server learning rate.")
     server_momentum: float = option(0.9, "--server-opt momentum (FedAvgM): beta.")
-    server_betas: tuple[float, float] = option((0.9, 0.99), "--server-opt adam/yogi/adagrad: beta1 beta2.")
+    server_betas: tuple[float, float] = option((0.9, 0.99), "--server-opt adam/yogi: beta1 beta2; adagrad reads "
+                                               "beta1 only.")
     server_tau: float = option(1e-3, "--server-opt adam/yogi/adagrad: adaptivity tau.")
 
     def __post_init__(self) -> None:
@@ -55,6 +56,10 @@ class FedOptParams:
             if getattr(self, name) != default[name].default and self.server_opt not in opts:
                 raise DaliFlError(f"{flag(name)} applies to --server-opt {'/'.join(opts)}, "
                                   f"not {self.server_opt}; add --server-opt {opts[0]} or drop it")
+        beta2 = default["server_betas"].default[1]
+        if self.server_opt == "adagrad" and self.server_betas[1] != beta2:  # v sums squares: no decay to set
+            raise DaliFlError(f"--server-betas {' '.join(map(str, self.server_betas))}: --server-opt adagrad reads "
+                              f"beta1 only; keep beta2 at {beta2} or use --server-opt adam/yogi")
         if self.server_lr != 1.0 and self.server_opt == "none":
             raise DaliFlError("--server-lr needs a server optimizer; add --server-opt sgd (or momentum, adam, ...)")
 

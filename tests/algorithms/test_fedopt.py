@@ -137,6 +137,8 @@ def test_resume_is_bitwise_exact_with_server_state(invoke, store, tmp_path):
     (("--server-opt", "sgd", "--server-betas", "0.8", "0.9"), ("--server-betas", "adam")),
     (("--server-lr", "0.5"), ("--server-lr", "--server-opt")),
     (("--server-opt", "adam", "--server-betas", "1", "0.9"), ("--server-betas", "[0, 1)")),
+    # adagrad's v sums the squares: beta2 changed nothing, bitwise, while config.json recorded it
+    (("--server-opt", "adagrad", "--server-betas", "0.9", "0.1"), ("--server-betas 0.9 0.1", "adagrad reads beta1")),
 ])
 def test_bad_server_optimizer_options_are_one_line(invoke, assert_user_error, store, tmp_path, args, words):
     assert_refused(invoke, assert_user_error, store, tmp_path / "r", ARGS, args, words)
