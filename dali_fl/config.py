@@ -199,6 +199,9 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     """The model section, with aliases resolved and LoRA derived from the algorithm."""
     pretrained = opts["pretrained"]
     if opts.get("model_variant") is not None:  # the seed's spelling of --pretrained/--no-pretrained
+        if pretrained != option_defaults()["pretrained"] and pretrained != (opts["model_variant"] == "pretrained"):
+            raise DaliFlError(f"model_variant {opts['model_variant']} and pretrained {pretrained} disagree (the "
+                              "seed's spelling and dali-fl's of one choice); give one of them")
         pretrained = opts["model_variant"] == "pretrained"
     kwargs = opts["model_kwargs"]
     kwargs = parse_model_kwargs(kwargs) if isinstance(kwargs, str) else dict(kwargs)

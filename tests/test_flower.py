@@ -207,6 +207,18 @@ def test_a_relative_weights_path_reaches_the_run_config_absolute_as_train_saves_
     assert config_from_run_config(simulated[0])[0].model.weights == str(tmp_path / "w.safetensors")
 
 
+def test_the_seeds_model_variant_reaches_the_run_config_as_the_pretrained_it_means(store, tmp_path, invoke):
+    # The table held pretrained = true beside model-variant = "scratch", and the variant won: editing pretrained, as
+    # `--run-config pretrained=true` does, changed nothing.
+    result = invoke("flower", "app", tmp_path / "app", "--store", store, *FLAGS, "--model_variant", "scratch")
+    assert result.exit_code == 0, result.output
+    run_config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert run_config["pretrained"] is False and run_config["model-variant"] == ""
+    assert config_from_run_config(run_config)[0].model.pretrained is False
+    with pytest.raises(DaliFlError, match="model_variant pretrained and pretrained False disagree"):
+        config_from_run_config({**run_config, "model-variant": "pretrained", "pretrained": False})
+
+
 @pytest.mark.parametrize("clients", [1, 3, 4, 100])
 def test_the_printed_deployment_starts_a_supernode_for_every_client(clients):
     """Every id is printed (three clients or fewer) or named by the line between the first and the last."""

@@ -47,7 +47,10 @@ def _run_config(ctx: click.Context, p: dict, client_cpus: float, client_gpus: fl
     flat = {k: v for k, v in p.items() if k not in CLI_ONLY}
     # The paths as cfg resolved them (absolute, as train saves them): flwr's SuperLink and a later
     # `dali-fl train --resume` run from other working directories.
-    resolved = {"store": cfg.data.store, "device": device, "weights": cfg.model.weights, "trace": cfg.clock.trace}
+    # --model-variant, the seed's spelling, goes in as the pretrained it resolved to: beside it, an edited
+    # `pretrained` would be overridden without a word.
+    resolved = {"store": cfg.data.store, "device": device, "weights": cfg.model.weights, "trace": cfg.clock.trace,
+                "pretrained": cfg.model.pretrained, "model_variant": None}
     out = p["out"] or Path("runs") / f"flower-{cfg.fed.alg}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_config = run_config_from_options({**flat, **resolved}, Path(out).absolute())
     config_from_run_config(run_config)  # what the ServerApp will check: the round trip holds
