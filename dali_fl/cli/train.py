@@ -219,7 +219,7 @@ def _resumed_config(ctx: click.Context, p: dict) -> TrainConfig:
     fixed = sorted(explicit_options(ctx) - RESUMABLE)
     if fixed:
         raise DaliFlError(f"--resume keeps the run's settings; drop --{fixed[0].replace('_', '-')} "
-                          "(only --rounds, --gpu/--device and --quiet may change)")
+                          "(only --rounds, --gpu/--device, --nproc and --quiet may change)")
     from dali_fl.engine.trust import check_config_file
 
     check_config_file(p["resume"])  # kind, nesting and field types, before the config is built from it
