@@ -10,6 +10,8 @@ import numpy as np
 from dali_fl.bounds import check_int64
 from dali_fl.errors import DaliFlError
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 
 def flag(name: str) -> str:
     """The command-line spelling of an option's field name."""
@@ -24,6 +26,8 @@ def check_numbers(obj: object, positive: tuple[str, ...] = (), non_negative: tup
             continue
         if not math.isfinite(value):
             raise DaliFlError(f"{flag(f.name)} {value} is not a finite number")
+        if isinstance(value, float) and abs(value) > F32_MAX:  # torch raised an overflow deep inside a step
+            raise DaliFlError(f"{flag(f.name)} {value} is beyond what float32, the weights' type, holds (3.4e38)")
         if f.name in positive and not value > 0:
             raise DaliFlError(f"{flag(f.name)} must be > 0 (got {value})")
         if f.name in non_negative and value < 0:

@@ -200,8 +200,14 @@ def train_one(fx: Federation, round_: int, client: int, start: dict[str, torch.T
     own_start = {k: v.clone() for k, v in trainable_state(fx.model).items()} if moved else start
     params = trainable_params(fx.model)
     terms = [t for t in (a.local_term(client, params) for a in fx.algs) if t is not None]
-    res = local_train(fx.model, loader, fx.train_indices(client), cfg.local, derive_seed(cfg.fed.seed, round_, client),
-                      fx.amp, fx.device, terms)
+    try:
+        res = local_train(fx.model, loader, fx.train_indices(client), cfg.local,
+                          derive_seed(cfg.fed.seed, round_, client), fx.amp, fx.device, terms)
+    except RuntimeError as err:  # torch's optimizers turn lr/(1 - beta1) and the like into float32 scalars
+        if "without overflow" not in str(err):
+            raise
+        raise DaliFlError(f"an optimizer step overflowed float32 in round {round_} at client {client}; nothing of "
+                          f"round {round_} was saved; {RESTART_HINT}") from None
     if not math.isfinite(res.loss):
         raise DaliFlError(f"training loss became {res.loss} in round {round_} at client {client}; "
                           f"nothing of round {round_} was saved; {RESTART_HINT}")
