@@ -127,8 +127,12 @@ class DataConfig:
         check_resize(self.loader, self.resize_to)
         check_ints(self, "eval_bs", "eval_every", "num_workers")
         check_numbers(self, positive=("eval_bs", "eval_every"), non_negative=("num_workers",))
+        if self.num_workers > MAX_WORKERS:  # each is a process: 100,000 of them ran the machine out of memory
+            raise DaliFlError(f"--num-workers {self.num_workers} is more than {MAX_WORKERS} loader processes; use "
+                              "about one per free CPU core")
 
 
+MAX_WORKERS = 256
 SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig,
             "clock": ClockConfig}  # the simulated clock's section lives in dali_fl/engine/clock.py
 # Flat option names that differ from their field's name.
@@ -208,6 +212,8 @@ def _model_spec(opts: Mapping[str, Any], fed: FederationConfig) -> ModelSpec:
     if "img_size" in kwargs:
         raise DaliFlError("--model-kwargs img_size is taken from the store (or --resize-to); prep the store at the "
                           "size you want or pass --resize-to N")
+    if "num_classes" in kwargs:  # replaced by the store's, while config.json recorded it
+        raise DaliFlError("--model-kwargs num_classes is taken from the store's classes; drop it")
     targets = opts["lora_targets"]
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())

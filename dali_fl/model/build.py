@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dali_fl.errors import DaliFlError
+from dali_fl.model.ranks import MAX_RANK
 from dali_fl.safe_fs import check_input_file
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 # timm kwargs that are sizes or counts, with their largest accepted value: zero, negative or non-finite values
 # crash deep inside timm, and a huge depth makes timm build modules (and lists of drop rates) without end.
 # The caps are far beyond the largest published ViTs (ViT-22B: depth 48, width 6144, 48 heads).
-KWARG_CAPS = {"patch_size": 1024, "depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "mlp_ratio": 64}
-INTEGER_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads")
+KWARG_CAPS = {"patch_size": 1024, "depth": 1024, "embed_dim": 1 << 16, "num_heads": 1024, "mlp_ratio": 64,
+              "reg_tokens": 64}  # 99,999 register tokens made one round run for minutes
+INTEGER_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "reg_tokens")
+ZERO_KWARGS = ("reg_tokens",)
 
 
 @dataclass(frozen=True)
@@ -41,13 +44,18 @@ class ModelSpec:
     freeze_lora_a: bool = False  # FFA-LoRA: A stays at its shared random init
 
     def __post_init__(self) -> None:
-        if self.lora and (self.lora_r < 1 or self.lora_alpha <= 0):
-            raise DaliFlError(f"--lora-r must be >= 1 and --lora-alpha > 0 (got {self.lora_r}, {self.lora_alpha})")
+        if self.lora and not (1 <= self.lora_r <= MAX_RANK and self.lora_alpha > 0):
+            raise DaliFlError(f"--lora-r must be in 1..{MAX_RANK} and --lora-alpha > 0 (got {self.lora_r}, "
+                              f"{self.lora_alpha})")
         if self.weights is not None and not str(self.weights).endswith(WEIGHT_SUFFIXES):
             raise DaliFlError(f"--weights {self.weights}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
         for key, cap in KWARG_CAPS.items():
             if key in self.kwargs:
                 _check_size_kwarg(key, self.kwargs[key], cap)
+        for key, value in self.kwargs.items():  # timm's dropout takes nan, then fails on the first batch
+            if key.endswith("_rate") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 <= value <= 1):
+                raise DaliFlError(f"--model-kwargs {key}={value} must be a number from 0 to 1")
         if self.kwargs.get("in_chans", 3) != 3:  # it builds, then fails on the first batch
             raise DaliFlError(f"--model-kwargs in_chans={self.kwargs['in_chans']}: stores hold RGB images, so the "
                               "model takes 3 channels; drop in_chans")
@@ -56,11 +64,13 @@ class ModelSpec:
 
 
 def _check_size_kwarg(key: str, value: object, cap: int) -> None:
-    """A size or count kwarg is a finite number in (0, cap], and a whole number where timm counts with it."""
-    whole = key in INTEGER_KWARGS
-    kind = f"a whole number from 1 to {cap}" if whole else f"a number above 0 and at most {cap}"
+    """A size or count kwarg is a finite number in (0, cap] (a count of extra tokens may be 0), and a whole number
+    where timm counts with it."""
+    whole, low = key in INTEGER_KWARGS, 0 if key in ZERO_KWARGS else 1
+    kind = f"a whole number from {low} to {cap}" if whole else f"a number above 0 and at most {cap}"
     ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not 0 < value <= cap:
+    fits = low <= value <= cap if whole else 0 < value <= cap
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not fits:
         raise DaliFlError(f"--model-kwargs {key}={value} must be {kind}")
 
 
@@ -269,7 +279,7 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
             raise DaliFlError(f"--model-kwargs do not fit {spec.name}: {err}") from None
         except AssertionError as err:  # timm asserts e.g. that img_size is divisible by patch_size
             raise DaliFlError(f"{spec.name} cannot take {img_size}px input with these kwargs ({err})") from None
-        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+        except (ValueError, RuntimeError, ZeroDivisionError, KeyError) as err:  # KeyError: act_layer=bogus
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise DaliFlError(f"cannot build {spec.name} for {img_size}px images with --model-kwargs "
                               f"{spec.kwargs} ({first})") from None
