@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 from click.core import ParameterSource
@@ -331,10 +332,22 @@ def _checked_before_launch(ctx: click.Context, p: dict) -> TrainConfig:
     if p["gpu"] is not None:
         raise DaliFlError("--gpu picks one GPU; with several processes each takes cuda:LOCAL_RANK "
                           "(choose GPUs with CUDA_VISIBLE_DEVICES)")
+    _check_nproc(p["nproc"], p["device"])
     # Every rank resolves its own device; the checks do not depend on it.
     cfg = _resumed_config(ctx, p) if p["resume"] is not None else cli_config(p, "cpu")
     algorithms.refuse_one_process(cfg, "several processes cannot share it", "run without --nproc")
     return cfg
+
+
+def _check_nproc(nproc: int, device: Optional[str]) -> None:
+    """One process a GPU (NCCL) or a CPU core (gloo): torchrun started any count, and 10^20 ran out of memory."""
+    import torch
+
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    have, what = (torch.cuda.device_count(), "GPUs") if cuda else (os.cpu_count() or 1, "CPU cores")
+    if nproc > have:
+        raise DaliFlError(f"--nproc {nproc} is more than the {have} {what} here; each process takes one, so use at "
+                          f"most {have}")
 
 
 def _launch(ctx: click.Context, p: dict) -> None:
@@ -348,8 +361,10 @@ def _launch(ctx: click.Context, p: dict) -> None:
            "-m", "dali_fl", "train", *args]
     rc = _wait_for_torchrun(subprocess.Popen(cmd), run_dir, p["nproc"])
     if rc != 0:
+        started = (Path(run_dir) / "config.json").is_file()  # else there is no run to continue
         raise DaliFlError(f"the {p['nproc']}-process run failed (exit {rc}); torchrun's report above names the "
-                          f"failed rank; continue with `dali-fl train --resume {run_dir} --nproc {p['nproc']}`")
+                          "failed rank" + (f"; continue with `dali-fl train --resume {run_dir} --nproc {p['nproc']}`"
+                                           if started else ""))
 
 
 def _interrupted(run_dir: Path, more: str = "") -> KeyboardInterrupt:
