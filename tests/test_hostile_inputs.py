@@ -451,12 +451,29 @@ def test_hostile_values_in_run_files_are_one_line(invoke, assert_user_error, fin
     (("--local-ep", HUGE), ("--local-ep", "64 bits")),
     (("--local-bs", HUGE), ("--local-bs", "64 bits")),
     (("--eval-bs", "-" + HUGE), ("--eval-bs",)),
+    # Each of these was a traceback (torch's or dp-accounting's overflow, timm's KeyError), an out-of-memory kill
+    # (--num-workers, --nproc), a run that hung (reg_tokens), or a value config.json recorded but nothing used.
+    (("--lr", "1e300"), ("--lr", "float32")),
+    (("--server-opt", "adam", "--server-tau", "1e300"), ("--server-tau", "float32")),
+    (("--dp-clip", "1", "--dp-noise", "1e300"), ("--dp-noise", "float32")),
+    (("--lora-r", HUGE), ("--lora-r", "1..1024")),
+    (("--num-workers", "100000"), ("--num-workers", "256")),
+    (("--nproc", HUGE), ("--nproc", "CPU cores")),
+    *((("--model-kwargs", f"patch_size=4,depth=1,embed_dim=32,num_heads=2,{kw}"), words) for kw, words in [
+        ("act_layer=bogus", ("act_layer", "bogus")), ("drop_rate=nan", ("drop_rate", "0 to 1")),
+        ("reg_tokens=99999", ("reg_tokens", "0 to 64")), ("num_classes=5", ("num_classes", "store"))]),
 ])
 def test_huge_integer_options_are_one_line_before_any_directory(invoke, assert_user_error, stores, tmp_path, args,
                                                                 words):
     assert_user_error(invoke("train", "--store", stores[0], "--out", tmp_path / "r", *TINY, "--rounds", 1, *args),
                       *words)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_optimizer_step_that_overflows_float32_is_one_line(invoke, assert_user_error, stores, tmp_path):
+    # Adam's first step size is lr / (1 - beta1): 1e38 became 1e39, and torch raised in the middle of a client.
+    result = invoke("train", "--store", stores[0], "--out", tmp_path / "r", *TINY, "--rounds", 1, "--lr", "1e38")
+    assert_user_error(result, "overflowed float32 in round 1", "--out NEW")
 
 
 @pytest.mark.parametrize("loader", ["dali", "memmap"])

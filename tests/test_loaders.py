@@ -290,7 +290,9 @@ def test_a_store_file_cut_while_it_is_read_is_one_line(tmp_path, kind, workers):
                          text=True, timeout=300)
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 1 and "train_images.npy changed size while it was read" in lines[0], run.stdout
+    # A worker that maps the file only after the cut finds it short when it opens it: the same line, other words.
+    assert len(lines) == 1 and any(f"train_images.npy {words}" in lines[0] for words in
+                                   ("changed size while it was read", "is truncated or padded")), run.stdout
     assert "prep --force" in lines[0]
 
 
