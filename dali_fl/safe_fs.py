@@ -32,7 +32,10 @@ def _refuse(path: Path, what: str, fix: str) -> DaliFlError:
 def check_input_file(path: Path | str, flag: str, fix: str) -> Path:
     """A file the user names with `flag`, links followed: its real path, or one line if it is missing or not a
     regular file (a FIFO would block a read, a device never end one)."""
-    real = Path(path).resolve()
+    try:
+        real = Path(path).resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a symlink loop
+        raise DaliFlError(f"cannot read {flag} {path} (a symlink loop); {fix}") from None
     if not real.exists():
         raise DaliFlError(f"cannot read {flag} {path} (no such file); {fix}")
     if not real.is_file():

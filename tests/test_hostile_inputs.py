@@ -470,6 +470,38 @@ def test_huge_integer_options_are_one_line_before_any_directory(invoke, assert_u
     assert not (tmp_path / "r").exists()
 
 
+SYNTH = ("--num-train", "5", "--num-test", "5", "--image-size", "8")
+
+
+@pytest.mark.parametrize("args,words", [
+    # "" was the current directory: prep wrote ./synthetic-8, flower app ./pyproject.toml
+    (("prep", "--out", "", *SYNTH), ("--out", "is empty")),
+    (("verify", ""), ("STORE", "is empty")),
+    (("partition", ""), ("STORE", "is empty")),
+    (("flower", "app", "", "--store", "STORE"), ("APP_DIR", "is empty")),
+    (("train", "--store", "STORE", "--out", ""), ("--out", "is empty")),
+    (("verify", "EMPTY"), ("is not a store", "prep")),  # it said to rebuild with --force what prep never made
+    (("prep", "--out", "STORE", *SYNTH), ("is a store",)),  # prep --force of the outer store deleted the inner
+    (("flower", "app", "STORE", "--store", "STORE"), ("is a store", "APP_DIR")),
+    (("prep", "--download", "--out", "OUT", *SYNTH), ("--download does nothing",)),
+    (("prep", "--seed", HUGE, "--out", "OUT", *SYNTH), ("--seed", "64 bits")),  # a store no reader would open
+    (("partition", "STORE", "--seed", HUGE), ("--seed", "64 bits")),
+    (("train", "--store", "STORE", "--out", "OUT", "--trace", "LOOP"), ("--trace", "symlink loop")),  # traceback
+])
+def test_empty_paths_non_stores_and_loops_are_one_line_and_write_nothing(invoke, assert_user_error, stores, tmp_path,
+                                                                         monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "b.csv", tmp_path / "a.csv")
+    os.symlink(tmp_path / "a.csv", tmp_path / "b.csv")
+    subst = {"STORE": str(stores[0]), "EMPTY": str(tmp_path / "empty"), "OUT": str(tmp_path / "out"),
+             "LOOP": str(tmp_path / "a.csv")}
+    store_files = sorted(p.name for p in stores[0].iterdir())
+    assert_user_error(invoke(*[subst.get(a, a) for a in args], *(TINY if args[0] == "train" else ())), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "empty"]
+    assert sorted(p.name for p in stores[0].iterdir()) == store_files
+
+
 def test_an_optimizer_step_that_overflows_float32_is_one_line(invoke, assert_user_error, stores, tmp_path):
     # Adam's first step size is lr / (1 - beta1): 1e38 became 1e39, and torch raised in the middle of a client.
     result = invoke("train", "--store", stores[0], "--out", tmp_path / "r", *TINY, "--rounds", 1, "--lr", "1e38")

@@ -28,6 +28,15 @@ COMMANDS = {
 }
 
 
+class NamedPath(click.Path):
+    """click.Path that refuses an empty name: Path("") is the current directory, which nobody means by ''."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Click group that turns DaliFlError into a one-line message and exit code 2."""
 

@@ -10,7 +10,7 @@ from typing import NoReturn
 import click
 
 # The same options, resolved and validated by the same code, as `dali-fl train`.
-from dali_fl.cli import EXIT_INTERRUPTED
+from dali_fl.cli import EXIT_INTERRUPTED, NamedPath
 from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, summary_line, train_options
 from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
@@ -109,7 +109,7 @@ def _leave_simulation() -> NoReturn:
 
 
 @flower.command("app")
-@click.argument("app_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("app_dir", type=NamedPath(file_okay=False, path_type=Path))
 @train_options
 @_engine_options
 @click.pass_context
@@ -130,9 +130,13 @@ def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: floa
 
 
 def check_app_dir(app_dir: Path) -> None:
-    """APP_DIR/pyproject.toml, if there, is a regular file: a symlink is not followed out of APP_DIR, no FIFO read."""
+    """APP_DIR is not a store, and its pyproject.toml, if there, is a regular file: a symlink is not followed
+    out of APP_DIR, no FIFO read."""
     from dali_fl.safe_fs import check_regular
 
+    if (app_dir / "manifest.json").exists():  # `prep --force` replaces a store whole, the app with it
+        raise DaliFlError(f"APP_DIR {app_dir} is a store, which `dali-fl prep --force` replaces whole; choose "
+                          "another APP_DIR")
     if app_dir.is_dir():
         check_regular(app_dir / "pyproject.toml", "choose another APP_DIR")
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import click
 
+from dali_fl.bounds import check_int64
+from dali_fl.cli import NamedPath
 from dali_fl.config import option_defaults, refuse_ignored_options
 from dali_fl.data.partition import (
     METHODS,
@@ -23,7 +25,7 @@ D = option_defaults()  # the same defaults as `dali-fl train`
 
 
 @click.command("partition")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=NamedPath(path_type=Path))
 @click.option("--num-users", type=int, default=D["num_users"], show_default=True,
               help="Number of simulated clients to split the train split across.")
 @click.option("--partition", "method", type=click.Choice(METHODS), default=D["partition"], show_default=True,
@@ -65,6 +67,7 @@ def partition(store: Path, num_users: int, method: str, alpha: float, shards_per
             --partition dirichlet --alpha 0.1 --out runs/p.json --plot runs/p.png
     """
     refuse_ignored_options({"partition": method, "alpha": alpha, "shards": shards_per_client, "min_size": min_size})
+    check_int64("--seed", seed)  # train refuses it too, so the same options could not make this partition there
     out_path, plot_path = _check_outputs(out, plot, force)  # before any work, so nothing is half-done
     opened = open_store(store)
     _check_not_store_files(opened.files(), {"--out": out_path, "--plot": plot_path})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from dali_fl.cli import NamedPath
 from dali_fl.data.resize import METHODS
 from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, load_source
 from dali_fl.data.store import (
@@ -44,7 +45,7 @@ def _source_options(hidden: bool = False):
               help="uint8 (4x smaller); float32 in [0, 1] only reproduces the old pipeline for benchmarks.")
 @click.option("--interpolation", type=click.Choice(METHODS), default="bilinear", show_default=True,
               help="Resize method (torch, antialiased, like torchvision's Resize).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+@click.option("--out", "out_dir", type=NamedPath(path_type=Path), default=Path("data"), show_default=True,
               help="Directory that holds stores; the store goes to OUT/<source>-<size>[-f32].")
 @click.option("--force", is_flag=True, help="Rebuild even if a valid store exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -60,8 +61,11 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
     """
     check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
     check_synthetic_args(num_train, num_test, seed)
-    if source_name == "synthetic" and source_path is not None:
-        raise DaliFlError("--source-path does nothing for --source synthetic, which is generated from --seed, "
+    if (out_dir / "manifest.json").exists():  # `prep --force` of that store would delete the one made inside it
+        raise DaliFlError(f"--out {out_dir} is a store; give the directory that holds stores, e.g. {out_dir.parent}")
+    if source_name == "synthetic" and (source_path is not None or download):
+        given = "--source-path" if source_path is not None else "--download"
+        raise DaliFlError(f"{given} does nothing for --source synthetic, which is generated from --seed, "
                           "--num-train and --num-test; drop it")
     if source_name == "synthetic":  # its size is known before it is generated: check the disk first
         check_store_fits(out_dir, num_train + num_test, image_size, dtype)
@@ -90,7 +94,7 @@ def _same_store_note(path: Path) -> str:
 
 
 @click.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=NamedPath(path_type=Path))
 @click.option("--source-path", type=click.Path(path_type=Path),
               help="The raw source, to compare re-resized samples with the stored ones.")
 @click.option("--check-samples", default=16, show_default=True, help="Samples to re-resize and compare.")
@@ -109,6 +113,9 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     check_synthetic_args(num_train, num_test, seed)
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
+    if not (store / "manifest.json").exists() and not any(store.parent.glob(f".{store.name}.old-*")):
+        # nothing prep made (nor a store a killed `prep --force` set aside): rebuilding is not the way on
+        raise DaliFlError(f"{store} is not a store (no manifest.json); give a directory `dali-fl prep` wrote")
     given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
     source = _source_for(store, source_path, num_train, num_test, seed, given) if check_samples else None
     checks, counts, classes = verify_store(store, source, check_samples)

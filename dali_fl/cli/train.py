@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from dali_fl import algorithms
+from dali_fl.cli import NamedPath
 from dali_fl.config import (
     ALGORITHMS,
     AMP_MODES,
@@ -68,7 +69,7 @@ def train_options(f):
     """All train options; defaults come from the config dataclasses, the seed's underscore spellings are aliases."""
     d = option_defaults()
     opts = [
-        o("--store", type=click.Path(path_type=Path),
+        o("--store", type=NamedPath(path_type=Path),
           help="Store made by `dali-fl prep` (or use --dataset); config.json keeps its absolute path."),
         o("--dataset", help="Seed style: find the store prep made for this source (cifar = cifar10) in --data-dir."),
         o("--image-size", "--image_size", type=int, help="With --dataset: which store; with --store: a check."),
@@ -77,7 +78,7 @@ def train_options(f):
         o("--use-offline-data", "--use_offline_data", is_flag=True, help="Accepted for the seed's scripts; no effect."),
         o("--alg", type=click.Choice(ALGORITHMS), default=d["alg"], show_default=True,
           help="fedavg: all weights trained and averaged; fedlora: LoRA adapters + head only."),
-        o("--out", type=click.Path(path_type=Path),
+        o("--out", type=NamedPath(path_type=Path),
           help="Run directory (default runs/<what ran>-<time>, e.g. runs/fedlora-fedex-fedadam-20261202-101500)."),
         o("--rounds", "--epochs", type=int, default=d["rounds"], show_default=True,
           help="Federated rounds (seed: --epochs)."),

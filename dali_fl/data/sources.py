@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from dali_fl.bounds import human_size
+from dali_fl.bounds import check_int64, human_size
 from dali_fl.errors import DaliFlError
 
 log = logging.getLogger(__name__)
@@ -486,6 +486,7 @@ def check_synthetic_args(num_train: int, num_test: int, seed: int) -> None:
                               f"{MAX_SYNTHETIC_IMAGES} images per split, in memory; use a real --source for more")
     if seed < 0:
         raise DaliFlError(f"--seed {seed} is negative; seeds must be >= 0")
+    check_int64("--seed", seed)  # the manifest records it, and every reader checks it as a 64-bit integer
 
 
 def load_synthetic(num_train: int, num_test: int, seed: int) -> Source:
