@@ -102,6 +102,8 @@ class LocalConfig:
         check_ints(self, "local_ep", "local_bs")
         check_numbers(self, positive=("local_ep", "local_bs", "lr"),
                       non_negative=("momentum", "weight_decay"))
+        if self.momentum >= 1:  # the velocity would grow without bound, as --server-momentum's would
+            raise DaliFlError(f"--momentum must be in [0, 1) (got {self.momentum})")
         check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
 
 

@@ -454,6 +454,7 @@ def test_hostile_values_in_run_files_are_one_line(invoke, assert_user_error, fin
     # Each of these was a traceback (torch's or dp-accounting's overflow, timm's KeyError), an out-of-memory kill
     # (--num-workers, --nproc), a run that hung (reg_tokens), or a value config.json recorded but nothing used.
     (("--lr", "1e300"), ("--lr", "float32")),
+    (("--optimizer", "sgd", "--momentum", "2"), ("--momentum", "[0, 1)")),  # accepted, as server momentum is not
     (("--server-opt", "adam", "--server-tau", "1e300"), ("--server-tau", "float32")),
     (("--dp-clip", "1", "--dp-noise", "1e300"), ("--dp-noise", "float32")),
     (("--lora-r", HUGE), ("--lora-r", "1..1024")),
