@@ -107,6 +107,9 @@ class LocalConfig:
         check_choice(self.optimizer, OPTIMIZERS, "--optimizer")
 
 
+MAX_WORKERS = 256  # loader processes
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where data comes from and where it goes: store, loader kind, device, precision, evaluation."""
@@ -134,7 +137,6 @@ class DataConfig:
                               "about one per free CPU core")
 
 
-MAX_WORKERS = 256
 SECTIONS = {"fed": FederationConfig, "local": LocalConfig, "model": ModelSpec, "data": DataConfig,
             "clock": ClockConfig}  # the simulated clock's section lives in dali_fl/engine/clock.py
 # Flat option names that differ from their field's name.
