@@ -235,7 +235,7 @@ def _settled_quietly(cfg: TrainConfig) -> TrainConfig:
 
 
 def _option_name(path: tuple[str, ...]) -> str:
-    """A config.json field's option name without `--` (model.kwargs: model-kwargs, algorithms.dp.dp_clip: dp-clip)."""
+    """A config.json field's option name without `--` (model.kwargs: model-kwargs, algorithms.NAME.field_x: field-x)."""
     names = {where: flat for flat, where in option_fields().items() if where[0] != "algorithms"}
     name = names.get(path, path[-1])  # an algorithm's fields are its options; a derived one by its own name
     return name.rstrip("_").replace("_", "-")
