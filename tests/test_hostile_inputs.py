@@ -488,6 +488,7 @@ SYNTH = ("--num-train", "5", "--num-test", "5", "--image-size", "8")
     (("prep", "--seed", HUGE, "--out", "OUT", *SYNTH), ("--seed", "64 bits")),  # a store no reader would open
     (("partition", "STORE", "--seed", HUGE), ("--seed", "64 bits")),
     (("train", "--store", "STORE", "--out", "OUT", "--trace", "LOOP"), ("--trace", "symlink loop")),  # traceback
+    (("train", "--store", "STORE", "--out", "OUT", "--data-dir", "EMPTY"), ("--data-dir", "--store")),  # ignored
 ])
 def test_empty_paths_non_stores_and_loops_are_one_line_and_write_nothing(invoke, assert_user_error, stores, tmp_path,
                                                                          monkeypatch, args, words):

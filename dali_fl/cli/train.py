@@ -165,6 +165,9 @@ CLI_ONLY = ("store", "dataset", "image_size", "data_dir", "use_offline_data", "o
 def merged_options(ctx: click.Context, p: dict) -> dict:
     """The run's options: config defaults, then the preset, then the flags given (config.merge_options)."""
     explicit = {k: v for k, v in p.items() if k in explicit_options(ctx)}
+    if {"data_dir", "store"} <= set(explicit):  # --data-dir only finds --dataset's store
+        raise DaliFlError("--data-dir is where --dataset's store is looked for, and --store names the store; drop "
+                          "--data-dir")
     merged = {**p, **merge_options(explicit, p["preset"])}
     if {"model_variant", "pretrained"} <= set(explicit) and (p["model_variant"] == "pretrained") != p["pretrained"]:
         raise DaliFlError(f"--model-variant {p['model_variant']} and --{'' if p['pretrained'] else 'no-'}pretrained "
