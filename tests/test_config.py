@@ -159,6 +159,18 @@ def test_a_model_with_batchnorm_running_statistics_is_refused():
         build_model(ModelSpec("levit_128s", pretrained=False), num_classes=10, img_size=32, seed=0)
 
 
+def test_flag_kwargs_take_true_or_false_in_any_case():
+    from dali_fl.model.build import ModelSpec, build_model, parse_model_kwargs
+
+    tiny = "patch_size=8,depth=1,embed_dim=16,num_heads=2"
+    model = build_model(ModelSpec("vit_tiny_patch16_224", parse_model_kwargs(tiny + ",qkv_bias=False"),
+                                  pretrained=False), num_classes=10, img_size=32, seed=0)
+    assert model.blocks[0].attn.qkv.bias is None
+    with pytest.raises(DaliFlError, match="qkv_bias=no must be true or false"):  # timm read "no" as true
+        build_model(ModelSpec("vit_tiny_patch16_224", parse_model_kwargs(tiny + ",qkv_bias=no"), pretrained=False),
+                    num_classes=10, img_size=32, seed=0)
+
+
 @pytest.mark.parametrize("layout", ["server", "algorithms"])
 def test_a_config_json_from_before_poisson_sampling_of_a_run_without_dp_loads(layout):
     """Older files wrote DP's fields (dp_clip 0) for every run; the fixed-size sample DP ran with then is no

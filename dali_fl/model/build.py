@@ -99,7 +99,7 @@ def parse_model_kwargs(text: str) -> dict:
                 break
             except ValueError:
                 pass
-        out[key] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+        out[key] = {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
     return out
 
 
@@ -284,6 +284,7 @@ def build_model(spec: ModelSpec, num_classes: int, img_size: int, seed: int) -> 
             raise DaliFlError(f"cannot build {spec.name} for {img_size}px images with --model-kwargs "
                               f"{spec.kwargs} ({first})") from None
         check_no_running_stats(model, spec.name)
+        check_flag_kwargs(model, spec)
         if spec.lora:
             model = apply_lora(model, spec)
     return model
@@ -301,6 +302,17 @@ def check_no_running_stats(model: nn.Module, name: str) -> None:
         raise DaliFlError(f"--model {name} keeps BatchNorm running statistics ({len(norms)} layers, e.g. {norms[0]}), "
                           "which dali-fl neither averages nor checkpoints (clients exchange parameters only); use a "
                           "model without BatchNorm, e.g. vit_tiny_patch16_224 or deit_small_patch16_224")
+
+
+def check_flag_kwargs(model: nn.Module, spec: ModelSpec) -> None:
+    """A kwarg whose default in the model's signature is True or False takes only true or false: timm reads any
+    other value by its truth, so qkv_bias=maybe built a model with biases while config.json recorded "maybe"."""
+    import inspect
+
+    params = inspect.signature(type(model).__init__).parameters
+    for key, value in spec.kwargs.items():
+        if key in params and isinstance(params[key].default, bool) and not isinstance(value, bool):
+            raise DaliFlError(f"--model-kwargs {key}={value} must be true or false")
 
 
 def head_names(model: nn.Module) -> list[str]:
