@@ -191,6 +191,22 @@ def test_flower_app_writes_an_app_and_the_flwr_command(store, tmp_path, invoke):
     assert invoke("flower", "app", tmp_path / "other", "--store", store, *FLAGS).exit_code == 2  # not ours
 
 
+def test_flower_app_refuses_an_out_the_server_would_refuse_and_names_resume_for_a_run(store, tmp_path, invoke,
+                                                                                       assert_user_error):
+    """The server checks `out` when the run starts; an app written for a refused one was only found out then."""
+    args = ["--store", store, *FLAGS]
+    assert_user_error(invoke("flower", "app", tmp_path / "a", *args, "--out", store / "run"), "inside the store")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_user_error(invoke("flower", "app", tmp_path / "a", *args, "--out", tmp_path / "mine"), "not a dali-fl run")
+    assert not (tmp_path / "a").exists()
+    run = tmp_path / "run"
+    train(TrainConfig.from_options({**TINY, "store": str(store), "rounds": 1}), run, progress=False)
+    result = invoke("flower", "app", tmp_path / "a", *args, "--out", run)  # an app that continues the run is fine
+    assert result.exit_code == 0, result.output
+    assert f"{run} already holds a run: add --run-config resume=true" in result.output
+
+
 def test_a_relative_weights_path_reaches_the_run_config_absolute_as_train_saves_it(store, tmp_path, invoke,
                                                                                     monkeypatch):
     """flwr's SuperLink and a later `dali-fl train --resume` have other working directories."""

@@ -115,12 +115,17 @@ def _leave_simulation() -> NoReturn:
 @click.pass_context
 def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: float, **p) -> None:
     """Write APP_DIR/pyproject.toml, a Flower app with these options as its run config, and print `flwr run`."""
+    from dali_fl.engine.rundir import check_place
     from dali_fl.flower.options import deploy_commands, flwr_command, write_app
 
     run_config, clients = _run_config(ctx, p, client_cpus, client_gpus, here=False)
     check_app_dir(app_dir)
+    out = Path(run_config["out"])
+    check_place(out)  # as the server will, at its start: foreign files, or inside a store
     path = write_app(app_dir, run_config)
     click.echo(f"wrote {path}; simulate it with:")
+    if (out / "config.json").exists():  # writing an app to continue a run is fine; starting it anew is refused
+        click.echo(f"({out} already holds a run: add --run-config resume=true to continue it)")
     click.echo(flwr_command(app_dir, clients, client_cpus, client_gpus))
     click.echo(f"or deploy it on this machine: a SuperLink, a SuperNode per client (partition-id 0 to {clients - 1}, "
                "each on its own --port; or one per site, clients=\"A-B\"), then flwr run (README, Flower, "

@@ -82,6 +82,11 @@ def check_fresh(run_dir: Path, resume: Optional[str] = None, elsewhere: str = "c
     if (run_dir / "config.json").exists() or (run_dir / "config.json").is_symlink():
         raise DaliFlError(f"{run_dir} already holds a run; continue it with {resume or f'--resume {run_dir}'} or "
                           f"{elsewhere}")
+    check_place(run_dir)
+
+
+def check_place(run_dir: Path) -> None:
+    """Refuse a run directory that holds foreign files or lies inside a store."""
     check_ours(run_dir)
     # data.store's MANIFEST, spelt out: importing data.store imports torch, which tools reading runs do without.
     store = next((d for d in Path(run_dir).absolute().parents if (d / "manifest.json").is_file()), None)
