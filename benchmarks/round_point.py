@@ -36,7 +36,8 @@ def train_config(s: Settings, point: dict, store: str) -> Any:
         local_bs=s.local_bs, lr=s.lr, model=s.model, model_kwargs=s.model_kwargs,
         pretrained=s.pretrained, store=store, loader="dali" if base == "dali-gpu" else base,
         data_on_gpu=base == "dali-gpu", augment=s.augment, device=s.device, amp=s.amp, eval_bs=64,
-        num_workers=int(workers) if workers else s.workers, resize_to=point.get("resize_to"), compile=s.compile))
+        resize_to=point.get("resize_to"), compile=s.compile,
+        **({"num_workers": int(workers) if workers else s.workers} if base == "memmap" else {})))
 
 
 def timed_round(fx: Any, round_: int, loader: Any, sampler: Sampler) -> dict:

@@ -183,6 +183,7 @@ APPLIES_ONLY: dict[str, tuple[str, str]] = {
     "min_size": ("partition", "dirichlet"),
     "shards": ("partition", "shards"),
     "momentum": ("optimizer", "sgd"),
+    "num_workers": ("loader", "memmap"),  # dali has no DataLoader; memmap-seed keeps the seed's own workers
 }
 
 

@@ -67,7 +67,9 @@ def test_a_client_update_on_the_gpu_equals_the_cpu_one(store, kind):
 
 def train_run(invoke, store: Path, out: Path, *extra: str) -> tuple[dict, list[dict]]:
     """`dali-fl train` for two rounds of the tiny federation; returns its weights and metrics rows."""
-    args = tiny_args(store=store, out=out, rounds=2, augment=False, optimizer="sgd", lr=0.05, momentum=0.0)
+    loader = extra[extra.index("--loader") + 1] if "--loader" in extra else "memmap"
+    args = tiny_args(store=store, out=out, rounds=2, augment=False, optimizer="sgd", lr=0.05, momentum=0.0,
+                     loader=loader)
     at = args.index("--device")
     del args[at:at + 2]  # each run names its device in `extra` (--gpu 0 or --device cpu)
     result = invoke("train", *args, *extra)

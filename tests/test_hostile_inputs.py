@@ -515,8 +515,8 @@ def test_an_optimizer_step_that_overflows_float32_is_one_line(invoke, assert_use
 def test_a_batch_size_beyond_the_data_is_capped_not_allocated(invoke, stores, tmp_path, loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    result = invoke("train", "--store", stores[0], "--out", tmp_path / "r", *TINY, "--rounds", 1, "--loader", loader,
-                    "--local-bs", 10**12, "--eval-bs", 10**9)
+    result = invoke("train", "--store", stores[0], "--out", tmp_path / "r", *tiny_args(alg="fedlora", lora_r=2,
+                    loader=loader), "--rounds", 1, "--local-bs", 10**12, "--eval-bs", 10**9)
     assert result.exit_code == 0, result.output  # DALI threw std::bad_alloc (or a pybind TypeError) here
 
 

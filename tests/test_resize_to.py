@@ -16,13 +16,13 @@ from dali_fl.errors import DaliFlError
 from dali_fl.loaders import MAX_RESIZE_TO, make_loader
 from dali_fl.loaders.normalize import IMAGENET
 from dali_fl.loaders.order import epoch_order
+from tests.tiny import loader_args
 
 N_TRAIN = 64
 CPU = torch.device("cpu")
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8,depth=1,embed_dim=32,num_heads=2",
              "--no-pretrained", "--num-users", "2", "--frac", "1", "--local-ep", "1", "--local-bs", "16",
-             "--partition", "iid", "--eval-bs", "16", "--device", "cpu", "--quiet", "--rounds", "1",
-             "--num-workers", "0"]
+             "--partition", "iid", "--eval-bs", "16", "--device", "cpu", "--quiet", "--rounds", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_pretrained_size_check_uses_the_target(invoke, assert_user_error, stores
 def test_train_builds_the_model_at_the_target(invoke, stores, tmp_path: Path, loader):
     run = tmp_path / "run"
     result = invoke("train", "--store", stores[32].path, "--out", run, *TINY_ARGS, "--resize-to", "64",
-                    "--loader", loader)
+                    *loader_args(loader))
     assert result.exit_code == 0, (result.output, result.exception)
     assert json.loads((run / "config.json").read_text())["data"]["resize_to"] == 64
     from safetensors.torch import load_file

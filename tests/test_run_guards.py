@@ -138,6 +138,8 @@ def test_bad_options_fail_in_one_line_before_any_directory_exists(invoke, assert
     (("train", "--store", "STORE", "--partition", "shards", "--min-size", "3"), ("--min-size 3", "dirichlet")),
     (("train", "--store", "STORE", "--partition", "dirichlet", "--shards", "5"), ("--shards 5", "--partition shards")),
     (("train", "--store", "STORE", "--momentum", "0.5"), ("--momentum 0.5", "--optimizer adamw ignores it")),
+    (("train", "--store", "STORE", "--num-workers", "8"), ("--num-workers 8", "--loader dali ignores it")),
+    (("train", "--store", "STORE", "--loader", "memmap-seed", "--num-workers", "0"), ("--loader memmap-seed ignores",)),
     (("train", "--store", "STORE", "--dp-clip", "1", "--dp-clip-lr", "0.3"), ("--dp-clip-lr", "--dp-adaptive-clip")),
     (("partition", "STORE", "--partition", "iid", "--alpha", "0.1"), ("--alpha 0.1", "--partition iid ignores it")),
     (("train", "--store", "STORE", "--model_variant", "scratch", "--pretrained"), ("--model-variant", "disagree")),

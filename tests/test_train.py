@@ -18,12 +18,11 @@ from dali_fl.engine.federation import run_round
 from dali_fl.engine.run import prepare
 from dali_fl.errors import DaliFlError
 from dali_fl.model.build import trainable_names
-from tests.tiny import kill_at_client
+from tests.tiny import kill_at_client, loader_args
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4,depth=1,embed_dim=32,num_heads=2",
              "--no-pretrained", "--num-users", "4", "--frac", "0.5", "--local-ep", "1", "--local-bs", "32",
-             "--partition", "iid", "--eval-bs", "200", "--device", "cpu", "--quiet", "--lr", "2e-3",
-             "--num-workers", "0"]
+             "--partition", "iid", "--eval-bs", "200", "--device", "cpu", "--quiet", "--lr", "2e-3"]
 METRIC_KEYS = {"round", "test_acc", "test_loss", "train_loss", "num_clients", "num_samples", "round_time_s",
                "data_wait_s", "compute_s", "images_per_s", "peak_gpu_mem_mb"}
 
@@ -46,7 +45,7 @@ def train(invoke, store, out, *extra):
 
 @pytest.mark.parametrize("loader", ["dali", "memmap", "memmap-seed"])
 def test_two_rounds_write_every_output(invoke, stores, tmp_path, loader):
-    rows = train(invoke, stores, tmp_path / "run", "--rounds", "2", "--loader", loader)
+    rows = train(invoke, stores, tmp_path / "run", "--rounds", "2", *loader_args(loader))
     run = tmp_path / "run"
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -63,14 +62,14 @@ def test_two_rounds_write_every_output(invoke, stores, tmp_path, loader):
 
 
 def test_learns_far_above_chance(invoke, stores, tmp_path):
-    rows = train(invoke, stores, tmp_path / "run", "--rounds", "4", "--loader", "memmap", "--frac", "1",
+    rows = train(invoke, stores, tmp_path / "run", "--rounds", "4", *loader_args("memmap"), "--frac", "1",
                  "--local-ep", "2", "--no-augment")
     assert rows[-1]["test_acc"] > 0.3, rows  # 10 classes: chance is 0.1
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
 def test_resume_matches_uninterrupted_run(invoke, stores, tmp_path):
-    common = ("--loader", "memmap", "--alg", "fedlora", "--lora-agg", "fedex")
+    common = (*loader_args("memmap"), "--alg", "fedlora", "--lora-agg", "fedex")
     full = train(invoke, stores, tmp_path / "full", "--rounds", "4", *common)
     train(invoke, stores, tmp_path / "half", "--rounds", "2", *common)
     result = invoke("train", "--resume", tmp_path / "half", "--rounds", "4", "--quiet")
@@ -87,23 +86,24 @@ def test_resume_matches_uninterrupted_run(invoke, stores, tmp_path):
 def test_killed_mid_round_resumes_from_round_before(invoke, stores, tmp_path, monkeypatch):
     kill_at_client(monkeypatch, 6)  # round 3, first client
     result = invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS, "--rounds", "4",
-                    "--loader", "memmap")
+                    *loader_args("memmap"))
     assert result.exit_code == 130 and "--resume" in result.output
     assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["round"] == 2
     monkeypatch.undo()
     assert invoke("train", "--resume", tmp_path / "run", "--quiet").exit_code == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    full = train(invoke, stores, tmp_path / "full", "--rounds", "4", "--loader", "memmap")
+    full = train(invoke, stores, tmp_path / "full", "--rounds", "4", *loader_args("memmap"))
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in full]
 
 
 def _config(store: Path, **options) -> TrainConfig:
     lora = {"lora_r": 2} if options.get("alg") == "fedlora" else {}  # FedAvg refuses LoRA options it would ignore
-    return TrainConfig.from_options({**lora, **dict(model="vit_tiny_patch16_224", pretrained=False, num_users=4,
-                                            model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2", frac=0.5,
-                                            partition="iid", local_bs=32, store=store, loader="memmap",
-                                            num_workers=0, augment=False), **options})
+    workers = {"num_workers": 0} if options.get("loader", "memmap") == "memmap" else {}  # others refuse it
+    return TrainConfig.from_options({**lora, **workers, **dict(model="vit_tiny_patch16_224", pretrained=False,
+                                    num_users=4, model_kwargs="patch_size=4,depth=1,embed_dim=32,num_heads=2",
+                                    frac=0.5, partition="iid", local_bs=32, store=store, loader="memmap",
+                                    augment=False), **options})
 
 
 def test_fedlora_exchanges_only_lora_and_head(stores, tmp_path, monkeypatch):
@@ -192,7 +192,7 @@ def test_a_presets_image_size_is_named_as_the_presets_and_resize_to_meets_it(inv
                              "--resize-to 224")
     assert "--image-size 224 but" not in line  # the user gave no --image-size
     # With --resize-to 224 the preset's size is met: what stops this run is the missing pretrained weights.
-    assert_user_error(invoke("train", *preset, "--resize-to", "224", "--loader", "memmap", "--rounds", "1"),
+    assert_user_error(invoke("train", *preset, "--resize-to", "224", *loader_args("memmap"), "--rounds", "1"),
                       "pretrained weights", "--weights")
     # Another --resize-to is a second size: the line names both, and the flag that trains at the user's.
     assert_user_error(invoke("train", *preset, "--resize-to", "64", "--no-pretrained"), "trains at 224px",
@@ -255,12 +255,12 @@ def test_bad_training_options(invoke, assert_user_error, stores, tmp_path, args,
 
 
 def test_existing_run_is_not_overwritten(invoke, assert_user_error, stores, tmp_path):
-    train(invoke, stores, tmp_path / "run", "--rounds", "1", "--loader", "memmap")
+    train(invoke, stores, tmp_path / "run", "--rounds", "1", *loader_args("memmap"))
     assert_user_error(invoke("train", "--store", stores, "--out", tmp_path / "run", *TINY_ARGS), "--resume")
 
 
 def test_nan_loss_names_round_and_client(invoke, assert_user_error, stores, tmp_path):
-    result = invoke("train", "--store", stores, "--out", tmp_path / "r", *TINY_ARGS, "--loader", "memmap",
+    result = invoke("train", "--store", stores, "--out", tmp_path / "r", *TINY_ARGS, *loader_args("memmap"),
                     "--optimizer", "sgd", "--lr", "1e30", "--rounds", "3")
     assert_user_error(result, "round", "client", "--lr")
 

@@ -19,15 +19,26 @@ def tiny_store(root: Path, num_train: int = 200, num_test: int = 50) -> Path:
     return path
 
 
+def _tiny(options: dict[str, Any]) -> dict[str, Any]:
+    """TINY with `options` on top; without its num_workers when another loader, which refuses it, is chosen."""
+    memmap = options.get("loader", "memmap") == "memmap"
+    return {**{k: v for k, v in TINY.items() if memmap or k != "num_workers"}, **options}
+
+
 def tiny_config(store: Path, **options: Any) -> TrainConfig:
     """The tiny run's config, with `options` (flat names) on top; no augmentation, so tests compare exactly."""
-    return TrainConfig.from_options({**TINY, "augment": False, "store": store, **options})
+    return TrainConfig.from_options(_tiny({"augment": False, "store": store, **options}))
+
+
+def loader_args(kind: str) -> list[str]:
+    """`--loader KIND`, with no DataLoader worker processes where the kind has them (memmap)."""
+    return ["--loader", kind, *(["--num-workers", "0"] if kind == "memmap" else [])]
 
 
 def tiny_args(**options: Any) -> list[str]:
     """The tiny run as `dali-fl train` flags, with `options` on top (True/False: a flag or its --no- form)."""
     words = ["--quiet"]
-    for key, value in {**TINY, **options}.items():
+    for key, value in _tiny(options).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])

@@ -138,7 +138,7 @@ def train_options(f):
         o("--compile/--no-compile", default=d["compile"], show_default=True,
           help="torch.compile the model once per run (the first round pays the compile time)."),
         o("--num-workers", type=int, default=d["num_workers"], show_default=True,
-          help="DataLoader workers (memmap kind)."),
+          help="DataLoader worker processes (--loader memmap only; the others refuse it)."),
         o("--eval-every", type=int, default=d["eval_every"], show_default=True,
           help="Evaluate every N rounds (and at the end)."),
         o("--eval-bs", type=int, default=d["eval_bs"], show_default=True, help="Evaluation batch size."),
