@@ -371,15 +371,15 @@ def _plain_file(path: Path) -> int:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise DaliFlError(f"store file {path} is missing; re-run `dali-fl prep --force`") from None
+        raise DaliFlError(f"store file {path} is missing; {REPREP}") from None
     except OSError as err:
         raise unreadable(path, err) from None
     if stat.S_ISLNK(st.st_mode):  # a store must not read (or let verify hash) files outside itself
         raise DaliFlError(f"store file {path} is a symlink; a store holds its own plain files, "
-                          "re-run `dali-fl prep --force`")
+                          f"{REPREP}")
     if not stat.S_ISREG(st.st_mode):
         raise DaliFlError(f"store file {path} is not a regular file (a directory, FIFO, socket or device); "
-                          "re-run `dali-fl prep --force`")
+                          f"{REPREP}")
     return st.st_size
 
 
@@ -387,10 +387,10 @@ def _load_manifest_json(path: Path) -> object:
     """The parsed manifest.json of a store directory, read only if it is a plain file of sane size."""
     file = path / MANIFEST
     if not file.exists() and not file.is_symlink():
-        raise DaliFlError(f"{path} is not a store (no {MANIFEST}); re-run `dali-fl prep --force`")
+        raise DaliFlError(f"{path} is not a store (no {MANIFEST}); {REPREP}")
     size = _plain_file(file)
     if size > MAX_MANIFEST_BYTES:
-        raise DaliFlError(f"{file} is {size / 1e6:.0f} MB, not a manifest; re-run `dali-fl prep --force`")
+        raise DaliFlError(f"{file} is {size / 1e6:.0f} MB, not a manifest; {REPREP}")
     try:
         with open(file, "rb") as f:
             text = f.read()
@@ -400,14 +400,14 @@ def _load_manifest_json(path: Path) -> object:
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise DaliFlError(f"{file} is unreadable or incomplete ({type(err).__name__}: {err}); "
-                          "re-run `dali-fl prep --force`") from None
+                          f"{REPREP}") from None
 
 
 def _invalid(path: Path, field: str, value: object, want: str) -> DaliFlError:
     """One-line error for a manifest field that has the wrong type, range or relation to the others."""
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return DaliFlError(f"{path}/{MANIFEST} is invalid: {field} is {shown}, {want}; re-run `dali-fl prep --force`")
+    return DaliFlError(f"{path}/{MANIFEST} is invalid: {field} is {shown}, {want}; {REPREP}")
 
 
 def _int_field(path: Path, field: str, value: object, lo: int, hi: int) -> int:
@@ -510,7 +510,7 @@ def _npy_header(path: Path) -> tuple[tuple, bool, np.dtype, int]:
     except OSError as err:  # the disk or the permissions failed: the bytes themselves may be fine
         raise unreadable(path, err) from None
     except ValueError as err:
-        raise DaliFlError(f"store file {path} is corrupt ({err}); re-run `dali-fl prep --force`") from None
+        raise DaliFlError(f"store file {path} is corrupt ({err}); {REPREP}") from None
 
 
 def _check_npy(path: Path, spec: dict) -> None:
@@ -522,14 +522,14 @@ def _check_npy(path: Path, spec: dict) -> None:
         raise DaliFlError(f"store file {path} holds {dtype} {shape}, but the manifest says "
                           f"{spec['dtype']} {tuple(spec['shape'])}"
                           + ("; it holds single-channel images, a store holds RGB" if grey else "")
-                          + "; re-run `dali-fl prep --force`")
+                          + f"; {REPREP}")
     if fortran:
         raise DaliFlError(f"store file {path} is in Fortran (column-major) order, not C order; "
-                          "re-run `dali-fl prep --force`")
+                          f"{REPREP}")
     expected = offset + math.prod(shape) * dtype.itemsize
     if size != expected:
         raise DaliFlError(f"store file {path} is truncated or padded ({size} bytes, "
-                          f"expected {expected}); re-run `dali-fl prep --force`")
+                          f"expected {expected}); {REPREP}")
 
 
 def _check_labels(store: Store, split: str) -> None:
@@ -539,7 +539,7 @@ def _check_labels(store: Store, split: str) -> None:
     lo, hi, n = int(labels.min()), int(labels.max()), store.num_classes
     if lo < 0 or hi >= n:
         raise DaliFlError(f"store file {file} holds label {lo if lo < 0 else hi}, outside 0..{n - 1} for the "
-                          f"{n} classes in {MANIFEST}; re-run `dali-fl prep --force`")
+                          f"{n} classes in {MANIFEST}; {REPREP}")
 
 
 def _open(path: Path | str, check_labels: bool) -> Store:
