@@ -299,6 +299,16 @@ def test_a_ctrl_c_in_plot_metrics_is_one_line_and_130(finished, where):
     assert done.returncode == 130 and done.stderr == "error: interrupted\n", done.stderr
 
 
+def test_a_deadline_only_clients_without_samples_meet_is_refused():
+    """An empty client's transfers alone fit a short deadline: every round would aggregate nothing but them."""
+    from dali_fl.engine.clock import check_deadline
+
+    seconds, trains = np.array([0.012, 0.022, 0.03]), np.array([False, True, True])
+    with pytest.raises(DaliFlError, match="no client with samples can finish a round in time .the fastest takes 0.022"):
+        check_deadline(ClockConfig(deadline=0.015), seconds, trains)
+    check_deadline(ClockConfig(deadline=0.025), seconds, trains)  # the fastest with samples makes it
+
+
 def test_config_json_round_trips_the_clock(store):
     cfg = tiny_config(store, speed_spread=3.0, deadline=2.5)
     assert TrainConfig.from_json(cfg.to_json()).clock == cfg.clock
@@ -307,12 +317,12 @@ def test_config_json_round_trips_the_clock(store):
 def test_a_run_whose_every_round_aggregated_nobody_says_so(tmp_path, caplog):
     from dali_fl.engine.run import write_summary
 
-    empty = {"num_clients": 0, "clients_sampled": 2, "round_time_s": 0.0}
-    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty}])
-    assert "no round aggregated any client" in caplog.text
+    empty = {"num_clients": 0, "num_samples": 0, "clients_sampled": 2, "round_time_s": 0.0}
+    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty, "num_clients": 1}])  # an empty client
+    assert "no round trained on any sample" in caplog.text
     caplog.clear()
-    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty, "num_clients": 1}])
-    assert "no round aggregated" not in caplog.text
+    write_summary(tmp_path, [{"round": 1, **empty}, {"round": 2, **empty, "num_clients": 1, "num_samples": 5}])
+    assert "no round trained" not in caplog.text
 
 
 def test_a_resume_follows_a_moved_trace_but_refuses_an_edited_one(store, tmp_path):

@@ -319,18 +319,20 @@ def with_samples(fx: "Federation") -> np.ndarray:
     return np.asarray([len(fx.train_indices(c)) > 0 for c in range(fx.cfg.fed.num_users)])
 
 
-def check_deadline(clock: ClockConfig, seconds: np.ndarray) -> None:
-    """A deadline that no client can meet would leave every round empty."""
-    if clock.deadline > 0 and clock.deadline < seconds.min():
-        raise DaliFlError(f"--deadline {clock.deadline:g} s: no client can finish a round in time (the fastest "
-                          f"takes {seconds.min():.3g} s); raise --deadline")
+def check_deadline(clock: ClockConfig, seconds: np.ndarray, trains: np.ndarray) -> None:
+    """A deadline that no client with samples can meet would leave every round untrained (an empty client's
+    transfers alone may fit it)."""
+    fastest = seconds[trains].min() if trains.any() else math.inf
+    if clock.deadline > 0 and clock.deadline < fastest:
+        raise DaliFlError(f"--deadline {clock.deadline:g} s: no client with samples can finish a round in time (the "
+                          f"fastest takes {fastest:.3g} s); raise --deadline")
 
 
 def timeline_for(fx: "Federation"):
     """The run's timeline: synchronous rounds, or the buffered asynchronous driver an algorithm asks for."""
     profiles = profiles_for(fx.cfg)
     seconds = client_seconds(fx, profiles)
-    check_deadline(fx.cfg.clock, seconds)
+    check_deadline(fx.cfg.clock, seconds, with_samples(fx))
     policy = next((p for p in (a.async_policy() for a in fx.algs) if p is not None), None)
     if policy is None:
         return SyncTimeline(fx, profiles, seconds)

@@ -255,11 +255,13 @@ def write_summary(run_dir: Path, rows: list[dict], keys: tuple[str, ...] = (), f
                "rounds": rows[-1]["round"] if rows else 0,
                "total_time_s": sum(r["round_time_s"] + r.get("eval_s", 0.0) for r in rows)}
     summary.update({k: rows[-1][k] for k in keys if rows and k in rows[-1]})  # e.g. ε after the last round
-    empty = sum(1 for r in rows if r.get("clients_sampled") and not r.get("num_clients"))
+    # Clients without samples may arrive, but they train nothing: a round counts by its samples.
+    empty = sum(1 for r in rows if r.get("clients_sampled") and not r.get("num_samples"))
     if rows and empty == len(rows):  # a finished run that never trained reads like a bad model otherwise
-        log.warning("no round aggregated any client: the simulated clock dropped (--deadline, --over-select) or "
-                    "found offline (--trace) every sampled client, so the model is the one the run started with")
+        log.warning("no round trained on any sample: the simulated clock dropped (--deadline, --over-select) or "
+                    "found offline (--trace) every sampled client with samples, so only DP's noise, if any, moved "
+                    "the model the run started with")
     elif empty:
-        log.info("%d of %d rounds aggregated no client (dropped or offline)", empty, len(rows))
+        log.info("%d of %d rounds trained on no sample (clients dropped, offline or empty)", empty, len(rows))
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
