@@ -198,6 +198,8 @@ def test_a_trace_that_is_not_a_text_file_is_one_line_and_a_link_is_followed(tmp_
     (["--speed-spread", "0.5"], ["--speed-spread", ">= 1"]),
     (["--trace", "no-such.csv"], ["cannot read --trace"]),
     (["--deadline", "1e-6"], ["--deadline", "no client"]),
+    (["--speed", "1e-320"], ["1e+12 s", "far below"]),  # metrics.jsonl held Infinity and NaN
+    (["--bandwidth", "1e-300"], ["1e+12 s", "far below"]),
     (["--over-select", "3"], ["--over-select", "more than"]),
     (["--deadline", "5", "--dp-clip", "1"], ["--deadline", "--dp-clip"]),
 ])

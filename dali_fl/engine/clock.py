@@ -43,6 +43,9 @@ TRACE_OPTIONAL = ("upload_bandwidth", "available")
 DRAWN = ("speed", "speed_spread", "bandwidth", "upload_bandwidth", "bandwidth_spread")  # what --trace replaces
 
 
+MAX_ROUND_S = 1e12  # about 31,700 years: far beyond any device, far below float overflow over many rounds
+
+
 @dataclass(frozen=True)
 class ClockConfig:
     """The simulated clock's options: client speeds and bandwidths, and how rounds treat stragglers."""
@@ -228,8 +231,19 @@ def client_seconds(fx: "Federation", profiles: Profiles) -> np.ndarray:
         values = by_rank[rank]
         samples = len(fx.train_indices(c)) * cfg.local.local_ep
         down_mb, up_mb = (values + base_values) * 4 / 1e6, values * 4 / 1e6  # float32 values
-        out[c] = down_mb / profiles.down[c] + samples / profiles.speed[c] + up_mb / profiles.up[c]
+        with np.errstate(over="ignore", divide="ignore"):  # checked below, in one line
+            out[c] = down_mb / profiles.down[c] + samples / profiles.speed[c] + up_mb / profiles.up[c]
+    check_round_seconds(out)
     return out
+
+
+def check_round_seconds(seconds: np.ndarray) -> None:
+    """Refuse speeds and bandwidths so small that a round's time overflows: metrics.jsonl would hold Infinity."""
+    worst = float(seconds.max(initial=0.0))
+    if not worst <= MAX_ROUND_S:  # also nan
+        raise DaliFlError(f"a client's simulated round would take {worst:.3g} s, more than {MAX_ROUND_S:.0e} s: "
+                          "--speed, --bandwidth, their spreads or the trace's values are far below any device's; "
+                          "raise them")
 
 
 def sample(cfg: "TrainConfig", round_: int, plain) -> np.ndarray:
