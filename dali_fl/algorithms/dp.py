@@ -252,7 +252,7 @@ def privacy_spent(cfg, rounds: int) -> tuple[Optional[float], Optional[float]]:
     p = cfg.algorithms["dp"]
     m = mechanism(cfg, p.dp_noise)
     eps_rdp = acc.epsilon_rdp(m, rounds, p.dp_delta)
-    eps = acc.epsilon_pld(m, rounds, p.dp_delta) if p.dp_sampling == acc.POISSON else eps_rdp
+    eps = acc.epsilon(m, rounds, p.dp_delta) if p.dp_sampling == acc.POISSON else eps_rdp
     return (eps if math.isfinite(eps) else None), (eps_rdp if math.isfinite(eps_rdp) else None)
 
 

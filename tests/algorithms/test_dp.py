@@ -92,6 +92,15 @@ def test_epsilon_equals_dp_accountings_own_computation_without_replacement(n, m,
         rdp.compose(event).get_epsilon(1e-5)
 
 
+def test_a_tiny_noise_gets_rdps_epsilon_not_a_pld_grid_of_gigabytes():
+    # PLD at z=0.001 asked numpy for 3.8 GB and ended in a traceback; at z=0.01 it took a minute.
+    tiny = acc.Mechanism(acc.POISSON, 0.5, 0.001, 100)
+    assert acc.epsilon(tiny, 3, 1e-5) == acc.epsilon_rdp(tiny, 3, 1e-5) > 1e6
+    at_floor = acc.Mechanism(acc.POISSON, 0.5, acc.PLD_MIN_NOISE, 100)
+    assert acc.epsilon(at_floor, 3, 1e-5) == acc.epsilon_pld(at_floor, 3, 1e-5) < acc.epsilon_rdp(at_floor, 3, 1e-5)
+    assert acc.calibrate(tiny, 3, 1e-5, 1e9) == 1 / 64  # a huge target: halving from 1 stops below 1e-2, quickly
+
+
 def test_the_issues_table_poisson_against_sampling_without_replacement():
     poisson, fixed = acc.Mechanism(acc.POISSON, 0.1, 1.0, 100), acc.Mechanism(acc.FIXED, 0.1, 1.0, 100)
     assert acc.epsilon_rdp(poisson, 150, 1e-5) == pytest.approx(9.559, abs=1e-3)
