@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import click
 from click.core import ParameterSource
@@ -280,9 +280,22 @@ def train(ctx: click.Context, **p) -> None:
             from dali_fl.engine.distributed import leave_world
 
             leave_world()
-    if hooks is not None and not hooks.is_writer:
-        return
-    click.echo(summary_line(summary, run_dir))
+    if hooks is None or hooks.is_writer:
+        click.echo(summary_line(summary, run_dir))
+    if hooks is not None:
+        _end_rank()
+
+
+def _end_rank() -> NoReturn:
+    """End a finished torchrun rank without the interpreter's teardown, where gloo's C++ threads now and then abort
+    it ("terminate called without an active exception", with no Python frame left), and torchrun then calls the
+    finished run failed. Every file is written and closed by now."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def summary_line(summary: dict, run_dir: object, engine: str = "") -> str:
