@@ -152,6 +152,9 @@ class DP(Algorithm):
                                   "drop it or add --dp-adaptive-clip")
         if p.dp_epsilon is not None and p.dp_noise > 0:
             raise DaliFlError("--dp-epsilon calibrates the noise multiplier that --dp-noise sets; give one of them")
+        if p.dp_noise == 0 and p.dp_epsilon is None and p.dp_delta != DPParams.dp_delta:
+            raise DaliFlError(f"--dp-delta {p.dp_delta:g} is the δ of the ε a noised run reports, and this run adds no "
+                              "noise; drop it or add --dp-noise or --dp-epsilon")
         if p.dp_noise > 0 or p.dp_epsilon is not None:
             acc.check_installed()  # ε is reported every round: refuse now rather than after the first one
 

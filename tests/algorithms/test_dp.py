@@ -299,6 +299,7 @@ def test_a_dp_run_from_before_poisson_sampling_resumes_with_its_fixed_draw(store
     (("--dp-clip", "1", "--dp-epsilon", "-2"), ("--dp-epsilon", "> 0")),
     (("--dp-clip", "1", "--dp-delta", "0"), ("--dp-delta", "(0, 1)")),
     (("--dp-clip", "1", "--dp-delta", "1.5"), ("--dp-delta", "(0, 1)")),
+    (("--dp-clip", "1", "--dp-delta", "0.01"), ("--dp-delta 0.01", "adds no noise")),  # recorded, never read
     (("--dp-clip", "1", "--dp-adaptive-clip", "--dp-target-quantile", "0"), ("--dp-target-quantile", "(0, 1)")),
     (("--dp-clip", "1", "--dp-adaptive-clip", "--dp-target-quantile", "1"), ("--dp-target-quantile", "(0, 1)")),
     (("--dp-clip", "1", "--dp-epsilon", "4", "--dp-noise", "1"), ("--dp-epsilon", "--dp-noise")),
