@@ -7,6 +7,7 @@ even after a kill mid-round.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -17,12 +18,20 @@ import torch
 from dali_fl.errors import DaliFlError
 
 
+def pending_name(name: str) -> str:
+    """Where a new table lives until its first commit gives it `name`."""
+    return f".{name}.tmp"
+
+
 class ClientTable:
     """`num_users` rows of `width` float32 values in `path`, with this round's new rows journaled."""
 
     def __init__(self, path: Path, num_users: int, width: int, what: str, hint: str):
         self.path, self.num_users, self.width, self.what = Path(path), num_users, width, what
         self.created = not self.path.exists()
+        # A new file takes its name at its first commit: one a refused resume made would pass for a run's own
+        # (zeros of the right size) at the next resume, which would then continue without a word.
+        self.pending = self.path.with_name(pending_name(self.path.name)) if self.created else None
         self.rows: dict[int, torch.Tensor] = {}  # this round's new rows, on the CPU
         self.table = self._open(hint)
 
@@ -38,9 +47,9 @@ class ClientTable:
                 raise DaliFlError(f"{self.what} take one row per client: {self.num_users} clients x {self.width:,} "
                                   f"values x 4 bytes = {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
                                   f"free in {self.path.parent}; {hint}")
-            with open(self.path, "wb") as f:
+            with open(self.pending, "wb") as f:
                 f.truncate(need)  # sparse: zeros until a client is sampled
-        return np.memmap(self.path, np.float32, "r+", shape=(self.num_users, self.width))
+        return np.memmap(self.pending or self.path, np.float32, "r+", shape=(self.num_users, self.width))
 
     def row(self, client: int) -> torch.Tensor:
         """The client's newest row: this round's if it has one, else the file's (a copy, on the CPU)."""
@@ -65,6 +74,9 @@ class ClientTable:
         for client, row in self.rows.items():
             self.table[client] = row.numpy()
         self.table.flush()
+        if self.pending is not None:  # the mapping follows the renamed file
+            os.replace(self.pending, self.path)
+            self.pending = None
         self.rows = {}
 
     def load_rows(self, tensors: Mapping[str, torch.Tensor], prefix: str, round_: int) -> None:

@@ -130,7 +130,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, resume: bool, write: bool = True) -
     """Build the run's objects; a new run writes partition then config, a resumed one reloads them."""
     if write and not resume:
         check_fresh(run_dir)
-        for leftover in algorithm_files():
+        for leftover in algorithm_files(pending=True):
             (run_dir / leftover).unlink(missing_ok=True)  # left by a run that never finished starting
     if resume:
         check_resume(cfg, run_dir)  # every run file checked before anything is built or written
@@ -189,7 +189,7 @@ def remove_start(run_dir: Path, created: Optional[Path]) -> None:
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return
-    for name in (*STARTING, *algorithm_files()):
+    for name in (*STARTING, *algorithm_files(pending=True)):
         if name != LOCK:  # held until the lock is released; a new run takes it
             with contextlib.suppress(OSError):  # e.g. a directory of that name: the error raised first matters
                 (run_dir / name).unlink(missing_ok=True)

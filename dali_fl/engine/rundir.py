@@ -31,11 +31,14 @@ MAX_META_BYTES = 1 << 20
 MAX_METRICS_BYTES = 1 << 30  # about a million rounds of rows
 
 
-def algorithm_files() -> tuple[str, ...]:
-    """The files that algorithms keep in a run directory (each declares its own `files`)."""
+def algorithm_files(pending: bool = False) -> tuple[str, ...]:
+    """The files that algorithms keep in a run directory (each declares its own `files`); with `pending`, also
+    the names new ones have until their first commit."""
     from dali_fl import algorithms  # here, not at the top: algorithms import engine modules
+    from dali_fl.engine.client_table import pending_name
 
-    return tuple(f for cls in algorithms.REGISTRY.values() for f in cls.files)
+    names = tuple(f for cls in algorithms.REGISTRY.values() for f in cls.files)
+    return names + tuple(pending_name(n) for n in names) if pending else names
 
 
 class RunLock:

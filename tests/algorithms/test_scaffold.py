@@ -182,6 +182,8 @@ def test_scaffold_refuses_a_foreign_or_lost_variates_file(invoke, assert_user_er
     assert_user_error(invoke("train", "--resume", tmp_path / "r", "--rounds", "3"), "not this run's file")
     path.unlink()
     assert_user_error(invoke("train", "--resume", tmp_path / "r", "--rounds", "3"), "missing", "new run")
+    assert not path.exists()  # a refused resume made a zeroed file, which the next resume then ran with
+    assert_user_error(invoke("train", "--resume", tmp_path / "r", "--rounds", "3"), "missing", "new run")
 
 
 def test_scaffold_that_would_not_fit_on_disk_is_one_line(invoke, assert_user_error, store, tmp_path, monkeypatch):
