@@ -92,10 +92,10 @@ def _state(value: float) -> dict[str, torch.Tensor]:
 
 
 def test_a_checkpoint_killed_between_its_renames_keeps_the_last_round(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, _state(1.0), {}, seed=0)
+    save_checkpoint(tmp_path, 1, _state(1.0), {}, seed=0, settings_sha256="0" * 64)
     _die_on_rename_into(monkeypatch, tmp_path / "checkpoint")
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, _state(2.0), {}, seed=0)
+        save_checkpoint(tmp_path, 2, _state(2.0), {}, seed=0, settings_sha256="0" * 64)
     monkeypatch.undo()
     round_, state, _ = load_checkpoint(tmp_path)
     assert round_ == 1 and torch.equal(state["w"], _state(1.0)["w"])
@@ -106,7 +106,7 @@ def test_a_checkpoint_killed_between_its_renames_keeps_the_last_round(tmp_path, 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, failure):
     from safetensors import SafetensorError
 
-    save_checkpoint(tmp_path, 1, _state(1.0), {}, seed=0)
+    save_checkpoint(tmp_path, 1, _state(1.0), {}, seed=0, settings_sha256="0" * 64)
 
     def full(*args, **kwargs):
         if failure == "enospc":
@@ -118,7 +118,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path
     else:  # the serialization, which save_checkpoint imports when it runs
         monkeypatch.setattr("safetensors.torch.save", full)
     with pytest.raises(DaliFlError, match="cannot write the checkpoint of round 2") as err:
-        save_checkpoint(tmp_path, 2, _state(2.0), {}, seed=0)
+        save_checkpoint(tmp_path, 2, _state(2.0), {}, seed=0, settings_sha256="0" * 64)
     assert "--resume" in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert load_checkpoint(tmp_path)[0] == 1

@@ -265,7 +265,28 @@ RESUME_TAMPERS = [
     ("meta-metrics-deleted", lambda run: _older_meta(run, "metrics"), ("meta.json", "lacks the record of its metrics")),
     ("settings-sha256-deleted", lambda run: _older_identity(run, "settings_sha256"),
      ("run.json", "lacks the record of the run's settings")),
+    # A malformed record switched its check off: an edited metrics row then reached summary.json.
+    ("meta-metrics-malformed", lambda run: _meta_field(run, "metrics", None), ("meta.json", "did not write")),
+    # Another run's checkpoint, copied in with its metrics, agreed with both.
+    ("checkpoint-of-other-settings", lambda run: _meta_field(run, "settings_sha256", "0" * 64),
+     ("meta.json", "other settings")),
+    # The trace's path is free to change, so the settings' sha256 did not see one added to a run started without.
+    ("config-unknown-algorithm", lambda run: _config_field("algorithms", "bogus", {"mu": 1.0})(run),
+     ("algorithms.bogus", "not an algorithm")),  # its options were dropped without a word
+    ("trace-added", lambda run: _config_field("clock", "trace", str(_trace(run.parent / "t.csv")))(run),
+     ("clock.trace", "started without")),
 ]
+
+
+def _meta_field(run: Path, key: str, value: object) -> None:
+    meta = json.loads((run / "checkpoint" / "meta.json").read_text())
+    meta[key] = value
+    (run / "checkpoint" / "meta.json").write_text(json.dumps(meta))
+
+
+def _trace(path: Path) -> Path:
+    path.write_text("client,speed,bandwidth\n" + "".join(f"{c},1,1\n" for c in range(64)))
+    return path
 
 
 def _older_meta(run: Path, *keys: str) -> None:
@@ -344,7 +365,7 @@ def test_a_kills_leftovers_are_repaired_to_the_rows_the_checkpoint_covers(invoke
 def test_a_run_from_before_run_json_resumes_with_a_warning_and_gets_one(invoke, finished, tmp_path):
     run = _copy(finished, tmp_path)
     (run / "run.json").unlink()
-    _older_meta(run, "metrics", "state_sha256")  # nor did its checkpoint record these
+    _older_meta(run, "metrics", "state_sha256", "settings_sha256")  # nor did its checkpoint record these
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert set(json.loads((run / "run.json").read_text())) == {"partition_sha256", "store_manifest_sha256",
@@ -356,7 +377,7 @@ def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_i
     ident = json.loads((run / "run.json").read_text())
     del ident["settings_sha256"]
     (run / "run.json").write_text(json.dumps(ident))
-    _older_meta(run, "state_sha256")  # which came after the settings' record
+    _older_meta(run, "state_sha256", "settings_sha256")  # which came after the settings' record
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads((run / "run.json").read_text()) == dict(ident, settings_sha256=ANY_SHA256)

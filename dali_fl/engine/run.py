@@ -29,7 +29,7 @@ from dali_fl.engine.rundir import (
     read_metrics,
     save_checkpoint,
 )
-from dali_fl.engine.trust import check_resume, record_identity
+from dali_fl.engine.trust import check_resume, record_identity, settings_sha256
 from dali_fl.errors import DaliFlError
 from dali_fl.loaders import input_size, loader_class, make_loader
 from dali_fl.loaders.normalize import from_model
@@ -205,7 +205,7 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
     if metrics is not None and start <= cfg.fed.rounds:  # until the last round, the run is not finished
         (run_dir / "summary.json").unlink(missing_ok=True)
     bar = tqdm(range(start, cfg.fed.rounds + 1), desc="rounds", unit="round", disable=not progress)
-    final = None
+    final, settings = None, settings_sha256(cfg)  # the checkpoint says which run wrote it
     try:
         with explain_oom(fx.device):
             final = evaluate_stop(cfg, fx, run_dir, start, hooks)
@@ -222,7 +222,7 @@ def run_rounds(cfg: TrainConfig, fx: Federation, run_dir: Path, start: int, prog
                 check_finite({**state, **base}, r)
                 if metrics is not None:
                     metrics.log(row)
-                    save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed)
+                    save_checkpoint(run_dir, r, state, base, seed=cfg.fed.seed, settings_sha256=settings)
                     for a in fx.algs:
                         a.commit()  # after the checkpoint that holds the round's rows
                 log.info("round %d: %s", r, row)

@@ -122,7 +122,7 @@ def _is_whole(checkpoint: Path) -> bool:
 
 
 def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
-                    base: dict[str, torch.Tensor], seed: int) -> None:
+                    base: dict[str, torch.Tensor], seed: int, settings_sha256: str) -> None:
     """Write checkpoint/ atomically (atomic.replace_dir): trainable state (+ changed base weights) and the round."""
     from safetensors.torch import save
 
@@ -137,7 +137,7 @@ def save_checkpoint(run_dir: Path, round_: int, state: dict[str, torch.Tensor],
         blob = save(tensors)  # the file's bytes, fingerprinted too: an edited weight is refused on resume
         meta = json.dumps({"round": round_, "rng": {"seed": seed, "next_round": round_ + 1},
                            "metrics": {"rows": len(covered), "sha256": metrics_digest(covered)},
-                           "state_sha256": hashlib.sha256(blob).hexdigest()})
+                           "state_sha256": hashlib.sha256(blob).hexdigest(), "settings_sha256": settings_sha256})
         (tmp / "state.safetensors").write_bytes(blob)
         (tmp / "meta.json").write_text(meta)
         replace_dir(tmp, final)

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from dali_fl import algorithms
 from dali_fl.atomic import atomic_write_text
 from dali_fl.bounds import fits_int64
 from dali_fl.config import TrainConfig
@@ -57,8 +58,11 @@ def check_config_file(run_dir: Path) -> None:
             continue
         _check_object(path, section.name, values)  # the algorithms: name -> that algorithm's Params
         for name, params in values.items():
-            if name in defaults:  # an unknown name is load_config's to refuse
+            if name in defaults:
                 _check_section(path, f"{section.name}.{name}", defaults[name], params)
+            elif name not in algorithms.REGISTRY:  # its options would be dropped without a word
+                raise DaliFlError(f"{path}: {section.name}.{name} is not an algorithm of this dali-fl; it was not "
+                                  "written by this dali-fl")
 
 
 def _check_object(path: Path, label: str, values: object) -> None:
@@ -178,9 +182,30 @@ def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
     if type(seed) is int and seed != cfg.fed.seed:
         raise DaliFlError(f"{run_dir / 'checkpoint'} was written with seed {seed} but config.json says "
                           f"{cfg.fed.seed}; {FIX}")
-    covered = (meta or {}).get("metrics")
-    check_metrics(run_dir, done, covered if isinstance(covered, dict) else None)
+    _check_meta_records(run_dir, identity, meta)
+    check_metrics(run_dir, done, (meta or {}).get("metrics"))
     _check_settings(cfg, run_dir, identity)  # last: the checks above name the file and the field more precisely
+
+
+def _check_meta_records(run_dir: Path, identity: Optional[dict], meta: Optional[dict]) -> None:
+    """The checkpoint's records are dali-fl's (a malformed one must not switch its check off), and it was written
+    by this run: one copied in from a run of other settings, with that run's metrics, agreed with both."""
+    if meta is None:
+        return
+    checkpoint = run_dir / "checkpoint" / "meta.json"
+    covered = meta.get("metrics")
+    if "metrics" in meta and not (isinstance(covered, dict) and _is_sha256(covered.get("sha256"))):
+        raise DaliFlError(f"{checkpoint} holds a record of its metrics rows that dali-fl did not write; {FIX}")
+    settings = meta.get("settings_sha256")  # absent: written before checkpoints recorded it
+    if settings is None:
+        return
+    recorded = (identity or {}).get("settings_sha256")
+    if recorded is None:  # a resume of an older run records it before its first checkpoint
+        raise DaliFlError(f"{run_dir / IDENTITY} lacks the record of the run's settings that the dali-fl which "
+                          f"wrote {checkpoint} keeps; {FIX}")
+    if settings != recorded:
+        raise DaliFlError(f"{checkpoint} was written by a run of other settings than this one's (their sha256 "
+                          f"differs from the one in {IDENTITY}); {FIX}")
 
 
 def _check_same_generation(run_dir: Path, identity: Optional[dict], meta: Optional[dict]) -> None:
@@ -233,7 +258,7 @@ def _check_settings(cfg: TrainConfig, run_dir: Path, doc: Optional[dict]) -> Non
         log.warning("%s records no sha256 of the run's settings (it was started by an older dali-fl): config.json "
                     "is not checked this time", run_dir / IDENTITY)
         return
-    _check_named_files(cfg, run_dir, doc.get("files_sha256", {}))
+    _check_named_files(cfg, run_dir, doc.get("files_sha256"))
     if settings_sha256(cfg) != doc["settings_sha256"]:
         free = ", ".join(f"{section}.{key}" for section, keys in FREE_FIELDS.items() for key in keys)
         raise DaliFlError(f"{run_dir / 'config.json'} holds settings other than those this run started with "
@@ -246,9 +271,16 @@ def _changed(path: Path | str, digest: str, fix: str = FIX) -> bool:
     return check_regular(path, fix) is not None and sha256(path, fix) != digest
 
 
-def _check_named_files(cfg: TrainConfig, run_dir: Path, recorded: dict) -> None:
-    """The trace and the weights config.json names are the files the run started with, wherever they moved."""
+def _check_named_files(cfg: TrainConfig, run_dir: Path, recorded: Optional[dict]) -> None:
+    """The trace and the weights config.json names are the files the run started with, wherever they moved, and
+    it names no file the run started without (None: a run.json from before these records)."""
+    if recorded is None:
+        return
     named = _named_files(cfg)
+    added = sorted(set(named) - set(recorded))
+    if added:  # the paths are free to change, so the settings' sha256 does not see one added
+        raise DaliFlError(f"{run_dir / 'config.json'} names a {added[0]} file ({named[added[0]]}) that this run "
+                          f"started without ({IDENTITY} records none); {FIX}")
     for name, digest in recorded.items():
         if name not in named:
             raise DaliFlError(f"{run_dir / 'config.json'} no longer names the {name} file this run started with "
@@ -302,7 +334,7 @@ def check_metrics(run_dir: Path, done: int, covered: Optional[dict]) -> None:
     if n > done + 1:
         raise DaliFlError(f"{path} goes to round {n} but the checkpoint holds round {done} (a kill leaves at most "
                           f"one row beyond it); {FIX}")
-    if covered is not None and isinstance(covered.get("sha256"), str):
+    if covered is not None:
         if metrics_digest(rows[:done]) != covered["sha256"]:
             raise DaliFlError(f"{path} rounds 1..{done} differ from those the checkpoint of round {done} "
                               f"recorded; {FIX}")
