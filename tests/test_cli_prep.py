@@ -353,6 +353,15 @@ def test_prep_on_a_directory_of_the_user_s_does_not_suggest_force(invoke, tmp_pa
     assert invoke("prep", *SYNTH, "--image-size", "32", "--out", tmp_path, "--force").exit_code == 0
 
 
+def test_prep_force_keeps_a_file_the_user_put_in_a_store(invoke, tmp_path, assert_user_error):
+    """--force replaced the store whole, with a partition plot saved beside its arrays."""
+    args = ("prep", *SYNTH, "--image-size", "32", "--out", tmp_path)
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "synthetic-32" / "notes.txt").write_text("mine")
+    assert_user_error(invoke(*args, "--force"), "holds 'notes.txt'", "move it out first")
+    assert (tmp_path / "synthetic-32" / "notes.txt").read_text() == "mine"
+
+
 # --- numbers from options and manifests: checked before anything is allocated ----------------------
 
 @pytest.mark.parametrize("args, words", [

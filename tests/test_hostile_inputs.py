@@ -506,6 +506,11 @@ SYNTH = ("--num-train", "5", "--num-test", "5", "--image-size", "8")
     (("verify", "EMPTY"), ("is not a store", "prep")),  # it said to rebuild with --force what prep never made
     (("prep", "--out", "STORE", *SYNTH), ("is a store",)),  # prep --force of the outer store deleted the inner
     (("flower", "app", "STORE", "--store", "STORE"), ("is a store", "APP_DIR")),
+    # Inside a store, which `prep --force` of it deleted without a word:
+    (("prep", "--out", "STORE/sub", *SYNTH), ("--out", "inside the store")),
+    (("partition", "STORE", "--out", "STORE/p.json"), ("--out", "inside the store")),
+    (("partition", "STORE", "--plot", "STORE/p.png"), ("--plot", "inside the store")),
+    (("flower", "app", "STORE/app", "--store", "STORE"), ("APP_DIR", "inside the store")),
     (("prep", "--download", "--out", "OUT", *SYNTH), ("--download does nothing",)),
     (("prep", "--seed", HUGE, "--out", "OUT", *SYNTH), ("--seed", "64 bits")),  # a store no reader would open
     (("partition", "STORE", "--seed", HUGE), ("--seed", "64 bits")),
@@ -521,7 +526,8 @@ def test_empty_paths_non_stores_and_loops_are_one_line_and_write_nothing(invoke,
     subst = {"STORE": str(stores[0]), "EMPTY": str(tmp_path / "empty"), "OUT": str(tmp_path / "out"),
              "LOOP": str(tmp_path / "a.csv")}
     store_files = sorted(p.name for p in stores[0].iterdir())
-    assert_user_error(invoke(*[subst.get(a, a) for a in args], *(TINY if args[0] == "train" else ())), *words)
+    given = [subst.get(a, a.replace("STORE/", f"{stores[0]}/")) for a in args]
+    assert_user_error(invoke(*given, *(TINY if args[0] == "train" else ())), *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "empty"]
     assert sorted(p.name for p in stores[0].iterdir()) == store_files
 

@@ -397,7 +397,7 @@ def test_cli_refuses_the_same_path_for_out_and_plot(store, tmp_path):
 @pytest.mark.parametrize("name", ["manifest.json", "train_labels.npy"])
 def test_cli_refuses_the_stores_own_files_even_with_force(store, name):
     before = (store / name).read_bytes()
-    assert_refused(_run(store, "--out", store / name, "--force"), "file of the store")
+    assert_refused(_run(store, "--out", store / name, "--force"), "inside the store")
     assert (store / name).read_bytes() == before
 
 

@@ -135,13 +135,12 @@ def app(ctx: click.Context, app_dir: Path, client_cpus: float, client_gpus: floa
 
 
 def check_app_dir(app_dir: Path) -> None:
-    """APP_DIR is not a store, and its pyproject.toml, if there, is a regular file: a symlink is not followed
+    """APP_DIR is not in a store, and its pyproject.toml, if there, is a regular file: a symlink is not followed
     out of APP_DIR, no FIFO read."""
+    from dali_fl.data.store import check_outside_stores
     from dali_fl.safe_fs import check_regular
 
-    if (app_dir / "manifest.json").exists():  # `prep --force` replaces a store whole, the app with it
-        raise DaliFlError(f"APP_DIR {app_dir} is a store, which `dali-fl prep --force` replaces whole; choose "
-                          "another APP_DIR")
+    check_outside_stores(app_dir, "APP_DIR")  # `prep --force` replaces a store whole, the app with it
     if app_dir.is_dir():
         check_regular(app_dir / "pyproject.toml", "choose another APP_DIR")
 

@@ -17,7 +17,7 @@ from dali_fl.data.partition import (
     save_partition,
     summarize,
 )
-from dali_fl.data.store import open_store
+from dali_fl.data.store import check_outside_stores, open_store
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_output_file
 
@@ -69,8 +69,10 @@ def partition(store: Path, num_users: int, method: str, alpha: float, shards_per
     refuse_ignored_options({"partition": method, "alpha": alpha, "shards": shards_per_client, "min_size": min_size})
     check_int64("--seed", seed)  # train refuses it too, so the same options could not make this partition there
     out_path, plot_path = _check_outputs(out, plot, force)  # before any work, so nothing is half-done
+    for flag, path in (("--out", out_path), ("--plot", plot_path)):
+        if path is not None:
+            check_outside_stores(path, flag)
     opened = open_store(store)
-    _check_not_store_files(opened.files(), {"--out": out_path, "--plot": plot_path})
     labels = opened.labels("train")
     p = make_partition(labels, num_users, method, seed=seed, alpha=alpha,
                        shards_per_client=shards_per_client, min_size=min_size,
@@ -94,12 +96,5 @@ def _check_outputs(out: Optional[str], plot: Optional[str], force: bool) -> tupl
         raise DaliFlError(f"--out and --plot are the same file ({out_path}); give them different paths")
     return out_path, plot_path
 
-
-def _check_not_store_files(store_files: tuple[Path, ...], outputs: dict[str, Optional[Path]]) -> None:
-    """Refuse an output that is one of the store's own files: --force must not replace a store's data."""
-    owned = {f.resolve() for f in store_files}
-    for flag, path in outputs.items():
-        if path is not None and path.resolve() in owned:
-            raise DaliFlError(f"{flag} {path} is a file of the store itself; choose another {flag} path")
 
 COMMANDS = [partition]

@@ -12,6 +12,7 @@ from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, l
 from dali_fl.data.store import (
     DTYPES,
     LEGACY_SAMPLES,
+    check_outside_stores,
     check_prep_args,
     check_sample_count,
     check_store_fits,
@@ -61,8 +62,7 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
     """
     check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
     check_synthetic_args(num_train, num_test, seed)
-    if (out_dir / "manifest.json").exists():  # `prep --force` of that store would delete the one made inside it
-        raise DaliFlError(f"--out {out_dir} is a store; give the directory that holds stores, e.g. {out_dir.parent}")
+    check_outside_stores(out_dir, "--out")  # `prep --force` of that store would delete the one made inside it
     if source_name == "synthetic" and (source_path is not None or download):
         given = "--source-path" if source_path is not None else "--download"
         raise DaliFlError(f"{given} does nothing for --source synthetic, which is generated from --seed, "

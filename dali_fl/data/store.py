@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import weakref
@@ -38,6 +39,7 @@ LEGACY_SAMPLES = 64  # re-resized samples per split that stand in for the source
 
 
 REPREP = "re-run `dali-fl prep --force`"
+STORE_FILE = re.compile(r"\w+_(images|labels)\.npy")  # a split's files, beside the manifest
 
 
 class RowReader:
@@ -233,14 +235,37 @@ def _is_whole(store_dir: Path) -> bool:
     return (store_dir / MANIFEST).is_file()
 
 
+def store_around(path: Path) -> Optional[Path]:
+    """The store that `path` is or lies inside (the nearest directory holding a manifest), or None."""
+    path = Path(path).absolute()
+    return next((d for d in (path, *path.parents) if _is_whole(d)), None)
+
+
+def check_outside_stores(path: Path, flag: str) -> None:
+    """Refuse an output in a store: `prep --force` replaces a store whole, and the output with it."""
+    store = store_around(path)
+    if store is not None:
+        where = "is a store" if store == Path(path).absolute() else f"is inside the store {store}"
+        raise DaliFlError(f"{flag} {path} {where}, which `dali-fl prep --force` replaces whole; choose a path "
+                          "outside it")
+
+
 def check_replaceable(final: Path) -> None:
-    """`--force` replaces only a store (its manifest marks it) or an empty directory: never a directory of the user's."""
+    """`--force` replaces only a store (its manifest marks it) or an empty directory: never a directory of the user's,
+    nor what the user put in a store."""
     if final.is_symlink():
         raise DaliFlError(f"{final} is a symlink; prep --force replaces only a store directory it made, so remove "
                           "the link or choose another --out")
-    if final.is_dir() and not _is_whole(final) and any(final.iterdir()):
+    if not final.is_dir():
+        return
+    names = sorted(os.listdir(final))
+    if not _is_whole(final) and names:
         raise DaliFlError(f"{final} is not a store (no {MANIFEST}) and not empty; prep --force replaces only a store "
                           "it made, so move that directory away or choose another --out")
+    foreign = [n for n in names if n != MANIFEST and not STORE_FILE.fullmatch(n)]
+    if foreign:
+        raise DaliFlError(f"{final} holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                          ", which prep did not write and --force would delete with the store; move it out first")
 
 
 def _labels_sha256(labels: np.ndarray) -> str:
