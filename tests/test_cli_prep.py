@@ -168,6 +168,15 @@ def test_prep_float32_store(invoke, tmp_path):
     assert b.dtype == np.float32 and b.min() >= 0 and b.max() <= 1
     assert np.array_equal(b, np.asarray(a, dtype=np.float32) / np.float32(255))
     assert invoke("verify", tmp_path / "synthetic-40-f32").exit_code == 0
+    from dali_fl.errors import DaliFlError
+    from dali_fl.loaders.memmap_seed import MemmapSeedLoader
+
+    assert MemmapSeedLoader.open_store(tmp_path / "synthetic-40").path == tmp_path / "synthetic-40-f32"
+    # Another seed's float32 store beside it: memmap-seed trained on it, and a resume checked the uint8 one.
+    other = ("prep", "--source", "synthetic", "--num-train", "40", "--num-test", "10", "--seed", "5", "--quiet")
+    assert invoke(*other, "--image-size", "40", "--dtype", "float32", "--out", tmp_path, "--force").exit_code == 0
+    with pytest.raises(DaliFlError, match="was made from other data .its train images differ"):
+        MemmapSeedLoader.open_store(tmp_path / "synthetic-40")
 
 
 # --- idempotence and force -----------------------------------------------------------------

@@ -93,7 +93,13 @@ class MemmapSeedLoader(Loader):
         if not sibling.exists():
             raise DaliFlError(f"--loader memmap-seed reads a float32 store; make it with `dali-fl prep --source "
                               f"{store.manifest['source']} --image-size {store.image_size} --dtype float32`")
-        return open_store(sibling)
+        f32 = open_store(sibling)
+        differs = _other_data(store.manifest, f32.manifest)
+        if differs:  # the run, its partition and a resume's checks all go by the uint8 store's data
+            raise DaliFlError(f"{sibling}, the float32 store --loader memmap-seed reads for {store.path}, was made "
+                              f"from other data ({differs}); rebuild it with `dali-fl prep --dtype float32 --force` "
+                              "from the same source")
+        return f32
 
     def _loader_for(self, rows: np.ndarray) -> DataLoader:
         """The client's DataLoader: new when the indices change, as the seed's LocalUpdate did."""
@@ -117,3 +123,17 @@ class MemmapSeedLoader(Loader):
     def close(self) -> None:
         self._epochs.stop()
         self._loader = None
+
+
+def _other_data(uint8: dict, f32: dict) -> str:
+    """What the float32 sibling's manifest says that the uint8 store's does not (the same source and labels), or ''."""
+    for key in ("source", "classes", "image_size", "interpolation"):
+        if uint8.get(key) != f32.get(key):
+            return f"its {key} differs"
+    for split, entry in uint8["splits"].items():
+        other = f32["splits"].get(split) or {}
+        for what, a, b in (("images", entry.get("source_sha256"), other.get("source_sha256")),
+                           ("labels", entry["labels"]["sha256"], (other.get("labels") or {}).get("sha256"))):
+            if a != b:
+                return f"its {split} {what} differ"
+    return ""
