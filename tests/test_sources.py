@@ -352,6 +352,23 @@ def test_imagefolder_bad_inputs(tmp_path):
         source.splits["test"].read(0, 1)
 
 
+def test_imagefolder_says_what_it_skips_and_refuses_a_class_without_images(tmp_path, caplog):
+    """A class of .webp images became a class of none (its label kept, the head an output for it), and a
+    .ipynb_checkpoints folder a class that shifted every label after it."""
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        save_png(root / split / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+        (root / split / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "cat" / "b.webp").write_bytes(b"RIFF")
+    source = load_source("imagefolder", root)
+    assert source.classes == ("cat",) and source.splits["train"].count == 1
+    assert "a hidden folder is not a class" in caplog.text and "(e.g. b.webp)" in caplog.text
+    (root / "train" / "dog").mkdir()
+    (root / "train" / "dog" / "c.tif").write_bytes(b"II*")
+    with pytest.raises(DaliFlError, match=r"train/dog holds no .png/.jpg/.jpeg/.bmp images"):
+        load_source("imagefolder", root)
+
+
 def test_synthetic_is_seeded_and_learnable():
     a, la = synthetic_arrays(200, seed=3, split="train")
     b, lb = synthetic_arrays(200, seed=3, split="train")

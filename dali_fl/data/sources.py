@@ -337,13 +337,19 @@ def _wide_grey_to_rgb(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """The class folder's image files, sorted; anything but a regular file is skipped with a warning."""
-    files = []
-    for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        if f.is_file():  # follows symlinks; a FIFO would block the decoder forever, a directory fail it
+    """The class folder's image files, sorted; anything but a regular file is skipped with a warning, and so are
+    files of other kinds (a .webp or .tif image left out changed the data without a word)."""
+    files, others = [], []
+    for f in sorted(folder.iterdir()):
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            others += [] if f.name.startswith(".") else [f.name]
+        elif f.is_file():  # follows symlinks; a FIFO would block the decoder forever, a directory fail it
             files.append(f)
         else:
             log.warning("skipping %s: not a regular file (a directory, FIFO, socket, device or broken link)", f)
+    if others:
+        log.warning("skipping %d entries of %s that are not %s images (e.g. %s)", len(others), folder,
+                    "/".join(IMAGE_SUFFIXES), others[0])
     return files
 
 
@@ -356,6 +362,12 @@ def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
             files += found
             labels += [label] * len(found)
 
+    present = set(labels)
+    empty = [cls for label, cls in enumerate(classes) if root.name == "train" and label not in present]
+    if empty:  # its label would exist with no image to learn it from, and the head would have an output for it
+        raise DaliFlError(f"{root / empty[0]} holds no {'/'.join(IMAGE_SUFFIXES)} images; convert its images to "
+                          "one of these or move the folder out")
+
     def read(a: int, b: int):
         images = [_read_image(f) for f in files[a:b]]
         same = len({im.shape for im in images}) == 1
@@ -363,13 +375,22 @@ def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
     return SourceSplit(np.asarray(labels, dtype=np.int64), read, max_rows=FOLDER_ROWS_PER_READ)
 
 
+def _hidden(folder: Path) -> bool:
+    """A hidden folder (.ipynb_checkpoints, .git) is no class: it would shift every label after it."""
+    if folder.name.startswith("."):
+        log.warning("skipping %s: a hidden folder is not a class", folder)
+        return True
+    return False
+
+
 def load_imagefolder(path: Path) -> Source:
     """Load ROOT/{train,test}/CLASS/*.png|jpg with classes in sorted order."""
     if not (path / "train").is_dir() or not (path / "test").is_dir():  # also when path is a file
         raise DaliFlError(f"{path} is not an image folder: expected {path}/train/CLASS/*.png and "
                           f"{path}/test/CLASS/*.png")
-    classes = tuple(sorted(d.name for d in (path / "train").iterdir() if d.is_dir()))
-    unknown = sorted({d.name for d in (path / "test").iterdir() if d.is_dir()} - set(classes))
+    classes, unknown = (tuple(sorted(d.name for d in (path / s).iterdir() if d.is_dir() and not _hidden(d)))
+                        for s in ("train", "test"))
+    unknown = sorted(set(unknown) - set(classes))
     if not classes or unknown:
         raise DaliFlError(f"{path}: train has classes {list(classes)}; test has classes not in train: {unknown}")
     if len(classes) > MAX_CLASSES:
