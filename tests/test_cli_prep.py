@@ -234,18 +234,41 @@ def newer_version(store: Path) -> None:
     (store / "manifest.json").write_text(json.dumps(manifest))
 
 
+def swap_classes(store: Path) -> None:
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["classes"][:2] = manifest["classes"][1::-1]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda s: flip_byte(s / "train_images.npy"), ["sha256 train_images.npy", "prep --force"]),
     (lambda s: os.truncate(s / "test_images.npy", 5000), ["manifest and files", "prep --force"]),
     (lambda s: set_label(s, 10, update_hash=True), ["labels train", "prep --force"]),
     (lambda s: set_label(s, 10, update_hash=False), ["labels train", "sha256 train_labels.npy"]),
     (newer_version, ["manifest and files", "prep --force"]),
-], ids=["flipped-byte", "truncated", "bad-label-rehashed", "bad-label", "newer-format"])
+    (lambda s: swap_classes(s), ["classes", "prep --force"]),  # verify passed it; train named the classes wrongly
+], ids=["flipped-byte", "truncated", "bad-label-rehashed", "bad-label", "newer-format", "classes-swapped"])
 def test_verify_fails_on_damage(invoke, made, assert_user_error, damage, words):
     damage(made)
     result = invoke("verify", made)
     assert_user_error(result, "check(s) failed", *words)
     assert "FAIL" in result.output
+
+
+def test_verify_compares_a_given_source_even_with_no_sample_to_re_resize(invoke, tmp_path, assert_user_error):
+    """--check-samples 0 dropped --source-path, and with it the check of every raw image's sha256."""
+    for name, seed in (("a", 0), ("b", 1)):
+        rng = np.random.default_rng(seed)
+        np.savez(tmp_path / f"{name}.npz", x_train=rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
+                 y_train=np.arange(6) % 2, x_test=rng.integers(0, 255, (2, 8, 8, 3), np.uint8), y_test=np.arange(2))
+    assert invoke("prep", "--source", "npz", "--source-path", tmp_path / "a.npz", "--image-size", "8", "--quiet",
+                  "--out", tmp_path).exit_code == 0
+    store = tmp_path / "npz-8"
+    checked = invoke("verify", store, "--source-path", tmp_path / "a.npz", "--check-samples", "0")
+    assert checked.exit_code == 0 and "ok    source sha256 train" in checked.output, checked.output
+    assert "skip  samples: --check-samples 0" in checked.output
+    result = invoke("verify", store, "--source-path", tmp_path / "b.npz", "--check-samples", "0")
+    assert_user_error(result, "source sha256 train")
 
 
 def test_verify_and_prep_explain_what_is_wrong(invoke, made):

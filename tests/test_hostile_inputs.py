@@ -512,6 +512,8 @@ SYNTH = ("--num-train", "5", "--num-test", "5", "--image-size", "8")
     (("partition", "STORE", "--plot", "STORE/p.png"), ("--plot", "inside the store")),
     (("flower", "app", "STORE/app", "--store", "STORE"), ("APP_DIR", "inside the store")),
     (("prep", "--download", "--out", "OUT", *SYNTH), ("--download does nothing",)),
+    (("prep", "--source", "npz", "--download", "--out", "OUT"), ("--download fetches CIFAR only",)),  # accepted
+    (("prep", "--source", "npz", "--num-train", "10", "--out", "OUT"), ("--num-train", "synthetic source only")),
     (("prep", "--seed", HUGE, "--out", "OUT", *SYNTH), ("--seed", "64 bits")),  # a store no reader would open
     (("partition", "STORE", "--seed", HUGE), ("--seed", "64 bits")),
     (("train", "--store", "STORE", "--out", "OUT", "--trace", "LOOP"), ("--trace", "symlink loop")),  # traceback

@@ -63,10 +63,7 @@ def prep(source_name, source_path, download, image_size, dtype, interpolation, o
     check_prep_args(image_size, dtype, interpolation)  # before a source that may take minutes to read
     check_synthetic_args(num_train, num_test, seed)
     check_outside_stores(out_dir, "--out")  # `prep --force` of that store would delete the one made inside it
-    if source_name == "synthetic" and (source_path is not None or download):
-        given = "--source-path" if source_path is not None else "--download"
-        raise DaliFlError(f"{given} does nothing for --source synthetic, which is generated from --seed, "
-                          "--num-train and --num-test; drop it")
+    _check_source_args(source_name, source_path, download)
     if source_name == "synthetic":  # its size is known before it is generated: check the disk first
         check_store_fits(out_dir, num_train + num_test, image_size, dtype)
     source = load_source(source_name, source_path, download=download, download_root=out_dir / "downloads",
@@ -93,6 +90,21 @@ def _same_store_note(path: Path) -> str:
             "compared; nothing to do (--force rebuilds it and records the hash)")
 
 
+def _check_source_args(source_name: str, source_path, download: bool) -> None:
+    """Refuse what the source would not read: config-free sources store every image they hold."""
+    if source_name == "synthetic" and (source_path is not None or download):
+        given = "--source-path" if source_path is not None else "--download"
+        raise DaliFlError(f"{given} does nothing for --source synthetic, which is generated from --seed, "
+                          "--num-train and --num-test; drop it")
+    if download and not source_name.startswith("cifar"):
+        raise DaliFlError(f"--download fetches CIFAR only; --source {source_name} reads --source-path, so drop it")
+    ctx = click.get_current_context()
+    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    if source_name != "synthetic" and given:
+        raise DaliFlError(f"--{given[0].replace('_', '-')} sets the synthetic source only; --source {source_name} "
+                          "stores every image it holds, so drop it")
+
+
 @click.command()
 @click.argument("store", type=NamedPath(path_type=Path))
 @click.option("--source-path", type=click.Path(path_type=Path),
@@ -117,11 +129,13 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
         # nothing prep made (nor a store a killed `prep --force` set aside): rebuilding is not the way on
         raise DaliFlError(f"{store} is not a store (no manifest.json); give a directory `dali-fl prep` wrote")
     given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
-    source = _source_for(store, source_path, num_train, num_test, seed, given) if check_samples else None
+    # A given --source-path is compared (classes, raw-image sha256) even with no sample re-resized.
+    wanted = check_samples or source_path is not None
+    source = _source_for(store, source_path, num_train, num_test, seed, given) if wanted else None
     checks, counts, classes = verify_store(store, source, check_samples)
     for c in checks:
         click.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
-    if source is None and counts:  # said, so that "all passed" is not read as more
+    if (source is None or check_samples == 0) and counts:  # said, so that "all passed" is not read as more
         why = "--check-samples 0" if check_samples == 0 else "no --source-path"
         click.echo(f"skip  samples: {why}, so no sample was re-resized and compared")
     if counts:

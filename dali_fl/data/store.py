@@ -636,6 +636,11 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
     checks = [Check("manifest and files", True, f"format {m['format_version']}, {m['source']}, "
                     f"{m['image_size']}px {m['dtype']}, shapes and lengths match")]
     counts = {}
+    if source is not None:  # an edited manifest renamed or added classes that the source does not have
+        same = list(source.classes) == list(m["classes"])
+        checks.append(Check("classes", same, f"{len(m['classes'])}, as in the source" if same else
+                            f"{m['classes'][:3]}... ({len(m['classes'])}) differ from the source's "
+                            f"{list(source.classes)[:3]}... ({len(source.classes)})"))
     for split, entry in m["splits"].items():
         images = store.images(split)
         try:
@@ -653,7 +658,8 @@ def verify_store(path: Path | str, source: Optional[Source] = None, check_sample
                                     minlength=store.num_classes)
         checks.append(_value_range(f"value range {split}", len(images), lo, hi, store.dtype))
         if source is not None:
-            checks.append(_check_samples(store, source, split, check_samples, seed))
+            if check_samples:
+                checks.append(_check_samples(store, source, split, check_samples, seed))
             if "source_sha256" in entry and split in source.splits:  # every raw image, where prep recorded them
                 same = source_sha256(source.splits[split], store.image_size, store.dtype) == entry["source_sha256"]
                 checks.append(Check(f"source sha256 {split}", same, entry["source_sha256"][:16] if same else
