@@ -564,6 +564,15 @@ def test_a_fifo_where_a_run_file_belongs_is_refused_not_waited_on(invoke, assert
     assert_user_error(invoke("train", "--resume", run, "--rounds", 3, "--quiet"), rel.split("/")[-1], "FIFO")
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_where_a_new_client_table_is_made_is_refused_not_waited_on(invoke, assert_user_error, finished,
+                                                                          tmp_path):
+    run = _copy(finished, tmp_path, "scaffold")
+    (run / "scaffold_clients.f32").unlink()  # lost: a resume makes a new table, under its pending name
+    os.mkfifo(run / ".scaffold_clients.f32.tmp")
+    assert_user_error(invoke("train", "--resume", run, "--rounds", 3, "--quiet"), ".scaffold_clients.f32.tmp")
+
+
 def test_a_directory_where_summary_json_belongs_is_refused_before_any_round(invoke, assert_user_error, finished,
                                                                              tmp_path):
     run = _copy(finished, tmp_path)

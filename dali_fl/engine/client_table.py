@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dali_fl.errors import DaliFlError
+from dali_fl.safe_fs import open_regular
 
 
 def pending_name(name: str) -> str:
@@ -47,8 +48,11 @@ class ClientTable:
                 raise DaliFlError(f"{self.what} take one row per client: {self.num_users} clients x {self.width:,} "
                                   f"values x 4 bytes = {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
                                   f"free in {self.path.parent}; {hint}")
-            with open(self.pending, "wb") as f:
-                f.truncate(need)  # sparse: zeros until a client is sampled
+            fd = open_regular(self.pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # no link followed, no FIFO
+            try:
+                os.ftruncate(fd, need)  # sparse: zeros until a client is sampled
+            finally:
+                os.close(fd)
         return np.memmap(self.pending or self.path, np.float32, "r+", shape=(self.num_users, self.width))
 
     def row(self, client: int) -> torch.Tensor:
