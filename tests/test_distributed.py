@@ -96,8 +96,7 @@ def test_a_dying_rank_stops_the_job_and_resume_finishes(store, tmp_path):
     deadline = time.time() + 300
     while not (run / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if p.environ().get("RANK") == "1" and "dali_fl" in " ".join(p.cmdline())]
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True) if _is_rank(p, "1")]
     assert victims, "rank 1 not found"
     victims[0].kill()
     out, _ = proc.communicate(timeout=300)
@@ -107,6 +106,14 @@ def test_a_dying_rank_stops_the_job_and_resume_finishes(store, tmp_path):
     assert "rank: 1" in out or "local_rank: 1" in out  # torchrun's report names the rank
     _run("--resume", run, "--nproc", "2", "--quiet")
     assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 5))
+
+
+def _is_rank(p: psutil.Process, rank: str) -> bool:
+    """Whether p is that rank's dali-fl process; a child that exited while the tree was listed is not."""
+    try:
+        return p.environ().get("RANK") == rank and "dali_fl" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
 
 
 class _Torchrun:
