@@ -484,7 +484,8 @@ def test_hostile_values_in_run_files_are_one_line(invoke, assert_user_error, fin
     *((("--model-kwargs", f"patch_size=4,depth=1,embed_dim=32,num_heads=2,{kw}"), words) for kw, words in [
         ("act_layer=bogus", ("act_layer", "bogus")), ("drop_rate=nan", ("drop_rate", "0 to 1")),
         ("reg_tokens=99999", ("reg_tokens", "0 to 64")), ("num_classes=5", ("num_classes", "store")),
-        ("qkv_bias=maybe", ("qkv_bias=maybe", "true or false"))]),  # built with biases, "maybe" recorded
+        ("qkv_bias=maybe", ("qkv_bias=maybe", "true or false")),  # built with biases, "maybe" recorded
+        ("depth=abc", ("depth=abc", "whole number"))]),  # a TypeError traceback comparing "abc" with 1
 ])
 def test_huge_integer_options_are_one_line_before_any_directory(invoke, assert_user_error, stores, tmp_path, args,
                                                                 words):

@@ -68,9 +68,8 @@ def _check_size_kwarg(key: str, value: object, cap: int) -> None:
     where timm counts with it."""
     whole, low = key in INTEGER_KWARGS, 0 if key in ZERO_KWARGS else 1
     kind = f"a whole number from {low} to {cap}" if whole else f"a number above 0 and at most {cap}"
-    ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
-    fits = low <= value <= cap if whole else 0 < value <= cap
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not fits:
+    ok_type = not isinstance(value, bool) and (isinstance(value, int) if whole else isinstance(value, (int, float)))
+    if not ok_type or not math.isfinite(value) or not (low <= value <= cap if whole else 0 < value <= cap):
         raise DaliFlError(f"--model-kwargs {key}={value} must be {kind}")
 
 
