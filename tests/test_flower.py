@@ -436,8 +436,8 @@ def test_a_refusal_before_round_1_leaves_nothing_of_the_run_so_a_retry_starts(st
     def refuse(*args):
         raise DaliFlError("no Flower SuperNode holds client 0")
 
-    def serve_at(run: Path, **options) -> str:
-        run_config = run_config_from_options({**TINY, "store": str(store), **options}, run)
+    def serve_at(run: Path, resume: bool = False) -> str:
+        run_config = {**run_config_from_options({**TINY, "store": str(store)}, run), "resume": resume}
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
         with pytest.raises(DaliFlError) as got:
             server_app(object(), context)
@@ -462,6 +462,9 @@ def test_a_refusal_before_round_1_leaves_nothing_of_the_run_so_a_retry_starts(st
     assert line == f"{run} already holds a run; continue it with --run-config resume=true or choose another out " \
                    "(--run-config 'out=\"DIR\"')"
     assert sorted(p.name for p in run.iterdir()) == before
+    # A resume of no run: the lock made the directories (inside a store, blocking its `prep --force`) and stayed.
+    assert "is not a dali-fl run" in serve_at(tmp_path / "none" / "run", resume=True)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_node_holds_one_client_or_several():

@@ -245,12 +245,12 @@ def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> 
     """Run (or, with `resume`, continue) a federation over `grid`, writing RUN_DIR as `dali-fl train` does."""
     run_dir = Path(run_dir)
     created = None if resume else first_missing(run_dir)
+    if resume:  # before the lock, which makes the directory: a refused resume leaves nothing, as train's
+        cfg = resumed_config(cfg, run_dir)
     with RunLock(run_dir):
         wrote = False  # whether RUN_DIR/config.json is this run's
         try:
-            if resume:
-                cfg = resumed_config(cfg, run_dir)
-            else:  # before prepare's own check, in the words of `flwr run`, which has no --resume or --out
+            if not resume:  # before prepare's own check, in the words of `flwr run`, which has no --resume or --out
                 check_fresh(run_dir, "--run-config resume=true", "choose another out (--run-config 'out=\"DIR\"')")
             fx, start = prepare(cfg, run_dir, resume=resume)  # the same checks, partition.json and config.json
             wrote = not resume
