@@ -482,6 +482,10 @@ def test_a_node_holds_one_client_or_several():
             node_clients(node(clients=bad))
     with pytest.raises(DaliFlError, match=r"holds no client; start it with --node-config 'partition-id=N'"):
         node_clients(node())
+    assert node_clients(node(**{"partition-id": "2"})) == [2]
+    for bad in (1.5, True, "two", "²"):  # 1.5 and true were client 1, "two" a ValueError traceback on the node
+        with pytest.raises(DaliFlError, match=r"partition-id=.* is not a client id; give a whole number"):
+            node_clients(node(**{"partition-id": bad}))
 
 
 def test_every_client_is_held_by_exactly_one_node():

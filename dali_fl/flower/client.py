@@ -78,6 +78,10 @@ def node_clients(context: Context) -> list[int]:
     if value is None:
         raise DaliFlError(f"this SuperNode holds no client; start it with --node-config '{PARTITION_KEY}=N' (one "
                           f"client) or '{CLIENTS_KEY}=\"A-B\"' (several)")
+    # Flower parses the node config as TOML: 1.5 or true were read as client 1, "two" was a ValueError traceback.
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdecimal())):
+        raise DaliFlError(f"--node-config {PARTITION_KEY}={value!r} is not a client id; give a whole number from 0 "
+                          f"(e.g. '{PARTITION_KEY}=0')")
     return [int(value)]
 
 
