@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 from dali_fl.atomic import fsync_path, recover_dir, replace_dir, temp_dir_for, what_to_do
 from dali_fl.bounds import human_size
 from dali_fl.errors import DaliFlError
+from dali_fl.data.layout import MANIFEST, store_around
 from dali_fl.data.resize import MAX_IMAGE_SIZE, METHODS, resize_batch, to_stored_dtype
 from dali_fl.data.sources import MAX_CLASSES, SOURCE_PARAMS, Source, SourceSplit, unreadable
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DTYPES = ("uint8", "float32")
 MAX_STORE_IMAGES = 100_000_000  # per split: ImageNet-21k has 14 M; bounds what a manifest may claim
 MAX_SPLITS = 16
@@ -233,12 +233,6 @@ def check_prep_args(image_size: int, dtype: str, interpolation: str = "bilinear"
 def _is_whole(store_dir: Path) -> bool:
     """A store directory is complete once its manifest, written last, is there."""
     return (store_dir / MANIFEST).is_file()
-
-
-def store_around(path: Path) -> Optional[Path]:
-    """The store that `path` is or lies inside (the nearest directory holding a manifest), or None."""
-    path = Path(path).absolute()
-    return next((d for d in (path, *path.parents) if _is_whole(d)), None)
 
 
 def check_outside_stores(path: Path, flag: str) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 from safetensors import SafetensorError
 
 from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir_for, what_to_do
+from dali_fl.data.layout import store_around
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
 
@@ -91,8 +92,7 @@ def check_fresh(run_dir: Path, resume: Optional[str] = None, elsewhere: str = "c
 def check_place(run_dir: Path) -> None:
     """Refuse a run directory that holds foreign files or lies inside a store."""
     check_ours(run_dir)
-    # data.store's MANIFEST, spelt out: importing data.store imports torch, which tools reading runs do without.
-    store = next((d for d in Path(run_dir).absolute().parents if (d / "manifest.json").is_file()), None)
+    store = store_around(Path(run_dir).absolute().parent)
     if store is not None:  # `prep --force` replaces a store whole, and a run inside it would go too
         raise DaliFlError(f"--out {run_dir} is inside the store {store}, which `dali-fl prep --force` replaces "
                           "whole; choose an --out outside it")
