@@ -362,12 +362,6 @@ def _folder_split(root: Path, classes: tuple[str, ...]) -> SourceSplit:
             files += found
             labels += [label] * len(found)
 
-    present = set(labels)
-    empty = [cls for label, cls in enumerate(classes) if root.name == "train" and label not in present]
-    if empty:  # its label would exist with no image to learn it from, and the head would have an output for it
-        raise DaliFlError(f"{root / empty[0]} holds no {'/'.join(IMAGE_SUFFIXES)} images; convert its images to "
-                          "one of these or move the folder out")
-
     def read(a: int, b: int):
         images = [_read_image(f) for f in files[a:b]]
         same = len({im.shape for im in images}) == 1
@@ -396,6 +390,10 @@ def load_imagefolder(path: Path) -> Source:
     if len(classes) > MAX_CLASSES:
         raise DaliFlError(f"{path}/train has {len(classes)} class folders; at most {MAX_CLASSES} are supported")
     splits = {s: _folder_split(path / s, classes) for s in ("train", "test")}
+    empty = np.flatnonzero(np.bincount(splits["train"].labels, minlength=len(classes)) == 0)
+    if empty.size:  # its label would exist with no image to learn it from, and the head would have an output for it
+        raise DaliFlError(f"{path / 'train' / classes[empty[0]]} holds no {'/'.join(IMAGE_SUFFIXES)} images; convert "
+                          "its images to one of these or move the folder out")
     for s, split in splits.items():
         if split.count == 0:
             raise DaliFlError(f"{path}/{s} holds no {'/'.join(IMAGE_SUFFIXES)} images")
