@@ -37,6 +37,11 @@ class NamedPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+def explicit_options(ctx: click.Context) -> set[str]:
+    """The options given on the command line (not defaults)."""
+    return {k for k in ctx.params if ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None)}
+
+
 class _Group(click.Group):
     """Click group that turns DaliFlError into a one-line message and exit code 2."""
 

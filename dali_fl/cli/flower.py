@@ -10,8 +10,8 @@ from typing import NoReturn
 import click
 
 # The same options, resolved and validated by the same code, as `dali-fl train`.
-from dali_fl.cli import EXIT_INTERRUPTED, NamedPath
-from dali_fl.cli.train import CLI_ONLY, cli_config, explicit_options, merged_options, summary_line, train_options
+from dali_fl.cli import EXIT_INTERRUPTED, NamedPath, explicit_options
+from dali_fl.cli.train import CLI_ONLY, cli_config, merged_options, summary_line, train_options
 from dali_fl.engine.device import resolve_device
 from dali_fl.errors import DaliFlError
 

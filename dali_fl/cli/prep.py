@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dali_fl.cli import NamedPath
+from dali_fl.cli import NamedPath, explicit_options
 from dali_fl.data.resize import METHODS
 from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, load_source
 from dali_fl.data.store import (
@@ -98,8 +98,7 @@ def _check_source_args(source_name: str, source_path, download: bool) -> None:
                           "--num-train and --num-test; drop it")
     if download and not source_name.startswith("cifar"):
         raise DaliFlError(f"--download fetches CIFAR only; --source {source_name} reads --source-path, so drop it")
-    ctx = click.get_current_context()
-    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    given = [n for n in SOURCE_PARAMS if n in explicit_options(click.get_current_context())]
     if source_name != "synthetic" and given:
         raise DaliFlError(f"--{given[0].replace('_', '-')} sets the synthetic source only; --source {source_name} "
                           "stores every image it holds, so drop it")
@@ -128,7 +127,7 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     if not (store / "manifest.json").exists() and not any(store.parent.glob(f".{store.name}.old-*")):
         # nothing prep made (nor a store a killed `prep --force` set aside): rebuilding is not the way on
         raise DaliFlError(f"{store} is not a store (no manifest.json); give a directory `dali-fl prep` wrote")
-    given = [n for n in SOURCE_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    given = [n for n in SOURCE_PARAMS if n in explicit_options(ctx)]
     # A given --source-path is compared (classes, raw-image sha256) even with no sample re-resized.
     wanted = check_samples or source_path is not None
     source = _source_for(store, source_path, num_train, num_test, seed, given) if wanted else None

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import click
-from click.core import ParameterSource
 
 from dali_fl import algorithms
-from dali_fl.cli import NamedPath
+from dali_fl.cli import NamedPath, explicit_options
 from dali_fl.config import (
     ALGORITHMS,
     AMP_MODES,
@@ -151,11 +150,6 @@ def train_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
-
-
-def explicit_options(ctx: click.Context) -> set[str]:
-    """The options given on the command line (not defaults)."""
-    return {k for k in ctx.params if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
 
 
 CLI_ONLY = ("store", "dataset", "image_size", "data_dir", "use_offline_data", "out", "gpu", "device", "preset",
