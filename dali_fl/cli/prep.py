@@ -12,6 +12,7 @@ from dali_fl.data.sources import SOURCE_PARAMS, SOURCES, check_synthetic_args, l
 from dali_fl.data.store import (
     DTYPES,
     LEGACY_SAMPLES,
+    MANIFEST,
     check_outside_stores,
     check_prep_args,
     check_sample_count,
@@ -124,7 +125,7 @@ def verify(ctx, store, source_path, check_samples, num_train, num_test, seed):
     check_synthetic_args(num_train, num_test, seed)
     if not store.is_dir():
         open_store(store)  # raises the one-line "does not exist; create it with prep" error
-    if not (store / "manifest.json").exists() and not any(store.parent.glob(f".{store.name}.old-*")):
+    if not (store / MANIFEST).exists() and not any(store.parent.glob(f".{store.name}.old-*")):
         # nothing prep made (nor a store a killed `prep --force` set aside): rebuilding is not the way on
         raise DaliFlError(f"{store} is not a store (no manifest.json); give a directory `dali-fl prep` wrote")
     given = [n for n in SOURCE_PARAMS if n in explicit_options(ctx)]
