@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--in-process", action="store_true",
       help="measure every kind in this process (fast start; memory peaks are then not per kind)")
     a("--no-plot", action="store_true", help="skip the PNG")
+    a("--label", help="appended to the results' file name, so that runs of other kinds at the same settings "
+                      "keep files of their own (round-fedlora-224px-LABEL.json)")
     add_child_flag(p)
     return p
 
@@ -175,7 +177,7 @@ def result_name(s: Settings) -> str:
     """The results' file stem; compiled and memory-capped runs have their own, so no run overwrites another."""
     name = f"round-scaling-{s.alg}" if s.scaling else f"round-{s.alg}-{s.image_size}px"
     cap = f"-gpu{s.gpu_mem_gib:g}gib" if s.gpu_mem_gib is not None else ""  # also on CPU, where it is ignored
-    return name + ("-compile" if s.compile else "") + cap
+    return name + ("-compile" if s.compile else "") + cap + (f"-{s.label}" if s.label else "")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

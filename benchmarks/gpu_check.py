@@ -41,10 +41,12 @@ TINY_MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=4
 SEED_ROUND = ["--model", "vit_base_patch16_224", "--model-kwargs", "", "--image-size", "224", "--num-train", "5000",
               "--num-users", "10", "--frac", "1", "--local-ep", "1", "--local-bs", "32", "--rounds", "2"]
 # In the order they run: the stores, then the headline figures, then the detail.
-STEPS = ("stores", "round", "memory", "tests", "loader", "compile")
-# One lent-GPU call each (benchmarks/README.md): the stores while DALI's parts still travel (no DALI needed),
-# the seed's rounds and the 12 GB verdict, then the detail.
-PARTS = {"stores": ("stores",), "rounds": ("round", "memory"), "detail": ("tests", "loader", "compile")}
+STEPS = ("stores", "memmap", "round", "memory", "tests", "loader", "compile")
+# One lent-GPU call each (benchmarks/README.md): the stores and the DataLoader rounds while DALI's parts still
+# travel (neither needs DALI), the seed's DALI rounds and the 12 GB verdict, then the detail.
+PARTS = {"stores": ("stores",), "memmap": ("memmap",), "rounds": ("round", "memory"),
+         "detail": ("tests", "loader", "compile")}
+NO_DALI = {"stores", "memmap"}  # the kinds of step that run before DALI has arrived
 TESTS_MAX_S = 240.0  # the GPU test step never gets more, whatever the budget (setup.cfg allows 600 s a test)
 TESTS_SHARE = 0.4  # of the budget left when the step starts; the loader detail and compile follow it
 
@@ -134,19 +136,24 @@ def loader_args(out: Path, data: Path, device: str, quick: bool) -> list[list[st
 
 def round_args(out: Path, data: Path, device: str, quick: bool) -> list[list[str]]:
     """bench_round at the seed's configuration (FedLoRA and FedAvg), capped at 12 GiB, compiled; tiny with --quick."""
-    # memmap with 4 and 8 workers: the DataLoader's best on a 16-core GPU machine lies between them.
     gpu = device.startswith("cuda")
-    kinds = "dali,dali-gpu,memmap@4,memmap@8,memmap-seed" if gpu else "dali,memmap"
+    kinds = "dali,dali-gpu" if gpu else "dali"
+    # memmap with 4 and 8 workers: the DataLoader's best on a 16-core GPU machine lies between them.
+    host_kinds = "memmap@4,memmap@8,memmap-seed" if gpu else "memmap"
     # FedLoRA also from the native 32 px store, resized on the device (with the split resident on a GPU).
     resized = "dali-gpu-resize" if gpu else "dali-resize"
     shape = (["--image-size", "16", "--num-train", "200", "--num-users", "4", "--frac", "0.5", "--rounds", "1",
               *TINY_MODEL, "--in-process", "--no-plot"] if quick else SEED_ROUND)
-    runs = [[*shape, "--alg", alg, "--kinds", kinds + ("," + resized if alg == "fedlora" else ""), "--device", device]
-            for alg in ("fedlora", "fedavg")]
+    algs = ("fedlora", "fedavg")
+    # The DataLoader kinds, which need no DALI, in runs of their own (round-…-memmap.*): a lent GPU measures them
+    # while DALI's parts still travel.
+    runs = [[*shape, "--alg", alg, "--kinds", host_kinds, "--label", "memmap", "--device", device] for alg in algs]
+    runs += [[*shape, "--alg", alg, "--kinds", kinds + ("," + resized if alg == "fedlora" else ""), "--device", device]
+             for alg in algs]
     # The 12 GB verdict, measured: both algorithms with the native split resident, torch capped at the seed's
     # card (one round: it is the memory that is asked about). Ignored on the CPU, where it only runs the path.
     runs += [[*shape, "--alg", alg, "--kinds", resized, "--device", device, "--rounds", "1",
-              "--gpu-mem-gib", str(SEED_GPU_GIB)] for alg in ("fedlora", "fedavg")]
+              "--gpu-mem-gib", str(SEED_GPU_GIB)] for alg in algs]
     # torch.compile against eager in the same check: FedLoRA through dali, compiled (round-…-compile.*).
     runs.append([*shape, "--alg", "fedlora", "--kinds", "dali", "--device", device, "--compile"])
     return [[*r, "--out", str(out), "--data-dir", str(data / "round")] for r in runs]
@@ -176,6 +183,8 @@ def round_kind(argv: list[str]) -> tuple[str, str]:
         return "compile", alg + " --compile"
     if "--gpu-mem-gib" in argv:
         return "memory", f"{alg} --gpu-mem-gib {argv[argv.index('--gpu-mem-gib') + 1]}"
+    if "--label" in argv:
+        return "memmap", f"{alg} --kinds {argv[argv.index('--kinds') + 1]}"
     return "round", alg
 
 
@@ -240,7 +249,7 @@ def run_plan(steps: Steps, env: dict, todo: list, report_dir: Optional[Path]) ->
             tests = result
             if tests and tests["returncode"] != 0:
                 steps.mark_failed(tests["summary"])
-        elif kind in ("round", "memory", "compile"):
+        elif kind in ("memmap", "round", "memory", "compile"):
             rounds.append(result)
         # After every step: a check cut short still leaves a summary of what ran, where it comes back.
         write_pages(steps, summary(env, tests, rounds, steps), report_dir)
@@ -257,7 +266,7 @@ def main(argv: Optional[list[str]] = None, started: Optional[float] = None) -> P
     wanted, label = chosen_steps(args, p)
     if args.budget_s is not None and args.budget_s <= 0:
         p.error(f"--budget-s {args.budget_s:g}: no time left to run anything")
-    env = environment(args.quick, need_dali=wanted != {"stores"})  # the stores are made while DALI travels
+    env = environment(args.quick, need_dali=not wanted <= NO_DALI)
     device = "cuda" if env["cuda_available"] else "cpu"
     out = args.out or results_dir(machine_info(device))
     out.mkdir(parents=True, exist_ok=True)

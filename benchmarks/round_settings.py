@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ KIND_BASES = ("dali", "dali-gpu", "memmap", "memmap-seed", "dali-resize", "dali-
 # Taken from the flags as given (the rest is merged with the defaults and the preset).
 AS_GIVEN = ("preset", "pretrained", "workers", "threads", "amp", "augment", "rounds", "seed", "scaling",
             "scaling_clients", "native_size", "compile", "gpu_mem_gib")
-RUN_ONLY = ("data_dir", "out", "in_process", "plot")  # how to run, not what is measured: not recorded
+RUN_ONLY = ("data_dir", "out", "in_process", "plot", "label")  # how to run, not what is measured: not recorded
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Settings:
     out: Optional[Path] = None
     in_process: bool = False
     plot: bool = True
+    label: str = ""  # appended to the results' file stem
 
     def __post_init__(self) -> None:
         # JSON (the child's spec) brings lists and strings back; keep the declared types
@@ -95,7 +97,10 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error(f"--gpu-mem-gib wants a positive number of GiB, got {args.gpu_mem_gib}")
     if args.scaling and max(s["scaling_users"]) > s["num_train"]:
         parser.error(f"--num-train {s['num_train']} is smaller than {max(s['scaling_users'])} clients")
-    return Settings(**s, data_dir=args.data_dir, out=args.out, in_process=args.in_process, plot=not args.no_plot)
+    if args.label and not re.fullmatch(r"[A-Za-z0-9_-]+", args.label):
+        parser.error(f"--label {args.label!r}: letters, digits, '-' and '_' only (it names files)")
+    return Settings(**s, data_dir=args.data_dir, out=args.out, in_process=args.in_process, plot=not args.no_plot,
+                    label=args.label or "")
 
 
 def resolve_device_name(device: Optional[str], parser: argparse.ArgumentParser) -> str:

@@ -214,3 +214,15 @@ def test_the_seed_s_store_pages_are_read_before_its_workers_exit(tmp_path: Path)
     # 100 of the 200 rows, 3 KiB each and spread over the file: over half its pages are read in one round
     assert row["peak_pss_store_mib"] >= 0.4 * f32.stat().st_size / 2**20, (row["peak_pss_store_mib"], f32)
     assert 0 <= row["data_wait_s"] < row["round_time_s"] and row["images_per_round"] == 100
+
+
+def test_a_label_names_the_results_and_must_be_a_plain_word(capsys) -> None:
+    from benchmarks.round_settings import settings_from_args
+
+    parser = bench.build_parser()
+    s = settings_from_args(parser.parse_args(["--device", "cpu", "--alg", "fedavg", "--image-size", "32",
+                                                      "--label", "memmap"]), parser)
+    assert bench.result_name(s) == "round-fedavg-32px-memmap" and "label" not in s.record()
+    with pytest.raises(SystemExit):
+        settings_from_args(parser.parse_args(["--device", "cpu", "--label", "../x"]), parser)
+    assert "--label '../x': letters, digits" in capsys.readouterr().err

@@ -18,6 +18,7 @@ def test_quick_gpu_check_writes_every_result_and_the_summary(tmp_path):
                           "--report-dir", str(report)])
     names = {p.name for p in out.iterdir()}
     assert {"summary.md", "gpu-tests.txt", "environment.json", "round-fedlora-16px.json", "round-fedavg-16px.json",
+            "round-fedlora-16px-memmap.json", "round-fedavg-16px-memmap.json",
             "round-fedlora-16px-gpu12gib.json", "round-fedavg-16px-gpu12gib.json",
             "round-fedlora-16px-compile.json"} <= names  # one name per step: none overwrote another
     assert any(n.startswith("loader-") and n.endswith(".json") for n in names)
@@ -74,13 +75,14 @@ def test_a_failing_step_is_recorded_and_the_next_steps_still_run(tmp_path, monke
     ran = stub_steps(monkeypatch, loader=boom, rounds=lambda argv: sys.exit("error: --kinds has no kind"),
                      tests=lambda out, left: {"returncode": 1, "summary": "1 failed, 12 passed"})
     out, report = tmp_path / "out", tmp_path / "OUT"
-    with pytest.raises(SystemExit, match=r"^error: 7 step\(s\) failed; see .*summary.md \(tracebacks in errors.txt\)$"):
+    with pytest.raises(SystemExit, match=r"^error: 9 step\(s\) failed; see .*summary.md \(tracebacks in errors.txt\)$"):
         gpu_check.main(["--quick", "--out", str(out), "--data-dir", str(tmp_path / "data"),
                         "--report-dir", str(report)])
-    assert ran == ["stores", "round", "round", "memory", "memory", "tests", "loader", "compile"]  # every step ran
+    assert ran == ["stores", "memmap", "memmap", "round", "round", "memory", "memory", "tests", "loader",
+                   "compile"]  # every step ran
     summary = (out / "summary.md").read_text()  # ... and the page still written
     assert "| pytest -m gpu |" in summary and "failed: 1 failed, 12 passed" in summary
-    assert summary.count("failed: SystemExit: error: --kinds has no kind") == 5  # 2 rounds, 2 capped, compiled
+    assert summary.count("failed: SystemExit: error: --kinds has no kind") == 7  # 2 memmap, 2 DALI, 2 capped, compiled
     assert "failed: RuntimeError: CUDA error: an illegal memory access was encountered |" in summary
     errors = (out / "errors.txt").read_text()
     assert "more detail" in errors and "Traceback" in errors
@@ -100,13 +102,16 @@ def test_each_call_runs_its_part_and_writes_pages_of_its_own(tmp_path, monkeypat
     gpu_check.main(["--quick", "--part", "stores", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert ran == ["stores"]  # the call that carries DALI's first part
     ran.clear()
+    gpu_check.main(["--quick", "--part", "memmap", "--out", str(out), "--data-dir", str(tmp_path / "data")])
+    assert ran == ["memmap", "memmap"]  # the next part's call: the DataLoader kinds, fedlora then fedavg
+    ran.clear()
     gpu_check.main(["--quick", "--part", "rounds", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert ran == ["round", "round", "memory", "memory"]  # call A: fedlora, fedavg, both capped at 12 GiB
     ran.clear()
     gpu_check.main(["--quick", "--part", "detail", "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert ran == ["tests", "loader", "compile"]  # call B
-    assert {"summary-stores.md", "summary-rounds.md", "summary-detail.md", "environment-rounds.json",
-            "environment-detail.json"} <= {p.name for p in out.iterdir()}  # no call's pages replaced another's
+    assert {"summary-stores.md", "summary-memmap.md", "summary-rounds.md", "summary-detail.md",
+            "environment-rounds.json", "environment-detail.json"} <= {p.name for p in out.iterdir()}  # none replaced
     assert "bench_round fedlora --gpu-mem-gib 12" in (out / "summary-rounds.md").read_text()
 
 
@@ -184,19 +189,23 @@ def test_a_gpu_test_step_past_its_limit_is_killed_with_its_process_group(tmp_pat
 def test_a_gpu_check_runs_the_headline_rounds_before_the_detail(tmp_path):
     steps = gpu_check.plan(tmp_path, tmp_path, "cuda", False, set(gpu_check.STEPS))
     names = [name for _, name, *_ in steps]
-    assert names[:6] == ["stores", "bench_round fedlora", "bench_round fedavg",
-                         "bench_round fedlora --gpu-mem-gib 12", "bench_round fedavg --gpu-mem-gib 12", "pytest -m gpu"]
-    assert [n.split(" --kinds")[0] for n in names[6:8]] == ["bench_loader", "bench_loader"]
-    assert "--data-on-gpu" in names[7] and names[8:] == ["bench_round fedlora --compile"]
-    fedlora = steps[1][3]
-    assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,memmap@4,memmap@8,memmap-seed,dali-gpu-resize"
+    assert names[:8] == ["stores", "bench_round fedlora --kinds memmap@4,memmap@8,memmap-seed",
+                         "bench_round fedavg --kinds memmap@4,memmap@8,memmap-seed", "bench_round fedlora",
+                         "bench_round fedavg", "bench_round fedlora --gpu-mem-gib 12",
+                         "bench_round fedavg --gpu-mem-gib 12", "pytest -m gpu"]
+    assert [n.split(" --kinds")[0] for n in names[8:10]] == ["bench_loader", "bench_loader"]
+    assert "--data-on-gpu" in names[9] and names[10:] == ["bench_round fedlora --compile"]
+    fedlora = steps[3][3]
+    assert fedlora[fedlora.index("--kinds") + 1] == "dali,dali-gpu,dali-gpu-resize"
     assert fedlora[fedlora.index("--model") + 1] == "vit_base_patch16_224" and "--device" in fedlora
-    capped = steps[4][3]
+    capped = steps[6][3]
     assert capped[capped.index("--kinds") + 1] == "dali-gpu-resize"
     from benchmarks.bench_round import build_parser
 
     parsed = build_parser().parse_args(capped)
     assert parsed.gpu_mem_gib == 12 and parsed.rounds == 1 and parsed.model == "vit_base_patch16_224"
+    # The DataLoader kinds need no DALI: their call runs while DALI's parts still travel.
+    assert {kind for kind, *_ in steps if kind in gpu_check.NO_DALI} == set(gpu_check.PARTS["stores"]) | {"memmap"}
 
 
 def test_every_step_of_a_gpu_check_writes_files_of_its_own(tmp_path):
@@ -210,7 +219,7 @@ def test_every_step_of_a_gpu_check_writes_files_of_its_own(tmp_path):
         elif kind not in ("tests", "stores"):
             a = bench_round.build_parser().parse_args(argv)
             stems.append(bench_round.result_name(a))
-    assert len(stems) == 7 and len(set(stems)) == 7, stems
+    assert len(stems) == 9 and len(set(stems)) == 9, stems
 
 
 ROW = {"kind": "dali-gpu-resize", "round_time_s": 5.0, "bound_round_time_s": 4.9, "data_stall": 0.01,

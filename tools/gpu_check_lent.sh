@@ -4,6 +4,8 @@
 # part of benchmarks.gpu_check with that machine's python3 inside the call's time limit.
 #   usage: bash tools/gpu_check_lent.sh PART [CARRY=.carry] [gpu_check options, e.g. --quick]
 #   PART: stores  the synthetic stores the benchmarks read, without DALI: run it in a call that carries a part
+#         memmap  the seed's configuration over the DataLoader kinds (memmap@4, memmap@8, memmap-seed), FedLoRA
+#                 then FedAvg, without DALI: the next call that carries a part
 #         rounds  call A: the seed's configuration, FedLoRA then FedAvg over the loader kinds, and both
 #                 again with torch capped at 12 GiB (the seed's card)
 #         detail  call B: the GPU tests under a hard limit, the loader detail, torch.compile
@@ -16,9 +18,9 @@
 set -uo pipefail
 part=${1:-}; shift || true
 case $part in
-  stores|rounds|detail) args=(--part "$part") ;;
+  stores|memmap|rounds|detail) args=(--part "$part") ;;
   all) args=() ;;
-  *) echo "usage: bash tools/gpu_check_lent.sh stores|rounds|detail|all [CARRY=.carry] [options]" >&2; exit 2 ;;
+  *) echo "usage: bash tools/gpu_check_lent.sh stores|memmap|rounds|detail|all [CARRY=.carry] [options]" >&2; exit 2 ;;
 esac
 carry=.carry
 if [[ $# -gt 0 && $1 != -* ]]; then carry=$1; shift; fi
@@ -30,7 +32,7 @@ log=$out/gpu-check.log
 marker=$(mktemp)  # files under benchmarks/results newer than this are this call's results
 site=${DALI_SITE:-/tmp/dali-site}  # kept while the machine is warm: later calls skip the unpacking
 echo "gpu-check $part: limit ${limit} s" | tee "$log"
-if [[ $part != stores && ! -d $site/nvidia/dali ]]; then
+if [[ $part != stores && $part != memmap && ! -d $site/nvidia/dali ]]; then
   bash "$carry/dali-1/unpack.sh" "$site" 2>&1 | tee -a "$log"
   [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: DALI could not be unpacked from $carry" | tee -a "$log"; exit 1; }
 fi

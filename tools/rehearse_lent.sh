@@ -3,7 +3,7 @@
 #   usage: PYTHON=<python holding only the GPU machine's packages> bash tools/rehearse_lent.sh [CARRY=.carry]
 # Copies the working tree as a device call sends it (tracked and untracked-not-ignored files) and the DALI
 # parts beside it, then runs the procedure's calls, each under `timeout` at its timeout_s and into an OUT of
-# its own: stores, rounds, detail, and a detail call given too little time on purpose. For each call it prints
+# its own: stores, memmap, rounds, detail, and a detail call given too little time on purpose. For each call it prints
 # the exit status, the seconds taken and the files that would come back. Leaves everything in a temporary
 # folder, printed at the end.
 set -uo pipefail
@@ -30,7 +30,8 @@ call() {  # name, timeout_s, then gpu_check_lent.sh's arguments
 }
 
 call stores 120 stores --quick
-call rounds 300 rounds --quick
+call memmap 240 memmap --quick  # before the rounds call has unpacked DALI: this one must run without it
+call rounds 240 rounds --quick
 call detail 240 detail --quick
 # 35 s for the check, imports included. detail's three steps take longer than rounds' first two, so a step is cut
 # or not started on an idle machine too (a quick rounds call finished inside 35 s on 2026-12-04).
