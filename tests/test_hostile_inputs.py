@@ -265,6 +265,8 @@ RESUME_TAMPERS = [
     ("meta-metrics-deleted", lambda run: _older_meta(run, "metrics"), ("meta.json", "lacks the record of its metrics")),
     ("settings-sha256-deleted", lambda run: _older_identity(run, "settings_sha256"),
      ("run.json", "lacks the record of the run's settings")),
+    ("weights-sha256-deleted", lambda run: _older_meta(run, "state_sha256", "settings_sha256"),
+     ("meta.json", "lacks the sha256 of the checkpoint's weights")),  # an edited weight then resumed
     # A malformed record switched its check off: an edited metrics row then reached summary.json.
     ("meta-metrics-malformed", lambda run: _meta_field(run, "metrics", None), ("meta.json", "did not write")),
     # Another run's checkpoint, copied in with its metrics, agreed with both.
@@ -372,14 +374,16 @@ def test_a_run_from_before_run_json_resumes_with_a_warning_and_gets_one(invoke, 
                                                                 "settings_sha256", "files_sha256"}
 
 
-def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_it(invoke, finished, tmp_path):
+def test_a_run_whose_run_json_predates_the_settings_sha256_resumes_and_records_it(invoke, finished, tmp_path,
+                                                                                    caplog):
     run = _copy(finished, tmp_path)
     ident = json.loads((run / "run.json").read_text())
     del ident["settings_sha256"]
     (run / "run.json").write_text(json.dumps(ident))
-    _older_meta(run, "state_sha256", "settings_sha256")  # which came after the settings' record
+    _older_meta(run, "state_sha256", "settings_sha256")  # which came with the settings' record
     result = invoke("train", "--resume", run, "--rounds", 3, "--quiet")
     assert result.exit_code == 0, result.output
+    assert "records no sha256 of the checkpoint's weights" in caplog.text  # what goes unchecked is said
     assert json.loads((run / "run.json").read_text()) == dict(ident, settings_sha256=ANY_SHA256)
     _config_field("local", "lr", 0.5)(run)  # from now on a hand edit is told
     assert invoke("train", "--resume", run, "--rounds", 4, "--quiet").exit_code == 2

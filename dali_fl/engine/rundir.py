@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,8 @@ from dali_fl.atomic import atomic_write_text, recover_dir, replace_dir, temp_dir
 from dali_fl.data.layout import store_around
 from dali_fl.errors import DaliFlError
 from dali_fl.safe_fs import check_dir, check_regular, open_regular, read_bytes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch loads only with a checkpoint, so tools that only read metrics start without it
     import torch
@@ -183,7 +186,10 @@ def load_checkpoint(run_dir: Path) -> Optional[tuple[int, dict, dict]]:
     final = run_dir / "checkpoint"
     blob = read_bytes(final / "state.safetensors", 1 << 62, "the run cannot be resumed")
     want = meta.get("state_sha256")  # None: written before the checkpoint was fingerprinted
-    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+    if want is None:
+        log.warning("%s records no sha256 of the checkpoint's weights (an older dali-fl wrote it): they are not "
+                    "checked", final / "meta.json")
+    elif hashlib.sha256(blob).hexdigest() != want:
         raise DaliFlError(f"{final / 'state.safetensors'} is not the file {final / 'meta.json'} recorded (its sha256 "
                           "differs): it was changed after the run wrote it, so the run cannot be resumed")
     try:

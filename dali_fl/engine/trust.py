@@ -211,7 +211,7 @@ def _check_meta_records(run_dir: Path, identity: Optional[dict], meta: Optional[
 def _check_same_generation(run_dir: Path, identity: Optional[dict], meta: Optional[dict]) -> None:
     """Records that one dali-fl writes together are all there: an older run lacks all of them, never just some.
 
-    run.json came with the checkpoint's metrics record, and its settings record before the checkpoint's sha256;
+    run.json came with the checkpoint's metrics record, and its settings record with the checkpoint's sha256;
     deleting one of them must not turn the checks it feeds into an older run's warning.
     """
     if meta is None:
@@ -226,6 +226,11 @@ def _check_same_generation(run_dir: Path, identity: Optional[dict], meta: Option
     if identity is not None and "state_sha256" in meta and "settings_sha256" not in identity:
         raise DaliFlError(f"{run_dir / IDENTITY} lacks the record of the run's settings that the dali-fl which "
                           f"wrote {checkpoint} keeps; {FIX}")
+    # Development versions of one day (0.1.0, before any release) wrote the settings' record without the weights'
+    # sha256; accepting that pair let an edited weight through once both of meta.json's records were deleted.
+    if identity is not None and "settings_sha256" in identity and "state_sha256" not in meta:
+        raise DaliFlError(f"{checkpoint} lacks the sha256 of the checkpoint's weights that the dali-fl which wrote "
+                          f"{run_dir / IDENTITY} keeps; {FIX}")
 
 
 def _read_identity(run_dir: Path) -> Optional[dict]:
