@@ -131,6 +131,18 @@ def test_a_run_config_number_where_text_is_taken_is_its_text(store, tmp_path):
         config_from_run_config({**run_config, "staleness": 3})
 
 
+def test_an_unknown_run_config_key_is_refused_in_the_run_configs_spelling(store, tmp_path):
+    """Not as `--data_on_gpu` or `async_` (its Python names), and with the nearest keys."""
+    run_config = run_config_from_options({**TINY, "store": str(store)}, tmp_path / "run")
+    with pytest.raises(DaliFlError) as got:
+        config_from_run_config({**run_config, "asynk": True})
+    message = str(got.value)
+    assert message.startswith("the Flower run config's asynk is not an option of `dali-fl train`; did you mean async?")
+    assert "data-on-gpu, " in message and "async_" not in message and "data_on_gpu" not in message
+    assert ", out, " in message and ", resume, " in message  # the keys a run config has besides the options
+    assert config_from_run_config({**run_config, "data_on_gpu": False})[0].data.data_on_gpu is False  # both spellings
+
+
 def test_a_preset_in_the_run_config_is_refused_as_it_would_change_nothing(store, tmp_path, invoke):
     """The table holds every option and options override a preset; `flower app --preset` writes its values."""
     run_config = run_config_from_options({**TINY, "store": str(store)}, tmp_path / "run")

@@ -1,6 +1,7 @@
 """A Flower run config is `dali-fl train`'s options as one flat table, validated by TrainConfig.from_options."""
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union, get_args, get_type_hints
@@ -31,11 +32,16 @@ def _scalar(value: Any) -> Scalar:
     return str(value)
 
 
+def run_config_key(name: str) -> str:
+    """An option's run-config key: its flag without `--` (`async_`, a Python keyword with a trailing _, is
+    `--async` on the command line, so `async` here)."""
+    return name.rstrip("_").replace("_", "-")
+
+
 def run_config_from_options(options: Mapping[str, Any], out: Path) -> dict[str, Scalar]:
     """Every option (defaults filled in) under its flag's name without `--`, plus `out`, the run directory."""
     merged = {**option_defaults(), **options}
-    # `async_` (a Python keyword with a trailing _) is `--async` on the command line, so `async` here.
-    config = {name.rstrip("_").replace("_", "-"): _scalar(value) for name, value in merged.items()}
+    config = {run_config_key(name): _scalar(value) for name, value in merged.items()}
     config[OUT] = str(out)
     config[RESUME] = False
     return config
@@ -54,6 +60,8 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, An
         name = str(key).replace("-", "_")
         if name not in defaults and name + "_" in defaults:  # async: the option async_
             name += "_"
+        if name not in kinds and key not in (PRESET, RESUME):
+            _unknown(str(key), kinds)
         if name in NULLABLE and value == "":
             value = None
         elif name in kinds:
@@ -63,6 +71,15 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, An
     opts.pop(PRESET, None)  # "" (none), as refused above otherwise
     opts.pop(RESUME, None)  # the ServerApp's, read by `resume_of`
     return opts, None if out in (None, "") else str(out)
+
+
+def _unknown(key: str, kinds: Mapping[str, type]) -> None:
+    """Refuse a key that is no option, in the run config's own spelling, with the nearest keys."""
+    known = sorted({run_config_key(n) for n in kinds} | {RESUME})
+    near = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise DaliFlError(f"the Flower run config's {key} is not an option of `dali-fl train`; {hint}"
+                      f"known keys: {', '.join(known)}")
 
 
 def option_kinds() -> dict[str, type]:

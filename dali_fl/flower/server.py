@@ -38,6 +38,7 @@ from dali_fl.engine.rundir import RunLock, check_fresh
 from dali_fl.engine.trust import check_config_file
 from dali_fl.errors import DaliFlError
 from dali_fl.flower.client import client_rank
+from dali_fl.flower.options import run_config_key
 from dali_fl.flower.wire import (
     ARRAYS,
     CONFIG,
@@ -237,8 +238,7 @@ def _settled_quietly(cfg: TrainConfig) -> TrainConfig:
 def _option_name(path: tuple[str, ...]) -> str:
     """A config.json field's option name without `--` (model.kwargs: model-kwargs, algorithms.NAME.field_x: field-x)."""
     names = {where: flat for flat, where in option_fields().items() if where[0] != "algorithms"}
-    name = names.get(path, path[-1])  # an algorithm's fields are its options; a derived one by its own name
-    return name.rstrip("_").replace("_", "-")
+    return run_config_key(names.get(path, path[-1]))  # an algorithm's fields are its options; a derived one too
 
 
 def serve(grid: Grid, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict:
