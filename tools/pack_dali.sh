@@ -20,8 +20,9 @@ for w in "$work"/whl/*.whl; do python3 -m zipfile -e "$w" "$work/site"; done
 find "$work/site" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
 # What dali-fl never loads or calls, each removal checked by importing nvidia.dali and running the CPU loader
 # tests on such a tree (benchmarks/README.md): DALI's bindings for the other interpreters (cp310 ... cp315t,
-# 40 MB) and its C++ headers for building plugins (17 MB) go; FFmpeg, libsndfile and CFITSIO (21 MB) become
-# stubs, because libdali*.so name them as DT_NEEDED and the import fails without the files.
+# 40 MB) and its C++ headers for building plugins (17 MB) go; FFmpeg, libsndfile, CFITSIO (21 MB) and CV-CUDA
+# (52 MB) become stubs, because libdali*.so name them as DT_NEEDED and the import fails without the files.
+# 56 MiB parts: three of them (163 MiB), and up to 8 MiB of working tree beside each under a call's 64 MiB.
 tag=cpython-${py/./}
 find "$work/site/nvidia/dali" -maxdepth 1 -name '*.cpython-*.so' ! -name "*.$tag-*" -delete
 rm -rf "$work/site/nvidia/dali/include"
@@ -56,3 +57,9 @@ if [ -n "$rel" ]; then
   grep -qx "/$rel/" "$exclude" 2>/dev/null || echo "/$rel/" >> "$exclude"
 fi
 echo "$k parts of at most ${part_mb} MiB:"; du -sh "$out"/dali-*
+if [ -n "$top" ]; then  # a device call carries one part beside the working tree, 64 MiB in all
+  tree=$(cd "$top" && git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  big=$(du -b "$out"/dali-*/part | sort -n | tail -1 | cut -f1)
+  echo "working tree that travels: $((tree >> 20)) MiB; with the largest part: $(((tree + big) >> 20)) of 64 MiB"
+  ((tree + big < 64 << 20)) || { echo "error: a part and the working tree exceed a call's 64 MiB" >&2; exit 1; }
+fi

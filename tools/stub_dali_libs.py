@@ -1,9 +1,10 @@
 """Replace the shared libraries DALI links but dali-fl never calls by small stubs, to carry less to a lent GPU.
 
-libdali*.so name FFmpeg (video), libsndfile (audio) and CFITSIO (astronomy images) as DT_NEEDED, so the files
-must exist for `import nvidia.dali`. Their code runs only in DALI's video, audio and FITS readers and decoders,
-which dali-fl never builds: it feeds uint8 batches through external_source, slice, resize and
-crop_mirror_normalize.
+libdali*.so name FFmpeg (video), libsndfile (audio), CFITSIO (astronomy images) and CV-CUDA as DT_NEEDED, so the
+files must exist for `import nvidia.dali`. Their code runs only in DALI's video, audio and FITS readers and
+decoders and in four experimental GPU operators (experimental.resize, median_blur, dilate/erode,
+warp_perspective: the only callers of cvcuda* in libdali_operators.so, read off its disassembly), which
+dali-fl never builds: it feeds uint8 batches through external_source, slice, resize and crop_mirror_normalize.
 Each stub keeps the library's file name, SONAME and symbol versions and defines only the symbols that the kept
 libraries import from it: a function that names itself on stderr and aborts, or a zeroed object of the
 original size. Libraries that only stubbed ones needed are deleted. Prove a stubbed tree with the import and
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 log = logging.getLogger("stub_dali_libs")
-# C libraries whose every exported symbol is their own API (av_*, sws_*, sf_*, ff*), and their dependencies.
+# C libraries whose every exported symbol is their own API (av_*, sws_*, sf_*, ff*, cvcuda*, and CV-CUDA's
+# nvcvOperatorDestroy), and their dependencies.
 # Not the AWS and Google Cloud libraries: they also export the abseil and libstdc++ symbols that DALI itself
 # resolves from them (absl::Mutex::Lock runs at import), so they stay whole.
-STUBBED = re.compile(r"lib(avcodec|avformat|avutil|avfilter|swscale|sndfile|FLAC|opus|ogg|cfitsio)-")
+STUBBED = re.compile(r"lib(avcodec|avformat|avutil|avfilter|swscale|sndfile|FLAC|opus|ogg|cfitsio|cvcuda)-")
 
 
 @dataclass(frozen=True)
