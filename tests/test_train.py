@@ -160,6 +160,33 @@ def test_adam_on_the_cpu_keeps_the_default_kernel():
     assert not make_optimizer([torch.nn.Parameter(torch.zeros(2))], LocalConfig()).defaults.get("fused")
 
 
+class _Batches:
+    """A loader whose first batch overflows fp16's loss scale and whose others do not."""
+
+    def epoch(self, indices, seed, shuffle=True):
+        gen = torch.Generator().manual_seed(0)
+        for scale in (1e4, 1.0, 1.0):
+            yield torch.randn(4, 8, generator=gen) * scale, torch.tensor([0, 1, 0, 1])
+
+
+def test_fp16_steps_the_loss_scaler_skips_are_counted_apart_from_the_steps_taken():
+    from dali_fl.config import LocalConfig
+    from dali_fl.engine.local import local_train
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    cfg = LocalConfig(optimizer="sgd", lr=0.1)
+    res = local_train(model, _Batches(), np.arange(12), cfg, 0, torch.float16, torch.device("cpu"))
+    assert (res.steps, res.skipped_steps) == (2, 1)  # the overflowing batch changed nothing
+    res = local_train(model, _Batches(), np.arange(12), cfg, 0, None, torch.device("cpu"))
+    assert (res.steps, res.skipped_steps) == (3, 0)  # no scaler, no skipping
+
+
+def test_an_fp16_run_reports_the_steps_skipped_each_round(invoke, stores, tmp_path):
+    rows = train(invoke, stores, tmp_path / "fp16", "--rounds", "1", "--amp", "fp16")
+    assert type(rows[0]["amp_skipped_steps"]) is int and rows[0]["amp_skipped_steps"] >= 0
+    assert "amp_skipped_steps" not in train(invoke, stores, tmp_path / "off", "--rounds", "1", "--amp", "off")[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_runs_use_fused_adamw_and_tf32():

@@ -361,6 +361,8 @@ def empty_row(fx: "Federation", plan: RoundPlan) -> dict:
            "num_samples": 0, "round_time_s": 0.0, "data_wait_s": 0.0, "compute_s": 0.0, "aggregate_s": 0.0,
            "images_per_s": 0.0, "upload_mb": 0.0, "client_drift": None, "update_spread": None,
            "peak_gpu_mem_mb": None, **plan.metrics()}
+    if fx.cfg.data.amp == "fp16":
+        row["amp_skipped_steps"] = 0
     for a in fx.algs:
         row.update(a.metrics(plan.round_))
     return row

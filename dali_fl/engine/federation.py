@@ -37,7 +37,7 @@ from dali_fl.seeds import SAMPLE, derive_seed, stream
 
 # Summed over clients and over processes.
 TOTAL_KEYS = ("loss_sum", "num_samples", "upload_values", "drift_sum", "drift_sq_sum", "data_wait_s", "compute_s",
-              "trained")
+              "trained", "skipped_steps")
 
 # --resume keeps a run's settings, so a run that diverged is restarted, not resumed.
 RESTART_HINT = ("start a new run (--out NEW) with a lower --lr, other --momentum/--weight-decay, or --amp off/bf16; "
@@ -239,6 +239,7 @@ def add_update(fx: Federation, running: RunningSum, totals: dict, update: Client
     totals["num_samples"] += res.num_samples
     totals["data_wait_s"] += res.data_wait_s
     totals["compute_s"] += res.compute_s
+    totals["skipped_steps"] += res.skipped_steps
 
 
 def train_clients(fx: Federation, round_: int, clients: np.ndarray, loader: Loader, progress: bool,
@@ -323,6 +324,8 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
            "update_spread": None if fx.ranks is not None or not some else
            math.sqrt(max(totals["drift_sq_sum"] / running.total - mean_norm ** 2, 0.0)),
            "peak_gpu_mem_mb": peak_memory_mb(fx.device)}
+    if fx.cfg.data.amp == "fp16":  # each client's loss scaler starts afresh: the steps it skipped were not trained
+        row["amp_skipped_steps"] = int(totals["skipped_steps"])
     for a in fx.algs:
         row.update(a.metrics(round_))
     return row

@@ -26,6 +26,7 @@ class ClientResult:
     data_wait_s: float
     compute_s: float
     steps: int = 0  # optimizer steps taken (algorithms that normalise by local steps read it)
+    skipped_steps: int = 0  # steps fp16's loss scaler skipped on an inf or NaN gradient (not in `steps`)
 
 
 def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
@@ -56,7 +57,7 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
     opt = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_sum = torch.zeros((), device=device)
-    seen, steps, wait, start = 0, 0, 0.0, time.perf_counter()
+    seen, steps, skipped, wait, start = 0, 0, 0, 0.0, time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout and friends: same stream on every run and resume
         for epoch in range(cfg.local_ep):
@@ -75,18 +76,20 @@ def local_train(model: nn.Module, loader, indices: np.ndarray, cfg: LocalConfig,
                     extra = term.loss(params)
                     if extra is not None:
                         total = total + extra
-                _step(opt, scaler, total, params, terms)
+                taken = _step(opt, scaler, total, params, terms)
                 loss_sum += loss.detach().float() * labels.shape[0]
                 seen += labels.shape[0]
-                steps += 1
+                steps += taken
+                skipped += not taken
     mean_loss = float(loss_sum) / max(seen, 1)  # one device sync per client
     elapsed = time.perf_counter() - start
-    return ClientResult(len(indices), mean_loss, wait, elapsed - wait, steps)
+    return ClientResult(len(indices), mean_loss, wait, elapsed - wait, steps, skipped)
 
 
 def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-          params: list[torch.Tensor], terms: Sequence[LocalTerm]) -> None:
-    """One optimizer step on `loss`, with the terms' gradient corrections in gradient units."""
+          params: list[torch.Tensor], terms: Sequence[LocalTerm]) -> bool:
+    """One optimizer step on `loss`, with the terms' gradient corrections in gradient units; False when fp16's loss
+    scaler skipped it."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     correcting = [t for t in terms if t.corrects_grads]
@@ -94,8 +97,15 @@ def _step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.
         scaler.unscale_(opt)  # the corrections are in gradient units, not the loss scaler's
         for term in correcting:
             term.correct_(params)
+    if not scaler.is_enabled():
+        opt.step()
+        return True
+    # The scaler halves its scale exactly when it skips the step. scaler.step already waits for the device to
+    # learn whether a gradient is inf, so reading the scale costs no further sync.
+    scale = scaler.get_scale()
     scaler.step(opt)
     scaler.update()
+    return scaler.get_scale() >= scale
 
 
 @torch.no_grad()

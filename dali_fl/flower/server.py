@@ -147,7 +147,7 @@ def add_replies(fx: Federation, replies: list[tuple[dict, Mapping]], start: dict
     running, totals = new_sums(fx, start)
     for received, m in replies:
         result = ClientResult(int(m["num-examples"]), float(m["train-loss"]), float(m["data-wait-s"]),
-                              float(m["compute-s"]), int(m["steps"]))  # τ_i: an algorithm may weigh by it
+                              float(m["compute-s"]), int(m["steps"]), int(m["skipped-steps"]))  # steps: τ_i
         # A lower-rank client's factors go back to the model's rank; its drift it measured from its own start.
         update = ClientUpdate(pad_like(received, start), result, float(m["product-scale"]), float(m["drift"]),
                               int(m["upload-values"]))

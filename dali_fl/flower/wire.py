@@ -78,7 +78,7 @@ def train_content(state: ArrayRecord, base: ArrayRecord | None, round_: int, cli
 def reply_content(state: Mapping[str, torch.Tensor], res: ClientResult, extra: Mapping[str, float]) -> RecordDict:
     """The client's answer: its trained tensors, and its count (the aggregation weight), loss, timings and more."""
     metrics = {"num-examples": res.num_samples, "train-loss": res.loss, "data-wait-s": res.data_wait_s,
-               "compute-s": res.compute_s, "steps": res.steps, **extra}
+               "compute-s": res.compute_s, "steps": res.steps, "skipped-steps": res.skipped_steps, **extra}
     return RecordDict({ARRAYS: to_record(state), METRICS: MetricRecord(metrics)})
 
 
