@@ -62,9 +62,6 @@ class FedNova(Algorithm):
         if agg.needs_products or agg.one_process:
             raise DaliFlError(f"--fednova normalises the exchanged tensors only, not what --lora-agg {agg.name} "
                               "keeps or folds besides them; use --lora-agg fedit, ffa or zero-pad")
-        if cfg.data.amp == "fp16":
-            raise DaliFlError("--fednova normalises by the local steps, and fp16's loss scaler skips steps on "
-                              "overflow without the count knowing; use --amp bf16 or off")
         if cfg.fed.mixed_ranks():
             raise DaliFlError("--fednova measures every update from the global state, which a lower-rank client's "
                               "truncated adapter is not; drop --lora-ranks or --fednova")
@@ -80,7 +77,9 @@ class FedNova(Algorithm):
     def contribute(self, c: Contribution, update, start: State, scalars: dict) -> Contribution:
         if update.result.num_samples == 0:  # no steps and weight 0: it adds nothing (p_i = 0 in the paper)
             return c
-        a = effective_steps(update.result.steps, self.fx.cfg.local.momentum)
+        if update.result.steps == 0:  # fp16's loss scaler skipped every step: τ_i = 0, so a_i = 0 and d_i = 0
+            return dataclasses.replace(c, state={k: start[k].float() for k in c.state})
+        a = effective_steps(update.result.steps, self.fx.cfg.local.momentum)  # the steps taken, not those skipped
         scalars[TAU] += c.weight * a
         state = {k: start[k].float() + (v.float() - start[k].float()) / a for k, v in c.state.items()}
         return dataclasses.replace(c, state=state)

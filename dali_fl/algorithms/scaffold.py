@@ -64,9 +64,6 @@ class Scaffold(Algorithm):
         if cfg.local.momentum != 0:
             raise DaliFlError(f"--scaffold's option-II variate (x − y_i)/(K·η) is the mean gradient only for plain "
                               f"SGD steps, and --momentum {cfg.local.momentum} makes them heavy-ball; add --momentum 0")
-        if cfg.data.amp == "fp16":
-            raise DaliFlError("--scaffold divides by the local steps K, and fp16's loss scaler skips steps on "
-                              "overflow without the count knowing; use --amp bf16 or off")
         if cfg.fed.mixed_ranks():
             raise DaliFlError("--scaffold's corrections would train the components a lower-rank client leaves out; "
                               "drop --lora-ranks or --scaffold")
@@ -101,7 +98,7 @@ class Scaffold(Algorithm):
     @torch.no_grad()
     def client_done(self, client: int, start: State, state: State, result) -> None:
         """Option II: c_i⁺ = c_i − c + (x − y_i)/(K·η); journal the row and add c_i⁺ − c_i to the round's sum."""
-        if result.steps == 0:  # no samples, no gradient: nothing to learn its variate from (c_i⁺ = c_i)
+        if result.steps == 0:  # no step taken (no samples, or fp16 skipped them all): c_i⁺ = c_i
             return
         old = self.table.row(client).to(self.c.device)
         new = old - self.c + (self._flat(start) - self._flat(state)) / (result.steps * self.lr)

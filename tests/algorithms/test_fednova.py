@@ -1,6 +1,8 @@
 """FedNova: the momentum normaliser, FedAvg as its degenerate case, the server's rescaling, its refusals."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -82,7 +84,6 @@ def test_a_round_follows_the_paper_s_update_for_unequal_steps(store, tmp_path, m
     ({"optimizer": "sgd", "alg": "fedlora", "lora_agg": "shared-a"}, ("--fednova", "shared-a")),
     ({"optimizer": "sgd", "prox_mu": 0.1}, ("--fednova", "--prox-mu")),
     ({"optimizer": "sgd", "dp_clip": 1.0}, ("--fednova", "--dp-clip")),
-    ({"optimizer": "sgd", "amp": "fp16"}, ("--fednova", "fp16", "--amp bf16")),  # its skipped steps would count
     ({"optimizer": "sgd", "alg": "fedlora", "lora_agg": "zero-pad", "lora_ranks": "2,4"}, ("--fednova", "ranks")),
 ])
 def test_combinations_it_cannot_serve_are_one_line(store, tmp_path, invoke, assert_user_error, extra, words):
@@ -101,6 +102,34 @@ def test_run_directories_are_named_after_what_ran(store):
     assert run_label(tiny_config(store, alg="fedlora", lora_agg="hetlora", prox_mu=0.1)) == "fedlora-zero-pad-fedprox"
     assert run_label(tiny_config(store, alg="fedlora", lora_agg="fedex", server_opt="adam",
                                  server_lr=0.1)) == "fedlora-fedex-fedadam"
+
+
+def test_a_client_whose_fp16_steps_were_all_skipped_moves_nothing_and_adds_no_steps(store, tmp_path, monkeypatch):
+    # fp16's loss scaler may skip every step of a small client: τ_i = 0 took a_i = 0 and divided by it.
+    cfg = tiny_config(store, rounds=1, frac=1.0, fednova=True, amp="fp16", **{**SGD, "momentum": 0.5})
+    fx, _ = prepare(cfg, tmp_path / "run", resume=False)
+    real, seen = fed.local_train, []
+
+    def first_all_skipped(model, loader, indices, *args, **kwargs):
+        result = real(model, loader, indices, *args, **kwargs)
+        seen.append(result)
+        if len(seen) > 1:
+            return result
+        for p, v in zip(model.parameters(), start_params):
+            p.data.copy_(v)  # as if each of its steps had overflowed
+        return dataclasses.replace(result, steps=0, skipped_steps=result.steps + result.skipped_steps)
+
+    monkeypatch.setattr(fed, "local_train", first_all_skipped)
+    start_params = [p.detach().clone() for p in fx.model.parameters()]
+    try:
+        row = fed.run_round(fx, 1)
+        got = trainable_state(fx.model)
+    finally:
+        fx.close()
+    n = [r.num_samples for r in seen]
+    a = [0.0] + [effective_steps(r.steps, 0.5) for r in seen[1:]]
+    assert row["tau_eff"] == pytest.approx(sum(ni * ai for ni, ai in zip(n, a)) / sum(n))
+    assert all(torch.isfinite(v).all() for v in got.values())
 
 
 def test_a_client_without_samples_adds_nothing_and_the_round_goes_on(store, tmp_path):
