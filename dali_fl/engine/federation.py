@@ -313,7 +313,9 @@ def round_row(fx: Federation, round_: int, num_clients: int, running: RunningSum
     t0, t_agg, end = times
     some = num_clients > 0 and running.total > 0  # a round may sample no client (a Poisson draw)
     row = {"round": round_, "test_acc": None, "test_loss": None,
-           "train_loss": totals["loss_sum"] / totals["num_samples"] if some else None, "num_clients": num_clients,
+           # DP weighs a client without samples 1: a round of only such clients has weight but no loss
+           "train_loss": totals["loss_sum"] / totals["num_samples"] if some and totals["num_samples"] else None,
+           "num_clients": num_clients,
            "num_samples": int(totals["num_samples"]), "round_time_s": end - t0,
            "data_wait_s": totals["data_wait_s"], "compute_s": totals["compute_s"], "aggregate_s": end - t_agg,
            "images_per_s": totals["num_samples"] * fx.cfg.local.local_ep / (end - t0),

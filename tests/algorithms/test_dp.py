@@ -339,3 +339,20 @@ def test_the_noise_is_not_a_clients_training_stream(client):
         training = torch.randn(64)
     assert not torch.equal(noise["w"], training)
     assert abs(float(torch.corrcoef(torch.stack([noise["w"], training]))[0, 1])) < 0.5
+
+
+def test_a_round_of_only_clients_without_samples_steps_on_the_noise_and_reports_no_loss(store, tmp_path):
+    """DP weighs such a client 1, so the round has weight but no samples: train_loss divided by zero."""
+    cfg = config(store, num_users=12, frac=1 / 12, partition="dirichlet", alpha=0.02, min_size=0, dp_clip=0.3,
+                 dp_noise=0.5, dp_sampling="fixed", rounds=100)
+    fx, _ = prepare(cfg, tmp_path / "run", resume=False, write=False)
+    try:
+        empty = set(np.flatnonzero(fx.partition.sizes() == 0).tolist())
+        round_ = next(r for r in range(1, 100) if set(fed.sample_clients(cfg, r).tolist()) <= empty)
+        before = {k: v.clone() for k, v in trainable_state(fx.model).items()}
+        row = fed.run_round(fx, round_)
+        after = trainable_state(fx.model)
+    finally:
+        fx.close()
+    assert row["num_clients"] == 1 and row["num_samples"] == 0 and row["train_loss"] is None
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the noise moved the model
